@@ -1,0 +1,103 @@
+"""Self-contained checkpoints: atomic writes, ``weights_only`` loads, rebuilding the model.
+
+A checkpoint holds only tensors and plain containers: the model's state_dict, its config as a
+dict, the vocabulary as a list of words, the preprocessing, and (for ``last.pt``) everything a
+resumed run needs. It never needs the training config, the dataset or a download to caption.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from captioner.data import Preprocessing
+from captioner.errors import UserError
+from captioner.model import CaptionModel, ModelConfig, build_model
+from captioner.vocab import Vocab
+
+FORMAT = "captioner/1"
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module under DDP (``module.``) and ``torch.compile`` (``_orig_mod.``)."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def model_payload(model: nn.Module, vocab: Vocab, preprocessing: Preprocessing) -> dict[str, Any]:
+    """What captioning needs: weights, model config, vocabulary, preprocessing."""
+    core = unwrap(model)
+    assert isinstance(core, CaptionModel)
+    return {
+        "format": FORMAT,
+        "model": {k: v.detach().cpu() for k, v in core.state_dict().items()},
+        "model_config": core.config.to_dict(),
+        "vocab": list(vocab.itos),
+        "preprocessing": preprocessing.to_dict(),
+    }
+
+
+def save_checkpoint(payload: dict[str, Any], path: str | Path) -> Path:
+    """Write atomically: a temporary file in the same directory, fsync, then ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load with ``weights_only=True``: a pickle that is not a plain checkpoint is refused, never
+    executed. Every failure is a one-line :class:`UserError` naming the file."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "last.pt"
+    if not path.is_file():
+        raise UserError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise UserError(
+            f"{path}: refused to load: not a plain captioner checkpoint (unsafe pickle content)"
+        ) from exc
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{path}: not a readable checkpoint (truncated or corrupt: {reason})") from exc
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise UserError(f"{path}: not a captioner checkpoint (no '{FORMAT}' format tag)")
+    for key in ("model", "model_config", "vocab", "preprocessing"):
+        if key not in ckpt:
+            raise UserError(f"{path}: checkpoint is missing '{key}'")
+    return ckpt
+
+
+def model_from_checkpoint(
+    ckpt: dict[str, Any], device: str | torch.device = "cpu"
+) -> tuple[CaptionModel, Vocab, Preprocessing]:
+    """Rebuild the model (no download: the architecture is built bare, then the saved weights
+    are loaded), its vocabulary and preprocessing; the model is returned in eval mode."""
+    config = ModelConfig.from_dict(ckpt["model_config"])
+    vocab = Vocab(ckpt["vocab"])
+    model, _ = build_model(config, len(vocab), pretrained=False)
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), vocab, Preprocessing.from_dict(ckpt["preprocessing"])

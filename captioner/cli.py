@@ -1,0 +1,88 @@
+"""The ``captioner`` command: ``train`` and ``evaluate`` are Hydra apps, ``caption`` is argparse.
+
+Thin: each command parses its arguments and calls the library function that does the work.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from captioner.errors import UserError
+
+log = logging.getLogger("captioner")
+
+COMMANDS = {
+    "train": "train a captioner (Hydra app; `captioner train --help` shows the config groups)",
+}
+
+USAGE = "usage: captioner <command> [arguments]\n\ncommands:\n" + "".join(
+    f"  {name:<10} {text}\n" for name, text in COMMANDS.items()
+) + "\n`python -m captioner` is the same command."
+
+
+def fail(message: str, code: int = 2) -> None:
+    """A user's mistake: one line on stderr, non-zero exit, no traceback."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def run_hydra_app(config_name: str, task: Callable[[Any], Any], argv: Sequence[str]) -> None:
+    """Run ``task(cfg)`` as a Hydra app over ``argv`` (overrides, --help, --multirun ...)."""
+    import hydra
+
+    from captioner.config import config_dir
+
+    @hydra.main(config_path=str(config_dir()), config_name=config_name, version_base="1.3")
+    def _app(cfg: Any) -> Any:
+        if int(os.environ.get("RANK", "0")) != 0:  # torchrun: only rank 0 talks
+            logging.getLogger().setLevel(logging.WARNING)
+        try:
+            return task(cfg)
+        except UserError as exc:
+            fail(str(exc))
+
+    saved = sys.argv
+    sys.argv = [f"captioner {config_name}", *argv]
+    try:
+        _app()
+    finally:
+        sys.argv = saved
+
+
+def _train_task(cfg: Any) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from captioner.train import TrainingInterrupted, train
+
+    out_dir = HydraConfig.get().runtime.output_dir
+    try:
+        result = train(cfg, out_dir)
+    except TrainingInterrupted as exc:
+        print(f"interrupted: {exc}", file=sys.stderr)
+        raise SystemExit(130) from None
+    if int(os.environ.get("RANK", "0")) == 0 and result:
+        print(
+            f"best val BLEU-4 {result['best_val_bleu4']:.4f} (epoch {result['best_epoch']}); "
+            f"checkpoint: {os.path.join(result['out_dir'], 'best.pt')}"
+        )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return
+    command, rest = argv[0], argv[1:]
+    if command == "train":
+        run_hydra_app("train", _train_task, rest)
+    else:
+        print(USAGE, file=sys.stderr)
+        fail(f"unknown command {command!r}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,423 @@
+"""Caption datasets: COCO-format and Karpathy-split loading, the one transform factory, collate.
+
+Every source is turned into a list of :class:`CaptionRecord` (one image, all its captions); the
+torch datasets on top of it serve training pairs ``(image, one caption)`` and evaluation items
+``(image, index)`` whose references are looked up in the records.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import math
+import random
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile
+from torch.utils.data import Dataset, DistributedSampler
+from torchvision import transforms as T
+
+from captioner.errors import UserError
+from captioner.vocab import Vocab, tokenize
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+# ---------------------------------------------------------------------------------------------
+# records
+
+
+@dataclass
+class CaptionRecord:
+    """One image and all of its reference captions."""
+
+    image_id: int
+    path: Path
+    captions: list[str] = field(default_factory=list)
+
+
+def read_json(path: str | Path, what: str = "annotation file") -> Any:
+    """Read a UTF-8 JSON file, turning every failure into a one-line :class:`UserError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: {what} not found")
+    try:
+        raw = path.read_bytes()
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: {what} is not valid UTF-8 text (byte {exc.start})") from exc
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: {what} is not valid JSON ({exc.msg}, line {exc.lineno})") from exc
+
+
+def _check_caption(path: Path, where: str, caption: Any) -> str:
+    if not isinstance(caption, str):
+        raise UserError(f"{path}: {where} has no 'caption' string")
+    if not tokenize(caption):
+        raise UserError(f"{path}: {where} has an empty caption {caption!r}")
+    return caption
+
+
+def _check_images_exist(records: Sequence[CaptionRecord], source: Path) -> None:
+    missing = [r.path for r in records if not r.path.is_file()]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise UserError(f"{source}: image {missing[0]} is referenced but missing{more}")
+
+
+def load_coco_captions(
+    annotation_file: str | Path, image_dir: str | Path, check_images: bool = True
+) -> list[CaptionRecord]:
+    """Load a COCO captions file (``captions_*.json``) through pycocotools.
+
+    Images without a caption are dropped (COCO test-style files may have none); the order of the
+    records follows the ``images`` list, so it is stable across runs.
+    """
+    from pycocotools.coco import COCO
+
+    annotation_file, image_dir = Path(annotation_file), Path(image_dir)
+    data = read_json(annotation_file)
+    if not isinstance(data, dict):
+        raise UserError(f"{annotation_file}: not a COCO captions file (top level is not an object)")
+    for key in ("images", "annotations"):
+        if not isinstance(data.get(key), list):
+            raise UserError(f"{annotation_file}: not a COCO captions file (no '{key}' list)")
+    for i, img in enumerate(data["images"]):
+        if not isinstance(img, dict) or "id" not in img or not isinstance(img.get("file_name"), str):
+            raise UserError(f"{annotation_file}: images[{i}] needs an 'id' and a 'file_name'")
+    image_ids = {img["id"] for img in data["images"]}
+    for i, ann in enumerate(data["annotations"]):
+        where = f"annotations[{i}]"
+        if not isinstance(ann, dict) or "image_id" not in ann:
+            raise UserError(f"{annotation_file}: {where} has no 'image_id'")
+        _check_caption(annotation_file, f"{where} (image {ann['image_id']})", ann.get("caption"))
+        if ann["image_id"] not in image_ids:
+            raise UserError(
+                f"{annotation_file}: {where} refers to image_id {ann['image_id']} not in 'images'"
+            )
+        ann.setdefault("id", i + 1)
+
+    coco = COCO()  # build the index from the validated dict; pycocotools prints to stdout
+    coco.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    records = []
+    for img in data["images"]:
+        anns = coco.imgToAnns.get(img["id"], [])
+        if anns:
+            captions = [a["caption"] for a in anns]
+            records.append(CaptionRecord(int(img["id"]), image_dir / img["file_name"], captions))
+    if not records:
+        raise UserError(f"{annotation_file}: contains no captioned images")
+    if check_images:
+        _check_images_exist(records, annotation_file)
+    return records
+
+
+KARPATHY_SPLITS = ("train", "val", "test")
+
+
+def load_karpathy_split(
+    split_file: str | Path,
+    image_root: str | Path,
+    split: str,
+    restval_in_train: bool = True,
+    check_images: bool = True,
+) -> list[CaptionRecord]:
+    """Load one split of Karpathy's ``dataset_{coco,flickr8k,flickr30k}.json``.
+
+    Image paths are ``image_root / filepath / filename`` (Flickr files have no ``filepath``).
+    ``restval`` images (COCO) join the training split when ``restval_in_train``.
+    """
+    split_file, image_root = Path(split_file), Path(image_root)
+    if split not in KARPATHY_SPLITS:
+        raise UserError(f"split must be one of {KARPATHY_SPLITS}, got {split!r}")
+    data = read_json(split_file, "Karpathy split file")
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise UserError(f"{split_file}: not a Karpathy split file (no 'images' list)")
+    wanted = {split} | ({"restval"} if split == "train" and restval_in_train else set())
+    records = []
+    for i, img in enumerate(data["images"]):
+        where = f"images[{i}]"
+        if not isinstance(img, dict) or not isinstance(img.get("filename"), str):
+            raise UserError(f"{split_file}: {where} has no 'filename'")
+        if img.get("split") not in wanted:
+            continue
+        sentences = img.get("sentences")
+        if not isinstance(sentences, list) or not sentences:
+            raise UserError(f"{split_file}: {where} ({img['filename']}) has no 'sentences'")
+        captions = []
+        for j, sent in enumerate(sentences):
+            raw = sent.get("raw") if isinstance(sent, dict) else None
+            if raw is None and isinstance(sent, dict) and isinstance(sent.get("tokens"), list):
+                raw = " ".join(sent["tokens"])
+            captions.append(_check_caption(split_file, f"{where}.sentences[{j}]", raw))
+        image_id = img.get("cocoid", img.get("imgid", i))
+        path = image_root / img.get("filepath", "") / img["filename"]
+        records.append(CaptionRecord(int(image_id), path, captions))
+    if not records:
+        raise UserError(f"{split_file}: no images in split {split!r}")
+    if check_images:
+        _check_images_exist(records, split_file)
+    return records
+
+
+def load_split(data_cfg: Any, split: str) -> list[CaptionRecord]:
+    """Load ``split`` (train/val/test) of the dataset described by a ``data`` config node."""
+    root = Path(data_cfg.root)
+    if data_cfg.get("demo"):
+        from captioner.synthetic import ensure_demo_dataset
+
+        ensure_demo_dataset(root, **dict(data_cfg.demo))
+    fmt = data_cfg.get("format", "coco")
+    if fmt == "karpathy":
+        return load_karpathy_split(
+            root / data_cfg.split_file,
+            root / data_cfg.images,
+            split,
+            restval_in_train=data_cfg.get("restval_in_train", True),
+        )
+    if fmt != "coco":
+        raise UserError(f"data.format must be 'coco' or 'karpathy', got {fmt!r}")
+    ann, images = data_cfg.get(f"{split}_annotations"), data_cfg.get(f"{split}_images")
+    if ann is None or images is None:
+        raise UserError(f"data.{split}_annotations / data.{split}_images are not set")
+    return load_coco_captions(root / ann, root / images)
+
+
+# ---------------------------------------------------------------------------------------------
+# images and the one transform factory
+
+
+class ImageLoadError(UserError):
+    """An image file that cannot be decoded (corrupt, truncated, not an image, too large)."""
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open any image Pillow reads as 8-bit RGB (grayscale, palette, RGBA, CMYK, 16-bit)."""
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()
+                return to_rgb(img)
+    except FileNotFoundError as exc:
+        raise ImageLoadError(f"{path}: no such file") from exc
+    except IsADirectoryError as exc:
+        raise ImageLoadError(f"{path}: is a directory, not an image") from exc
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageLoadError(f"{path}: image is too large ({exc})") from exc
+    except (OSError, ValueError, SyntaxError) as exc:  # UnidentifiedImageError is an OSError
+        reason = "not an image" if "cannot identify" in str(exc) else f"corrupt image ({exc})"
+        raise ImageLoadError(f"{path}: {reason}") from exc
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert to RGB: 16-bit is scaled (not clipped), transparency is put on white."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("RGB")
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an image becomes a tensor: resize the shorter side, center-crop, normalise.
+
+    Resolved once from the encoder's weights metadata and stored in every checkpoint, so train,
+    evaluate and caption use exactly the same pixels.
+    """
+
+    resize: int
+    crop: int
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bilinear"
+
+    def __post_init__(self) -> None:
+        if self.resize < 1 or self.crop < 1 or self.crop > self.resize:
+            raise ValueError(f"need 1 <= crop <= resize, got resize={self.resize} crop={self.crop}")
+        object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
+        object.__setattr__(self, "std", tuple(float(s) for s in self.std))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
+        return cls(**d)
+
+
+def build_transform(pre: Preprocessing, train: bool = False, augment: bool = False) -> T.Compose:
+    """The ONE transform factory: eval/caption use ``train=False``; training augments only when
+    ``augment`` (random scale crop, no flip: captions say "left" and "right")."""
+    interp = T.InterpolationMode(pre.interpolation)
+    if train and augment:
+        geometry = [T.RandomResizedCrop(pre.crop, scale=(0.6, 1.0), interpolation=interp, antialias=True)]
+    else:
+        geometry = [T.Resize(pre.resize, interpolation=interp, antialias=True), T.CenterCrop(pre.crop)]
+    return T.Compose([*geometry, T.ToTensor(), T.Normalize(pre.mean, pre.std)])
+
+
+# ---------------------------------------------------------------------------------------------
+# torch datasets
+
+
+def encode_caption(vocab: Vocab, caption: str, max_len: int) -> list[int]:
+    """``<start> w1 .. wn <end>``, truncated to ``max_len`` ids with ``<end>`` kept last."""
+    ids = vocab.encode(caption)
+    if len(ids) > max_len:
+        ids = ids[: max_len - 1] + [vocab.end_id]
+    return ids
+
+
+class ImageDataset(Dataset):
+    """``(image tensor or None if unreadable, index)`` per record: evaluation and captioning."""
+
+    def __init__(self, paths: Sequence[Path | str], transform: Any):
+        self.paths = [Path(p) for p in paths]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load(self, index: int) -> torch.Tensor | None:
+        try:
+            return self.transform(load_image(self.paths[index]))
+        except ImageLoadError as exc:
+            log.warning("skipping %s", exc)
+            return None
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int]:
+        return self.load(index), index
+
+
+class CaptionTrainDataset(Dataset):
+    """Training items ``(image tensor or None, [caption ids, ..], record index)``.
+
+    ``captions_per_image=None``: the classic epoch, one item per (image, caption) pair.
+    ``captions_per_image=k``: one item per image with k of its captions (all if it has fewer),
+    chosen afresh each epoch from ``seed + epoch``; the image is encoded once for its k captions
+    (ruotianluo's ``seq_per_img``), which makes a CNN-in-the-loop epoch up to k times cheaper.
+
+    ``images`` is anything indexable by record index that returns a tensor or None: an
+    :class:`ImageDataset` (CNN in the loop) or a cached feature array.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[CaptionRecord],
+        vocab: Vocab,
+        max_len: int,
+        images: Any,
+        captions_per_image: int | None = None,
+        seed: int = 0,
+    ):
+        if captions_per_image is not None and captions_per_image < 1:
+            raise UserError(f"data.captions_per_image must be >= 1 or null, got {captions_per_image}")
+        self.images = images
+        self.captions = [[encode_caption(vocab, c, max_len) for c in r.captions] for r in records]
+        self.captions_per_image = captions_per_image
+        self.seed = seed
+        self.epoch = 0
+        self.pairs = [(r, c) for r, caps in enumerate(self.captions) for c in range(len(caps))]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.pairs) if self.captions_per_image is None else len(self.captions)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | None, list[list[int]], int]:
+        if self.captions_per_image is None:
+            r_idx, c_idx = self.pairs[index]
+            chosen = [self.captions[r_idx][c_idx]]
+        else:
+            r_idx, caps = index, self.captions[index]
+            if len(caps) <= self.captions_per_image:
+                chosen = caps
+            else:
+                rng = random.Random(f"{self.seed}/{self.epoch}/{index}")
+                chosen = rng.sample(caps, self.captions_per_image)
+        item = self.images[r_idx]
+        image = item[0] if isinstance(item, tuple) else item
+        return image, chosen, r_idx
+
+
+def collate_captions(batch: Sequence[tuple], pad_id: int = 0) -> dict[str, Any]:
+    """Stack images, flatten their captions, pad to the batch's longest, keep lengths (CPU).
+
+    Items whose image could not be read are dropped and counted in ``skipped``.
+    """
+    kept = [b for b in batch if b[0] is not None]
+    caps = [ids for b in kept for ids in b[1]]
+    owner = [i for i, b in enumerate(kept) for _ in b[1]]
+    lengths = torch.tensor([len(ids) for ids in caps], dtype=torch.long)
+    captions = torch.full((len(caps), int(lengths.max()) if caps else 0), pad_id, dtype=torch.long)
+    for i, ids in enumerate(caps):
+        captions[i, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
+    inputs = torch.stack([torch.as_tensor(b[0]) for b in kept]) if kept else torch.empty(0)
+    return {
+        "inputs": inputs,  # [B, 3, H, W] images or [B, F] cached features
+        "captions": captions,  # [N, T] <start> w .. <end> <pad>.. (N >= B captions)
+        "lengths": lengths,  # [N]
+        "image_of_caption": torch.tensor(owner, dtype=torch.long),  # [N] row of inputs
+        "index": torch.tensor([b[2] for b in kept], dtype=torch.long),  # [B] record indices
+        "skipped": len(batch) - len(kept),
+    }
+
+
+def collate_images(batch: Sequence[tuple[torch.Tensor | None, int]]) -> dict[str, Any]:
+    """Stack the readable images of an evaluation batch; ``index`` says which records they are."""
+    kept = [b for b in batch if b[0] is not None]
+    return {
+        "inputs": torch.stack([b[0] for b in kept]) if kept else torch.empty(0),
+        "index": torch.tensor([b[1] for b in kept], dtype=torch.long),
+        "skipped": len(batch) - len(kept),
+    }
+
+
+class ResumableSampler(DistributedSampler):
+    """Shuffled per epoch from ``seed + epoch`` (never the global RNG), sharded across ranks, and
+    able to start mid-epoch (``start_index``) so a resumed run sees exactly the batches an
+    uninterrupted run would."""
+
+    def __init__(self, dataset: Dataset, *, seed: int, shuffle: bool = True, rank: int = 0,
+                 world_size: int = 1):
+        super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
+        self.start_index = 0
+
+    def set_position(self, epoch: int, start_index: int = 0) -> None:
+        self.set_epoch(epoch)
+        self.start_index = start_index
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())
+        return iter(indices[self.start_index :])
+
+    def __len__(self) -> int:
+        return max(0, self.num_samples - self.start_index)
+
+
+def num_batches(num_items: int, batch_size: int) -> int:
+    return math.ceil(num_items / batch_size)

@@ -1,0 +1,139 @@
+"""On-disk cache of frozen-encoder features.
+
+When the encoder is frozen and the training transform is deterministic, each image's pooled
+feature is computed once (batched, with a progress bar) and stored as a float16 memory-mapped
+array. The cache is keyed by a fingerprint of the encoder's actual weights, the preprocessing and
+the list of images, so a cache built by another encoder or transform is never reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from captioner.data import ImageDataset, Preprocessing, build_transform, collate_images
+from captioner.model import Encoder
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+
+
+def encoder_fingerprint(encoder: Encoder) -> str:
+    """sha1 over the encoder's architecture and every tensor of its state (weights and buffers)."""
+    h = hashlib.sha1(type(encoder.backbone).__name__.encode())
+    for name, tensor in encoder.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def cache_key(fingerprint: str, preprocessing: Preprocessing, paths: Sequence[Path]) -> str:
+    h = hashlib.sha1(f"v{CACHE_VERSION}|{fingerprint}".encode())
+    h.update(json.dumps(preprocessing.to_dict(), sort_keys=True).encode())
+    for p in paths:
+        h.update(str(Path(p).resolve()).encode() + b"\0")
+    return h.hexdigest()
+
+
+class CachedFeatures:
+    """Read-only view of a complete cache: ``cache[i]`` is a float32 tensor [F] or None when the
+    image could not be read when the cache was built."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.meta = json.loads((directory / "meta.json").read_text())
+        self.array = np.load(directory / "features.npy", mmap_mode="r")  # [N, F] float16
+        self.valid = np.load(directory / "valid.npy")  # [N] bool
+
+    def __len__(self) -> int:
+        return self.array.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return int(self.array.shape[1])
+
+    def __getitem__(self, index: int) -> torch.Tensor | None:
+        if not self.valid[index]:
+            return None
+        return torch.from_numpy(np.asarray(self.array[index], dtype=np.float32))
+
+
+@torch.no_grad()
+def build_feature_cache(
+    encoder: Encoder,
+    preprocessing: Preprocessing,
+    paths: Sequence[Path],
+    cache_root: str | Path,
+    *,
+    fingerprint: str | None = None,
+    device: str | torch.device = "cpu",
+    batch_size: int = 64,
+    num_workers: int = 0,
+    desc: str = "features",
+) -> CachedFeatures:
+    """Return the cache for ``paths`` under ``cache_root``, computing it first if needed."""
+    fingerprint = fingerprint or encoder_fingerprint(encoder)
+    key = cache_key(fingerprint, preprocessing, paths)
+    directory = Path(cache_root) / key[:20]
+    meta_file = directory / "meta.json"
+    if meta_file.is_file():
+        meta = json.loads(meta_file.read_text())
+        if meta.get("key") == key:
+            log.info("using cached %s from %s", desc, directory)
+            return CachedFeatures(directory)
+        log.warning("feature cache %s was built for another encoder; rebuilding", directory)
+
+    directory.mkdir(parents=True, exist_ok=True)
+    meta_file.unlink(missing_ok=True)  # an incomplete cache never looks complete
+    loader = DataLoader(
+        ImageDataset(paths, build_transform(preprocessing)),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=collate_images,
+    )
+    was_training = encoder.training
+    encoder.eval()
+    array: np.ndarray | None = None
+    valid = np.zeros(len(paths), dtype=bool)
+    tmp = directory / "features.tmp.npy"
+    for batch in tqdm(loader, desc=f"caching {desc}", unit="batch", leave=False):
+        if not len(batch["index"]):
+            continue
+        feats = encoder(batch["inputs"].to(device)).float().cpu().numpy()  # [B, F]
+        if array is None:
+            array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(len(paths), feats.shape[1]))
+        idx = batch["index"].numpy()
+        array[idx] = feats.astype(np.float16)
+        valid[idx] = True
+    encoder.train(was_training)
+    if array is None:
+        raise RuntimeError(f"no image of {desc} could be read")
+    array.flush()
+    del array
+    os.replace(tmp, directory / "features.npy")
+    np.save(directory / "valid.npy", valid)
+    meta: dict[str, Any] = {
+        "key": key,
+        "version": CACHE_VERSION,
+        "encoder_fingerprint": fingerprint,
+        "preprocessing": preprocessing.to_dict(),
+        "num_images": len(paths),
+        "num_unreadable": int((~valid).sum()),
+    }
+    tmp_meta = directory / "meta.json.tmp"
+    tmp_meta.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp_meta, meta_file)  # written last: the cache is complete
+    log.info("cached %d %s in %s", len(paths), desc, directory)
+    return CachedFeatures(directory)
