@@ -23,6 +23,7 @@ from captioner.model import CaptionModel, ModelConfig, build_model
 from captioner.vocab import Vocab
 
 FORMAT = "captioner/1"
+DEFAULT_RUNS = Path("outputs") / "train"  # where `captioner train` writes its runs
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -54,6 +55,9 @@ def save_checkpoint(payload: dict[str, Any], path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a checkpoint is an ordinary file
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(payload, f)
@@ -101,3 +105,14 @@ def model_from_checkpoint(
     model, _ = build_model(config, len(vocab), pretrained=False)
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), vocab, Preprocessing.from_dict(ckpt["preprocessing"])
+
+
+def find_checkpoint(runs: Path = DEFAULT_RUNS) -> Path:
+    """The newest ``best.pt`` under the default training output directory."""
+    found = sorted(runs.glob("**/best.pt"), key=lambda p: p.stat().st_mtime) if runs.is_dir() else []
+    if not found:
+        raise UserError(
+            f"no checkpoint given and no best.pt under {runs}/: train one with `captioner train` "
+            "or pass --checkpoint PATH"
+        )
+    return found[-1]

@@ -17,6 +17,8 @@ log = logging.getLogger("captioner")
 
 COMMANDS = {
     "train": "train a captioner (Hydra app; `captioner train --help` shows the config groups)",
+    "evaluate": "BLEU-1..4 (+ COCO metrics) of a checkpoint on a split (Hydra app)",
+    "caption": "print a caption for each image (`captioner caption --help`)",
 }
 
 USAGE = "usage: captioner <command> [arguments]\n\ncommands:\n" + "".join(
@@ -71,6 +73,27 @@ def _train_task(cfg: Any) -> None:
         )
 
 
+def _evaluate_task(cfg: Any) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from captioner.evaluate import evaluate, format_table
+
+    metrics = evaluate(cfg, HydraConfig.get().runtime.output_dir)
+    print(format_table(metrics))
+    print(f"written to {metrics['out_dir']}")
+
+
+def _caption(argv: Sequence[str]) -> None:
+    from captioner.caption import run
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    try:
+        code = run(argv)
+    except UserError as exc:
+        fail(str(exc))
+    raise SystemExit(code)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -79,6 +102,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     command, rest = argv[0], argv[1:]
     if command == "train":
         run_hydra_app("train", _train_task, rest)
+    elif command == "evaluate":
+        run_hydra_app("evaluate", _evaluate_task, rest)
+    elif command == "caption":
+        _caption(rest)
     else:
         print(USAGE, file=sys.stderr)
         fail(f"unknown command {command!r}")

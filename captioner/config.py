@@ -23,8 +23,8 @@ def config_dir() -> Path:
 
 
 def compose(config_name: str = "train", overrides: Sequence[str] = ()) -> DictConfig:
-    """Compose a config as the CLI would, without running anything (``return_hydra_config``
-    keeps ``hydra.*`` interpolations resolvable)."""
+    """Compose a config as the CLI would, without running anything (the ``hydra`` node is left
+    out: nothing outside it interpolates into it)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 

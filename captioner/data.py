@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile
+from PIL import Image
 from torch.utils.data import Dataset, DistributedSampler
 from torchvision import transforms as T
 
@@ -56,10 +56,16 @@ def read_json(path: str | Path, what: str = "annotation file") -> Any:
     try:
         raw = path.read_bytes()
         return json.loads(raw.decode("utf-8"))
+    except OSError as exc:  # e.g. permission denied
+        raise UserError(f"{path}: cannot read {what} ({exc.strerror or exc})") from exc
     except UnicodeDecodeError as exc:
         raise UserError(f"{path}: {what} is not valid UTF-8 text (byte {exc.start})") from exc
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}: {what} is not valid JSON ({exc.msg}, line {exc.lineno})") from exc
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _check_caption(path: Path, where: str, caption: Any) -> str:
@@ -97,15 +103,17 @@ def load_coco_captions(
     for i, img in enumerate(data["images"]):
         if not isinstance(img, dict) or "id" not in img or not isinstance(img.get("file_name"), str):
             raise UserError(f"{annotation_file}: images[{i}] needs an 'id' and a 'file_name'")
+        if not _is_int(img["id"]):
+            raise UserError(f"{annotation_file}: images[{i}] has a non-integer 'id' {img['id']!r}")
     image_ids = {img["id"] for img in data["images"]}
     for i, ann in enumerate(data["annotations"]):
         where = f"annotations[{i}]"
         if not isinstance(ann, dict) or "image_id" not in ann:
             raise UserError(f"{annotation_file}: {where} has no 'image_id'")
         _check_caption(annotation_file, f"{where} (image {ann['image_id']})", ann.get("caption"))
-        if ann["image_id"] not in image_ids:
+        if not _is_int(ann["image_id"]) or ann["image_id"] not in image_ids:
             raise UserError(
-                f"{annotation_file}: {where} refers to image_id {ann['image_id']} not in 'images'"
+                f"{annotation_file}: {where} refers to image_id {ann['image_id']!r} not in 'images'"
             )
         ann.setdefault("id", i + 1)
 
@@ -164,8 +172,12 @@ def load_karpathy_split(
             if raw is None and isinstance(sent, dict) and isinstance(sent.get("tokens"), list):
                 raw = " ".join(sent["tokens"])
             captions.append(_check_caption(split_file, f"{where}.sentences[{j}]", raw))
-        image_id = img.get("cocoid", img.get("imgid", i))
-        path = image_root / img.get("filepath", "") / img["filename"]
+        image_id, filepath = img.get("cocoid", img.get("imgid", i)), img.get("filepath", "")
+        if not _is_int(image_id) or not isinstance(filepath, str):
+            raise UserError(
+                f"{split_file}: {where} needs an integer 'cocoid'/'imgid' and a string 'filepath'"
+            )
+        path = image_root / filepath / img["filename"]
         records.append(CaptionRecord(int(image_id), path, captions))
     if not records:
         raise UserError(f"{split_file}: no images in split {split!r}")
@@ -383,7 +395,7 @@ def collate_captions(batch: Sequence[tuple], pad_id: int = 0) -> dict[str, Any]:
         "lengths": lengths,  # [N]
         "image_of_caption": torch.tensor(owner, dtype=torch.long),  # [N] row of inputs
         "index": torch.tensor([b[2] for b in kept], dtype=torch.long),  # [B] record indices
-        "skipped": len(batch) - len(kept),
+        "skipped": sorted({b[2] for b in batch if b[0] is None}),  # unreadable record indices
     }
 
 

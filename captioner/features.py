@@ -35,7 +35,7 @@ def encoder_fingerprint(encoder: Encoder) -> str:
     for name, tensor in encoder.state_dict().items():
         t = tensor.detach().cpu().contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
@@ -102,6 +102,7 @@ def build_feature_cache(
         batch_size=batch_size,
         num_workers=num_workers,
         collate_fn=collate_images,
+        generator=torch.Generator(),  # never draw from the global RNG: hit and miss train alike
     )
     was_training = encoder.training
     encoder.eval()

@@ -3,12 +3,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 
+from captioner.data import CaptionRecord, ImageLoadError, Preprocessing, build_transform, load_image
 from captioner.decoding import DecodeConfig, Hypothesis, decode
+from captioner.metrics import bleu_from_text
 from captioner.model import CaptionModel
 from captioner.vocab import Vocab, detokenize
 
@@ -54,3 +59,96 @@ def generate(
 def hypothesis_text(hyp: Hypothesis, vocab: Vocab) -> str:
     """A hypothesis as display text (no specials, clitics re-attached)."""
     return detokenize(vocab.decode(hyp.tokens))
+
+
+def corpus_scores(captions: dict[int, str], records: Sequence[CaptionRecord]) -> dict[str, float]:
+    """Corpus BLEU-1..4 of ``{record index: caption}`` against ALL references of each image."""
+    order = sorted(captions)
+    return bleu_from_text([captions[i] for i in order], [records[i].captions for i in order])
+
+
+# ---------------------------------------------------------------------------------------------
+# the Python API for captioning files
+
+
+@dataclass
+class CaptionResult:
+    """The outcome for one input image: ``caption`` (best hypothesis) or ``error``."""
+
+    source: str
+    caption: str | None = None
+    score: float | None = None
+    hypotheses: list[tuple[str, float]] = field(default_factory=list)  # (text, log-prob), best first
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"image": self.source}
+        if self.error is not None:
+            out["error"] = self.error
+        else:
+            out["caption"] = self.caption
+            out["score"] = self.score
+            if len(self.hypotheses) > 1:
+                out["hypotheses"] = [{"caption": t, "score": s} for t, s in self.hypotheses]
+        return out
+
+
+class Captioner:
+    """Caption images with a trained checkpoint::
+
+        captioner = Captioner.from_checkpoint("outputs/train/.../best.pt")
+        for result in captioner.caption(["cat.jpg", "dog.png"]):
+            print(result.source, result.caption)
+    """
+
+    def __init__(self, model: CaptionModel, vocab: Vocab, preprocessing: Preprocessing,
+                 device: torch.device | str = "cpu"):
+        self.model = model.to(device).eval()
+        self.vocab = vocab
+        self.preprocessing = preprocessing
+        self.device = torch.device(device)
+        self.transform = build_transform(preprocessing)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str = "auto") -> Captioner:
+        from captioner.checkpoint import load_checkpoint, model_from_checkpoint
+        from captioner.runtime import resolve_device
+
+        dev = resolve_device(device)
+        ckpt = load_checkpoint(path, map_location="cpu")
+        model, vocab, pre = model_from_checkpoint(ckpt, device=dev)
+        return cls(model, vocab, pre, dev)
+
+    def _tensor(self, image: str | Path | Image.Image) -> torch.Tensor:
+        img = image.convert("RGB") if isinstance(image, Image.Image) else load_image(image)
+        return self.transform(img)
+
+    @torch.inference_mode()
+    def caption(
+        self,
+        images: Sequence[str | Path | Image.Image],
+        config: DecodeConfig | None = None,
+        batch_size: int = 32,
+    ) -> list[CaptionResult]:
+        """One :class:`CaptionResult` per input, in order; an unreadable image gets ``error``
+        set and does not stop the others."""
+        config = config or DecodeConfig()
+        results: list[CaptionResult] = []
+        for start in range(0, len(images), batch_size):
+            chunk = images[start : start + batch_size]
+            batch_results, tensors = [], []
+            for image in chunk:
+                res = CaptionResult(source=str(image) if not isinstance(image, Image.Image) else "<image>")
+                try:
+                    tensors.append((res, self._tensor(image)))
+                except ImageLoadError as exc:
+                    res.error = str(exc)
+                batch_results.append(res)
+            if tensors:
+                inputs = torch.stack([t for _, t in tensors]).to(self.device)
+                hyps = decode_features(self.model, self.model.encode(inputs), self.vocab, config)
+                for (res, _), image_hyps in zip(tensors, hyps, strict=True):
+                    res.hypotheses = [(hypothesis_text(h, self.vocab), h.score) for h in image_hyps]
+                    res.caption, res.score = res.hypotheses[0]
+            results.extend(batch_results)
+        return results

@@ -200,6 +200,12 @@ def _text_to_tokens(text: str, what: str) -> list[str]:
     return strip_specials(tokenize(_SPECIALS_RE.sub(" ", text)))
 
 
+def sentence_bleu_from_text(hypothesis: str, references: Sequence[str], max_n: int = 4) -> dict[str, float]:
+    """:func:`sentence_bleu` of caption TEXT, tokenized exactly as :func:`bleu_from_text` does."""
+    refs = [_text_to_tokens(r, f"reference {j}") for j, r in enumerate(references)]
+    return sentence_bleu(_text_to_tokens(hypothesis, "hypothesis"), refs, max_n=max_n)
+
+
 def _check_text_inputs(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> None:
     if isinstance(hypotheses, str) or isinstance(references, str):
         raise TypeError("expected a list of hypothesis strings and a list of reference lists")

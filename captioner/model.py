@@ -300,7 +300,7 @@ class Decoder(nn.Module):
 
     def forward(self, features: Tensor, captions: Tensor, lengths: Tensor) -> Tensor:
         """Teacher forcing. features [B, F], captions [B, T] (<start> .. <end> <pad>..), lengths [B]
-        -> logits [B, T-1, V] predicting captions[:, 1:] (zeros at padded positions)."""
+        -> logits [B, T-1, V] predicting captions[:, 1:] (padded positions are meaningless)."""
         state = self.init_state(features)
         inputs = captions[:, :-1]  # [B, T-1]: <start> w1 .. wn (and pads)
         x = self.dropout(self.embed(inputs))  # [B, T-1, E]

@@ -10,12 +10,10 @@ import contextlib
 import json
 import logging
 import math
-import os
 import random
 import shutil
 import signal
 import time
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -29,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from captioner.checkpoint import load_checkpoint, model_payload, save_checkpoint, unwrap
+from captioner.checkpoint import load_checkpoint, model_payload, save_checkpoint
 from captioner.data import (
     CaptionTrainDataset,
     ImageDataset,
@@ -42,9 +40,9 @@ from captioner.data import (
 from captioner.decoding import DecodeConfig
 from captioner.errors import UserError
 from captioner.features import build_feature_cache, encoder_fingerprint
-from captioner.inference import decode_features, hypothesis_text
-from captioner.metrics import bleu_from_text
+from captioner.inference import corpus_scores, decode_features, hypothesis_text
 from captioner.model import CaptionModel, ModelConfig, build_model, caption_loss
+from captioner.runtime import Runtime, setup_runtime, teardown_runtime
 from captioner.vocab import Vocab
 
 log = logging.getLogger(__name__)
@@ -57,63 +55,6 @@ class TrainingInterrupted(Exception):
         self.checkpoint = checkpoint
         where = f"; resume with resume={checkpoint}" if checkpoint else ""
         super().__init__(f"training interrupted{where}")
-
-
-# ---------------------------------------------------------------------------------------------
-# runtime: device and distributed set-up
-
-
-@dataclass
-class Runtime:
-    device: torch.device
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-
-def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
-    """``auto`` picks CUDA > MPS > CPU; anything else is passed to ``torch.device``."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank)
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise UserError(f"device: {name!r} is not a torch device ({exc})") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device: {name!r} asked for, but CUDA is not available")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local_rank)
-    return device
-
-
-def setup_runtime(device_name: str) -> Runtime:
-    """Join the process group when launched by torchrun (WORLD_SIZE > 1)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(device_name, local_rank)
-    if world_size > 1 and not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend=backend)
-    return Runtime(device, rank, world_size, local_rank)
-
-
-def teardown_runtime(rt: Runtime) -> None:
-    if rt.distributed and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def _barrier(rt: Runtime) -> None:
@@ -243,7 +184,7 @@ class Trainer:
         # progress counters (restored on resume)
         self.epoch, self.batch_in_epoch, self.global_step = 0, 0, 0
         self.best_score, self.best_epoch, self.bad_epochs = -1.0, 0, 0
-        self.epoch_loss_sum, self.epoch_tokens, self.epoch_skipped = 0.0, 0, 0
+        self.epoch_loss_sum, self.epoch_tokens, self.epoch_skipped = 0.0, 0, set()
         self.rng_states: list[dict[str, Any]] | None = None
         if resume_ckpt is not None:
             self._restore(resume_ckpt)
@@ -281,6 +222,7 @@ class Trainer:
         for key in ("epoch", "batch_in_epoch", "global_step", "best_score", "best_epoch",
                     "bad_epochs", "epoch_loss_sum", "epoch_tokens", "epoch_skipped"):
             setattr(self, key, ckpt[key])
+        self.epoch_skipped = set(self.epoch_skipped)
         self.rng_states = ckpt["rng"]
         if self.rt.is_main:  # carry the history over into this run's directory
             old_dir = self._resume_path.parent
@@ -345,10 +287,11 @@ class Trainer:
                 num_workers=int(self.cfg.data.num_workers),
                 desc=f"{split} images",
             )
-            if self.rt.is_main:
-                build()
+            if self.rt.is_main:  # rank 0 computes; the others then open the finished cache
+                self._caches[split] = build()
             _barrier(self.rt)
-            self._caches[split] = build() if not self.rt.is_main else build()
+            if not self.rt.is_main:
+                self._caches[split] = build()
         return self._caches[split]
 
     # -- loaders --------------------------------------------------------------------------------
@@ -442,7 +385,7 @@ class Trainer:
         bar = tqdm(loader, desc=f"epoch {epoch + 1}", initial=self.batch_in_epoch, total=total,
                    unit="batch", disable=None if self.rt.is_main else True, leave=False)
         for batch in bar:
-            self.epoch_skipped += batch["skipped"]
+            self.epoch_skipped.update(batch["skipped"])
             if len(batch["lengths"]):
                 loss = self._batch_loss(module, batch, cached)
                 self.scaler.scale(loss).backward()
@@ -504,11 +447,8 @@ class Trainer:
             gathered: list[dict[int, str]] = [{} for _ in range(self.rt.world_size)]
             dist.all_gather_object(gathered, captions)
             captions = {k: v for part in gathered for k, v in part.items()}
-        order = sorted(captions)
-        scores = bleu_from_text(
-            [captions[i] for i in order], [self.val_records[i].captions for i in order]
-        )
-        self.last_samples = [(self.val_records[i].path.name, captions[i]) for i in order[:3]]
+        scores = corpus_scores(captions, self.val_records)
+        self.last_samples = [(self.val_records[i].path.name, captions[i]) for i in sorted(captions)[:3]]
         return {"val_loss": loss_sum / max(tokens, 1), **{f"val_{k}": v for k, v in scores.items()}}
 
     # -- checkpoints ----------------------------------------------------------------------------
@@ -535,7 +475,7 @@ class Trainer:
             "bad_epochs": self.bad_epochs,
             "epoch_loss_sum": self.epoch_loss_sum,
             "epoch_tokens": self.epoch_tokens,
-            "epoch_skipped": self.epoch_skipped,
+            "epoch_skipped": sorted(self.epoch_skipped),
             "rng": self._gather_rng(),
         }
 
@@ -569,6 +509,7 @@ class Trainer:
                 start = time.perf_counter()
                 self.train_epoch(self.epoch, stop)
                 val = self.validate(self.epoch)
+                val["lr"] = self.optimizer.param_groups[0]["lr"]  # the rate this epoch trained with
                 self.scheduler.step()
                 last = self._end_epoch(val, time.perf_counter() - start)
                 if self._should_stop(stop):
@@ -584,12 +525,11 @@ class Trainer:
             "step": self.global_step,
             "train_loss": self.epoch_loss_sum / max(self.epoch_tokens, 1),
             **val,
-            "lr": self.optimizer.param_groups[0]["lr"],
-            "skipped_images": self.epoch_skipped,
+            "skipped_images": len(self.epoch_skipped),
             "seconds": round(seconds, 2),
         }
         if self.epoch_skipped:
-            log.warning("epoch %d: skipped %d unreadable images", self.epoch + 1, self.epoch_skipped)
+            log.warning("epoch %d: skipped %d unreadable images", self.epoch + 1, len(self.epoch_skipped))
         improved = metrics["val_bleu4"] > self.best_score
         if improved:
             self.best_score, self.best_epoch, self.bad_epochs = metrics["val_bleu4"], self.epoch + 1, 0
@@ -612,7 +552,7 @@ class Trainer:
         if improved:
             self.save_best(metrics)
         self.epoch += 1
-        self.batch_in_epoch, self.epoch_loss_sum, self.epoch_tokens, self.epoch_skipped = 0, 0.0, 0, 0
+        self.batch_in_epoch, self.epoch_loss_sum, self.epoch_tokens, self.epoch_skipped = 0, 0.0, 0, set()
         self.save_last()
         return metrics
 

@@ -1,0 +1,115 @@
+"""``captioner caption IMAGE [IMAGE ...]``: print a caption for each image.
+
+One line per image on stdout (``path<TAB>caption``, or JSON with ``--json``); a bad image gets a
+one-line ``error:`` on stderr, the others are still captioned, and the exit status is 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from captioner.checkpoint import DEFAULT_RUNS, find_checkpoint
+from captioner.data import IMAGE_EXTENSIONS
+from captioner.decoding import DecodeConfig
+from captioner.errors import UserError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="captioner caption",
+        description="Caption images with a trained checkpoint. Directories and glob patterns "
+        "expand to the images in them.",
+    )
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files, directories or globs")
+    p.add_argument("--checkpoint", "-c", type=Path,
+                   help=f"checkpoint (default: the newest best.pt under {DEFAULT_RUNS}/)")
+    g = p.add_argument_group("decoding (default: greedy)")
+    g.add_argument("--beam-size", type=int, default=1, help="beam search with this many beams")
+    g.add_argument("--n-best", type=int, default=1, help="with --beam-size: print the n best")
+    g.add_argument("--length-penalty", type=float, default=0.0, help="beam: GNMT alpha")
+    g.add_argument("--suppress-unk", action="store_true", help="never emit <unk>")
+    g.add_argument("--sample", action="store_true", help="sample instead of greedy/beam")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0, help="sample from the k most likely words")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
+    g.add_argument("--seed", type=int, default=None, help="make sampling reproducible")
+    g.add_argument("--max-len", type=int, default=20, help="max caption length in words")
+    p.add_argument("--device", default="auto", help="auto (CUDA > MPS > CPU), cpu, cuda, cuda:1 ...")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    return p
+
+
+def decode_config(args: argparse.Namespace) -> DecodeConfig:
+    if args.sample and args.beam_size > 1:
+        raise UserError("--sample and --beam-size are exclusive")
+    strategy = "sample" if args.sample else "beam" if args.beam_size > 1 or args.n_best > 1 else "greedy"
+    try:
+        return DecodeConfig(
+            strategy=strategy, max_len=args.max_len, beam_size=args.beam_size, n_best=args.n_best,
+            length_penalty=args.length_penalty, suppress_unk=args.suppress_unk,
+            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+        )
+    except ValueError as exc:
+        raise UserError(f"decoding options: {exc}") from exc
+
+
+def expand_inputs(items: Sequence[str]) -> tuple[list[str], list[str]]:
+    """-> (image paths, errors). Directories give their images (sorted); globs expand."""
+    paths: list[str] = []
+    errors: list[str] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(str(f) for f in p.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
+            if not found:
+                errors.append(f"{item}: directory has no images ({', '.join(IMAGE_EXTENSIONS)})")
+            paths.extend(found)
+        elif p.exists():
+            paths.append(item)
+        elif glob.has_magic(item):
+            found = sorted(glob.glob(item))
+            if not found:
+                errors.append(f"{item}: no file matches")
+            paths.extend(found)
+        else:
+            errors.append(f"{item}: no such file")
+    return paths, errors
+
+
+def run(argv: Sequence[str]) -> int:
+    args = build_parser().parse_args(argv)
+    config = decode_config(args)
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    paths, errors = expand_inputs(args.images)
+    for err in errors:
+        print(f"error: {err}", file=sys.stderr)
+
+    checkpoint = args.checkpoint
+    if checkpoint is None:
+        checkpoint = find_checkpoint()
+        print(f"using checkpoint {checkpoint}", file=sys.stderr)
+
+    from captioner.inference import Captioner
+
+    captioner = Captioner.from_checkpoint(checkpoint, device=args.device)
+    failed = len(errors)
+    for res in captioner.caption(paths, config, batch_size=args.batch_size):
+        if res.error is not None:
+            failed += 1
+            print(f"error: {res.error}", file=sys.stderr)
+            if args.json:
+                print(json.dumps(res.to_dict()), flush=True)
+        elif args.json:
+            print(json.dumps(res.to_dict()), flush=True)
+        else:
+            for text, score in res.hypotheses if args.n_best > 1 else [(res.caption, res.score)]:
+                extra = f"\t{score:.3f}" if args.n_best > 1 else ""
+                print(f"{res.source}\t{text}{extra}", flush=True)
+    return 1 if failed else 0

@@ -1,0 +1,126 @@
+"""``captioner evaluate``: corpus BLEU-1..4 (and the official COCO metrics when available).
+
+Every image of the split is decoded once with the configured strategy, and scored against ALL its
+references with the same tokenizer and BLEU code as training validation. The run directory gets
+``metrics.json``, ``results.json`` (the COCO results format) and ``per_image.jsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from captioner.checkpoint import find_checkpoint, load_checkpoint, model_from_checkpoint
+from captioner.data import ImageDataset, build_transform, collate_images, load_split
+from captioner.decoding import DecodeConfig
+from captioner.errors import UserError
+from captioner.inference import corpus_scores, generate, hypothesis_text
+from captioner.metrics import coco_caption_metrics, sentence_bleu_from_text
+from captioner.runtime import resolve_device
+
+log = logging.getLogger(__name__)
+
+
+def resolve_data_config(checkpoint: dict[str, Any], overrides: DictConfig | dict | None) -> DictConfig:
+    """The checkpoint's training ``data`` config with the non-null ``overrides`` on top.
+
+    Overriding any field drops the demo generator (unless ``demo`` itself is given), so pointing
+    ``data.root`` at another dataset never writes demo images there.
+    """
+    given = {k: v for k, v in (OmegaConf.to_container(overrides) if isinstance(overrides, DictConfig)
+                                 else dict(overrides or {})).items() if v is not None}
+    base = dict((checkpoint.get("train_config") or {}).get("data") or {})
+    if not base and not given.get("root"):
+        raise UserError(
+            "the checkpoint has no training data config: give data.root=... and "
+            "data.test_annotations=... data.test_images=..."
+        )
+    if given and "demo" not in given:
+        base.pop("demo", None)
+    return OmegaConf.create({**base, **given})
+
+
+def decode_config(cfg: DictConfig) -> DecodeConfig:
+    try:
+        return DecodeConfig(**OmegaConf.to_container(cfg, resolve=True))
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"decode: {exc}") from exc
+
+
+def evaluate(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
+    """Evaluate ``cfg.checkpoint`` on ``cfg.split``; write the run files into ``out_dir``."""
+    out_dir = Path(out_dir)
+    ckpt_path = Path(cfg.checkpoint) if cfg.get("checkpoint") else find_checkpoint()
+    device = resolve_device(str(cfg.device))
+    ckpt = load_checkpoint(ckpt_path)
+    model, vocab, pre = model_from_checkpoint(ckpt, device=device)
+    decode_cfg = decode_config(cfg.decode)
+    records = load_split(resolve_data_config(ckpt, cfg.get("data")), str(cfg.split))
+    if cfg.get("max_images"):
+        records = records[: int(cfg.max_images)]
+    log.info("evaluating %s on %d %s images (%s decoding)", ckpt_path, len(records), cfg.split,
+             decode_cfg.strategy)
+
+    loader = DataLoader(
+        ImageDataset([r.path for r in records], build_transform(pre)),
+        batch_size=int(cfg.batch_size),
+        num_workers=int(cfg.num_workers),
+        collate_fn=collate_images,
+    )
+    start = time.perf_counter()
+    hyps = generate(model, tqdm(loader, desc="captioning", unit="batch", leave=False, disable=None),
+                    vocab, decode_cfg, device)
+    seconds = time.perf_counter() - start
+    captions = {i: hypothesis_text(h[0], vocab) for i, h in hyps.items()}
+    if not captions:
+        raise UserError(f"no image of the {cfg.split} split could be read")
+    skipped = len(records) - len(captions)
+    if skipped:
+        log.warning("%d unreadable images were left out of the scores", skipped)
+
+    scores = corpus_scores(captions, records)
+    coco = None
+    if cfg.get("coco_metrics", True):
+        coco = coco_caption_metrics(
+            {records[i].image_id: c for i, c in captions.items()},
+            {records[i].image_id: records[i].captions for i in captions},
+        )
+    metrics: dict[str, Any] = {
+        **scores,
+        **(coco or {}),
+        "split": str(cfg.split),
+        "num_images": len(captions),
+        "skipped_images": skipped,
+        "checkpoint": str(ckpt_path),
+        "decode": OmegaConf.to_container(cfg.decode, resolve=True),
+        "seconds": round(seconds, 2),
+    }
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    results = [{"image_id": records[i].image_id, "caption": c} for i, c in sorted(captions.items())]
+    (out_dir / "results.json").write_text(json.dumps(results) + "\n")
+    with open(out_dir / "per_image.jsonl", "w", encoding="utf-8") as f:
+        for i, cap in sorted(captions.items()):
+            rec = records[i]
+            row = {"image_id": rec.image_id, "file": str(rec.path), "caption": cap,
+                   "references": rec.captions,
+                   "bleu4": sentence_bleu_from_text(cap, rec.captions)["bleu4"]}
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    metrics["out_dir"] = str(out_dir)
+    return metrics
+
+
+def format_table(metrics: dict[str, Any]) -> str:
+    """A small aligned table of the scores."""
+    keys = [k for k in ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider") if k in metrics]
+    head = f"{metrics['split']} split, {metrics['num_images']} images, {metrics['decode']['strategy']} decoding"
+    rows = [f"  {k:<8} {metrics[k]:.4f}" for k in keys]
+    return "\n".join([head, *rows])

@@ -1,0 +1,183 @@
+"""Hydra configs: every option of every group composes, resolves and builds what it names."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.errors import ConfigCompositionException, MissingConfigException
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from captioner.config import compose, config_dir
+from captioner.errors import UserError
+from captioner.model import ModelConfig
+
+GROUPS = {
+    "data": ["coco", "demo", "karpathy"],
+    "experiment": ["coco_resnet50"],
+    "model": ["demo", "resnet50", "timm"],
+    "optim": ["adam", "adamw"],
+    "scheduler": ["constant", "cosine", "step"],
+}
+
+
+def test_groups_on_disk_are_the_tested_ones() -> None:
+    """A new option file must be added here (and so gets tested below)."""
+    on_disk = {
+        group: sorted(p.stem for p in (config_dir() / group).glob("*.yaml")) for group in GROUPS
+    }
+    assert on_disk == GROUPS
+
+
+def test_default_config() -> None:
+    cfg = compose("train")
+    assert (cfg.data.name, cfg.model.name) == ("demo", "demo")
+    assert cfg.optim._target_ == "torch.optim.Adam"
+    assert cfg.scheduler._target_ == "torch.optim.lr_scheduler.ConstantLR"
+    assert cfg.resume is None and cfg.seed == 0
+    assert cfg.trainer.cache_dir == "data/demo/.cache/features"  # follows data.root
+    OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+
+
+@pytest.mark.parametrize(
+    ("option", "expected"),
+    [
+        ("demo", {"format": "coco", "root": "data/demo", "min_freq": 1}),
+        (
+            "coco",
+            {
+                "format": "coco",
+                "root": "data/coco",
+                "train_annotations": "annotations/captions_train2017.json",
+                "val_images": "val2017",
+            },
+        ),
+        ("karpathy", {"format": "karpathy", "split_file": "dataset_coco.json", "min_freq": 5}),
+    ],
+)
+def test_data_options(option: str, expected: dict) -> None:
+    cfg = compose("train", [f"data={option}"])
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    assert data["name"] == option
+    assert {k: data[k] for k in expected} == expected
+    assert data["batch_size"] > 0 and data["max_caption_len"] > 2
+    if option == "coco":  # the year is one knob
+        cfg = compose("train", ["data=coco", "data.year=2014"])
+        assert cfg.data.train_annotations == "annotations/captions_train2014.json"
+
+
+@pytest.mark.parametrize(
+    ("option", "source", "name", "weights", "freeze"),
+    [
+        ("demo", "torchvision", "resnet18", None, False),
+        ("resnet50", "torchvision", "resnet50", "DEFAULT", True),
+        ("timm", "timm", "efficientnet_lite0", "pretrained", True),
+    ],
+)
+def test_model_options(
+    option: str, source: str, name: str, weights: str | None, freeze: bool
+) -> None:
+    cfg = compose("train", [f"model={option}"])
+    model = ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
+    enc = model.encoder
+    assert (enc.source, enc.name, enc.weights, enc.freeze) == (source, name, weights, freeze)
+    assert model.decoder.feature_mode == "init_state"
+    assert ModelConfig.from_dict(model.to_dict()) == model  # the checkpoint round trip
+
+
+def test_unknown_model_option_is_user_error() -> None:
+    cfg = compose("train", ["+model.encoder.bogus=1"])  # '+' gets past Hydra, not the typed config
+    with pytest.raises(UserError, match="model.encoder.bogus"):
+        ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
+
+
+@pytest.mark.parametrize(
+    ("option", "cls"), [("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW)]
+)
+def test_optim_options_instantiate(option: str, cls: type) -> None:
+    cfg = compose("train", [f"optim={option}"])
+    param = torch.nn.Parameter(torch.zeros(3))
+    opt = instantiate(cfg.optim, params=[param])
+    assert type(opt) is cls
+    assert opt.param_groups[0]["lr"] == pytest.approx(cfg.optim.lr)
+    assert opt.param_groups[0]["weight_decay"] == pytest.approx(cfg.optim.weight_decay)
+
+
+@pytest.mark.parametrize(
+    ("option", "cls"),
+    [
+        ("constant", torch.optim.lr_scheduler.ConstantLR),
+        ("cosine", torch.optim.lr_scheduler.CosineAnnealingLR),
+        ("step", torch.optim.lr_scheduler.StepLR),
+    ],
+)
+def test_scheduler_options_instantiate(option: str, cls: type) -> None:
+    cfg = compose("train", [f"scheduler={option}", "trainer.max_epochs=6", "optim.lr=0.1"])
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(3))], lr=cfg.optim.lr)
+    sched = instantiate(cfg.scheduler, optimizer=opt)
+    assert type(sched) is cls
+    lrs = []
+    for _ in range(6):  # stepped once per epoch
+        opt.step()
+        sched.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    if option == "constant":
+        assert lrs == [pytest.approx(0.1)] * 6
+    elif option == "cosine":  # T_max follows trainer.max_epochs: eta_min at the last epoch
+        assert sched.T_max == 6 and lrs[-1] == pytest.approx(cfg.scheduler.eta_min, abs=1e-9)
+    else:
+        assert lrs[cfg.scheduler.step_size - 1] == pytest.approx(0.1 * cfg.scheduler.gamma)
+
+
+def test_experiment_coco_resnet50() -> None:
+    cfg = compose("train", ["experiment=coco_resnet50"])
+    assert (cfg.data.name, cfg.model.name) == ("coco", "resnet50")
+    assert cfg.optim._target_ == "torch.optim.AdamW"
+    assert cfg.scheduler._target_ == "torch.optim.lr_scheduler.CosineAnnealingLR"
+    assert (cfg.trainer.max_epochs, cfg.trainer.label_smoothing) == (15, 0.1)
+    assert cfg.scheduler.T_max == 15
+    assert cfg.trainer.patience == 5  # untouched settings keep their defaults
+    OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
+    # the command line still wins over the preset
+    cfg = compose("train", ["experiment=coco_resnet50", "trainer.max_epochs=3", "data.root=/x"])
+    assert (cfg.trainer.max_epochs, cfg.scheduler.T_max) == (3, 3)
+    assert cfg.trainer.cache_dir == "/x/.cache/features"
+
+
+@pytest.mark.parametrize("override", ["trainer.bogus=1", "model.encoder.bogus=1", "bogus=1"])
+def test_unknown_override_key_fails(override: str) -> None:
+    with pytest.raises(ConfigCompositionException, match="bogus"):
+        compose("train", [override])
+
+
+def test_unknown_group_option_fails() -> None:
+    with pytest.raises(MissingConfigException, match="data/nope"):
+        compose("train", ["data=nope"])
+
+
+def test_config_dir_found_from_another_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert config_dir().is_absolute() and (config_dir() / "train.yaml").is_file()
+    assert compose("train", ["model=resnet50"]).model.encoder.name == "resnet50"
+    assert list(tmp_path.iterdir()) == []  # composing writes nothing
+
+
+def test_cli_help_from_another_cwd(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "captioner", "train", "--help"],
+        cwd=tmp_path,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for group, options in GROUPS.items():
+        assert f"{group}: {', '.join(options)}" in proc.stdout
+    assert list(tmp_path.iterdir()) == []  # --help creates no run directory

@@ -1,0 +1,474 @@
+"""Unit tests of the model, its encoder builders, the loss and checkpoints (no training runs)."""
+
+from __future__ import annotations
+
+import pathlib
+import pickle
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from captioner.checkpoint import (
+    load_checkpoint,
+    model_from_checkpoint,
+    model_payload,
+    save_checkpoint,
+)
+from captioner.data import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from captioner.decoding import DecodeConfig
+from captioner.errors import UserError
+from captioner.inference import decode_features, hypothesis_text
+from captioner.model import (
+    CaptionModel,
+    Decoder,
+    DecoderConfig,
+    Encoder,
+    EncoderConfig,
+    ModelConfig,
+    build_model,
+    caption_loss,
+    create_encoder,
+)
+from captioner.vocab import Vocab
+
+PAD = Vocab.pad_id
+V, FEAT = 11, 8
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread is faster, and immune to a busy machine's contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _no_downloads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The network is off: any attempt to fetch torchvision weights is a test failure."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"weights download attempted: {args}")
+
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", refuse)
+
+
+def _block(cin: int, cout: int) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU())
+
+
+class TinyBackbone(nn.Module):
+    """Three conv+BN stages and a pool: [B, 3, H, W] -> [B, 8, 1, 1]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(_block(3, 4), _block(4, 8), _block(8, FEAT))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.features(x))
+
+
+def tiny_model(freeze: bool = True, **decoder: object) -> CaptionModel:
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        EncoderConfig(name="tiny", weights=None, freeze=freeze),
+        DecoderConfig(**{"embed_dim": 6, "hidden_size": 10, "dropout": 0.0, **decoder}),
+    )
+    enc = Encoder(TinyBackbone(), FEAT)
+    return CaptionModel(enc, Decoder(FEAT, V, cfg.decoder), cfg)
+
+
+def padded(seqs: list[list[int]], width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> captions [N, T] padded with PAD, lengths [N]."""
+    width = width or max(map(len, seqs))
+    caps = torch.full((len(seqs), width), PAD, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        caps[i, : len(s)] = torch.tensor(s)
+    return caps, torch.tensor([len(s) for s in seqs])
+
+
+SEQS = [[1, 4, 5, 6, 7, 2], [1, 8, 2], [1, 9, 10, 4, 2]]  # <start> .. <end>
+
+
+def resnet18_config(**encoder: object) -> ModelConfig:
+    enc = {"name": "resnet18", "weights": None, "resize": 32, "crop": 32, "freeze": True, **encoder}
+    return ModelConfig(
+        EncoderConfig(**enc), DecoderConfig(embed_dim=8, hidden_size=16, dropout=0.2)
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# shapes, padding, packing
+
+
+@pytest.mark.parametrize("feature_mode", ["init_state", "first_input"])
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_output_shapes(feature_mode: str, num_layers: int) -> None:
+    model = tiny_model(feature_mode=feature_mode, num_layers=num_layers)
+    caps, lengths = padded(SEQS)  # [3, 6]
+    images = torch.randn(2, 3, 16, 16)
+    owner = torch.tensor([0, 1, 1])  # caption -> image row
+    assert model.encode(images).shape == (2, FEAT)
+    assert model(images, caps, lengths, owner).shape == (3, 5, V)
+    feats = torch.randn(3, FEAT)
+    assert model(feats, caps, lengths, features=True).shape == (3, 5, V)
+    h, c = model.decoder.init_state(feats)
+    assert h.shape == c.shape == (num_layers, 3, 10)
+    logits, (h2, c2) = model.decoder.step(torch.tensor([1, 1, 1]), (h, c))
+    assert logits.shape == (3, V) and h2.shape == (num_layers, 3, 10)
+
+
+def test_loss_ignores_padding_and_is_mean_ce_over_real_tokens() -> None:
+    torch.manual_seed(0)
+    caps, _ = padded(SEQS)
+    logits = torch.randn(3, caps.shape[1] - 1, V)
+    loss = caption_loss(logits, caps, PAD)
+
+    targets = caps[:, 1:]
+    real = targets != PAD
+    by_hand = torch.cat(
+        [
+            F.cross_entropy(logits[i, real[i]], targets[i, real[i]], reduction="none")
+            for i in range(3)
+        ]
+    ).mean()
+    assert real.sum() == sum(len(s) - 1 for s in SEQS)
+    torch.testing.assert_close(loss, by_hand)
+
+    garbage = logits.clone()
+    garbage[~real] = 1e4 * torch.randn_like(garbage[~real])
+    assert torch.equal(caption_loss(garbage, caps, PAD), loss)
+
+
+def test_padding_tokens_do_not_reach_logits_or_loss() -> None:
+    model = tiny_model(feature_mode="init_state").eval()
+    caps, lengths = padded(SEQS)
+    feats = torch.randn(3, FEAT)
+    noisy = caps.clone()
+    noisy[caps == PAD] = 9  # real word ids where the padding was
+    clean_logits = model.decoder(feats, caps, lengths)
+    noisy_logits = model.decoder(feats, noisy, lengths)
+    real = caps[:, 1:] != PAD
+    assert torch.equal(clean_logits[real], noisy_logits[real])
+    assert torch.equal(caption_loss(clean_logits, caps, PAD), caption_loss(noisy_logits, caps, PAD))
+
+
+@pytest.mark.parametrize("feature_mode", ["init_state", "first_input"])
+def test_logits_do_not_depend_on_padding_length_of_others(feature_mode: str) -> None:
+    model = tiny_model(feature_mode=feature_mode, num_layers=2).eval()
+    feats = torch.randn(3, FEAT)
+    caps, lengths = padded(SEQS, width=12)  # unsorted lengths, all padded further
+    batched = model.decoder(feats, caps, lengths)  # [3, 11, V]
+    for i, seq in enumerate(SEQS):
+        alone = model.decoder(feats[i : i + 1], *padded([seq]))  # [1, n-1, V]
+        torch.testing.assert_close(batched[i, : len(seq) - 1], alone[0], rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# freezing
+
+
+def _bn_stats(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {
+        k: v.clone()
+        for k, v in module.state_dict().items()
+        if "running_" in k or "num_batches" in k
+    }
+
+
+def _train_step(model: CaptionModel, images: torch.Tensor) -> None:
+    caps, lengths = padded(SEQS[:2])
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    loss = caption_loss(model(images, caps, lengths), caps, PAD)
+    loss.backward()
+    opt.step()
+
+
+def test_frozen_encoder_gets_no_gradients_and_keeps_bn_stats() -> None:
+    torch.manual_seed(0)
+    model, _ = build_model(resnet18_config(freeze=True), V)
+    enc_before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+    dec_before = {k: v.clone() for k, v in model.decoder.state_dict().items()}
+    assert any(k.endswith("running_mean") for k in enc_before)
+
+    _train_step(model, torch.randn(2, 3, 32, 32) * 3 + 1)
+
+    assert model.training and model.decoder.training
+    assert all(not m.training for m in model.encoder.modules())
+    assert all(p.grad is None and not p.requires_grad for p in model.encoder.parameters())
+    for k, v in model.encoder.state_dict().items():  # weights AND running_mean/var/num_batches
+        assert torch.equal(v, enc_before[k]), k
+    assert any(not torch.equal(v, dec_before[k]) for k, v in model.decoder.state_dict().items())
+    assert all(p.grad is not None for p in model.decoder.parameters() if p.requires_grad)
+
+
+def test_unfrozen_encoder_does_train() -> None:
+    """The counterpart of the test above: without freezing, BN stats and weights move."""
+    torch.manual_seed(0)
+    model, _ = build_model(resnet18_config(freeze=False), V)
+    before = _bn_stats(model.encoder)
+    _train_step(model, torch.randn(2, 3, 32, 32))
+    assert all(m.training for m in model.encoder.modules())
+    assert all(p.grad is not None for p in model.encoder.parameters())
+    assert not torch.equal(
+        before["backbone.bn1.running_mean"], model.encoder.backbone.bn1.running_mean
+    )
+
+
+def test_finetune_last_stages_trains_only_those() -> None:
+    torch.manual_seed(0)
+    model, _ = build_model(resnet18_config(freeze=True), V)
+    stages = model.encoder.stages()
+    bb = model.encoder.backbone
+    assert stages == [bb.conv1, bb.bn1, bb.layer1, bb.layer2, bb.layer3, bb.layer4]
+    model.set_encoder_trainable(2)
+    frozen, trainable = stages[:-2], stages[-2:]
+    before = {i: _bn_stats(s) for i, s in enumerate(stages)}
+
+    _train_step(model, torch.randn(2, 3, 32, 32))
+
+    assert not model.encoder_frozen
+    for i, stage in enumerate(stages):
+        is_trainable = stage in trainable
+        assert all(m.training == is_trainable for m in stage.modules()), i
+        assert all(p.requires_grad == is_trainable for p in stage.parameters()), i
+        assert all((p.grad is not None) == is_trainable for p in stage.parameters()), i
+        stats_same = all(torch.equal(v, _bn_stats(stage)[k]) for k, v in before[i].items())
+        assert stats_same != is_trainable or not before[i], i
+    assert len(frozen) == 4
+
+    model.set_encoder_trainable(None)  # whole encoder
+    model.train()
+    assert all(m.training for m in model.encoder.modules())
+    assert all(p.requires_grad for p in model.encoder.parameters())
+    model.set_encoder_trainable(0)  # frozen again, even under train()
+    model.train()
+    assert all(not m.training for m in model.encoder.modules())
+
+
+# ---------------------------------------------------------------------------------------------
+# encoder builders
+
+
+@pytest.mark.parametrize(
+    ("name", "dim"),
+    [
+        ("resnet18", 512),
+        ("mobilenet_v3_small", 576),
+        ("efficientnet_b0", 1280),
+        ("squeezenet1_1", 512),
+    ],
+)
+def test_torchvision_heads_are_removed(name: str, dim: int) -> None:
+    enc, pre = create_encoder(EncoderConfig(name=name, weights=None, resize=64, crop=64))
+    assert enc.feature_dim == dim
+    assert pre.crop == 64
+    with torch.no_grad():
+        assert enc.eval()(torch.randn(2, 3, 64, 64)).shape == (2, dim)
+
+
+def test_timm_encoder() -> None:
+    pytest.importorskip("timm")
+    enc, pre = create_encoder(
+        EncoderConfig(source="timm", name="efficientnet_lite0", weights=None, resize=64, crop=64)
+    )
+    assert enc.feature_dim == 1280
+    with torch.no_grad():
+        assert enc.eval()(torch.randn(2, 3, 64, 64)).shape == (2, 1280)
+    _, pre = create_encoder(EncoderConfig(source="timm", name="efficientnet_lite0", weights=None))
+    assert (pre.resize, pre.crop) == (256, 224)  # from timm's pretrained_cfg (crop_pct 0.875)
+
+
+def test_unknown_encoder_and_weights_are_user_errors() -> None:
+    with pytest.raises(UserError, match="model.encoder.name"):
+        create_encoder(EncoderConfig(name="no_such_net", weights=None))
+    with pytest.raises(UserError, match="model.encoder.weights"):
+        create_encoder(EncoderConfig(name="resnet18", weights="IMAGENET9K_V9"))
+    with pytest.raises(UserError, match="model.encoder.source"):
+        EncoderConfig(source="keras")
+    with pytest.raises(UserError, match="model.encoder.bogus"):
+        ModelConfig.from_dict({"encoder": {"bogus": 1}})
+
+
+def test_local_weights_file(tmp_path: pathlib.Path) -> None:
+    torch.manual_seed(123)
+    reference = torchvision.models.resnet18()
+    path = tmp_path / "resnet18.pth"
+    torch.save(reference.state_dict(), path)
+    torch.manual_seed(0)  # a different random init, which the file must overwrite
+    enc, _ = create_encoder(EncoderConfig(name="resnet18", weights=None, weights_file=str(path)))
+    expected = reference.state_dict()
+    got = enc.backbone.state_dict()
+    assert set(got) == set(expected) - {"fc.weight", "fc.bias"}
+    for k, v in got.items():
+        assert torch.equal(v, expected[k]), k
+
+
+def test_bad_weights_file_is_user_error(tmp_path: pathlib.Path) -> None:
+    def build(path: pathlib.Path) -> None:
+        create_encoder(EncoderConfig(name="resnet18", weights=None, weights_file=str(path)))
+
+    with pytest.raises(UserError, match="not found"):
+        build(tmp_path / "missing.pth")
+    wrong = tmp_path / "wrong.pth"
+    torch.save(torchvision.models.squeezenet1_1().state_dict(), wrong)
+    with pytest.raises(UserError, match="does not fit resnet18"):
+        build(wrong)
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a torch file")
+    with pytest.raises(UserError, match="weights_file"):
+        build(junk)
+
+
+def test_preprocessing_from_weights_metadata_and_overrides(tmp_path: pathlib.Path) -> None:
+    # weights come from a local file, metadata from the enum: nothing is downloaded
+    # (MobileNet_V2_Weights.IMAGENET1K_V2 has ResNet50_Weights.IMAGENET1K_V2's 232/224 recipe)
+    path = tmp_path / "mobilenet_v2.pth"
+    torch.save(torchvision.models.mobilenet_v2().state_dict(), path)
+    base = {"name": "mobilenet_v2", "weights": "IMAGENET1K_V2", "weights_file": str(path)}
+
+    _, pre = create_encoder(EncoderConfig(**base))
+    assert (pre.resize, pre.crop, pre.interpolation) == (232, 224, "bilinear")
+    assert pre.mean == pytest.approx(IMAGENET_MEAN) and pre.std == pytest.approx(IMAGENET_STD)
+
+    _, pre = create_encoder(EncoderConfig(**base, crop=200, mean=[0.5, 0.5, 0.5]))
+    assert (pre.resize, pre.crop, pre.mean) == (232, 200, (0.5, 0.5, 0.5))
+    assert pre.std == pytest.approx(IMAGENET_STD)
+    _, pre = create_encoder(EncoderConfig(**base, resize=128))  # crop follows a smaller resize
+    assert (pre.resize, pre.crop) == (128, 128)
+    with pytest.raises(UserError, match="preprocessing"):
+        create_encoder(EncoderConfig(**base, resize=100, crop=200))
+
+    # bicubic metadata, without any weights at all (pretrained=False: checkpoint rebuild)
+    _, pre = create_encoder(
+        EncoderConfig(name="efficientnet_b0", weights="IMAGENET1K_V1"), pretrained=False
+    )
+    assert (pre.resize, pre.crop, pre.interpolation) == (256, 224, "bicubic")
+
+
+# ---------------------------------------------------------------------------------------------
+# a tiny model can learn
+
+
+@pytest.mark.parametrize("feature_mode", ["init_state", "first_input"])
+def test_tiny_decoder_overfits_a_handful_of_captions(feature_mode: str) -> None:
+    captions = [
+        "a red circle on the left",
+        "two blue squares",
+        "a small green triangle above a red circle",
+        "the blue circle is on the right",
+    ]
+    vocab = Vocab.build(captions)
+    torch.manual_seed(0)
+    feats = torch.randn(4, 16)
+    decoder = Decoder(16, len(vocab), DecoderConfig(32, 64, dropout=0.0, feature_mode=feature_mode))
+    caps, lengths = padded([vocab.encode(c) for c in captions])
+    opt = torch.optim.Adam(decoder.parameters(), lr=1e-2)
+    decoder.train()
+    for _ in range(200):
+        loss = caption_loss(decoder(feats, caps, lengths), caps, vocab.pad_id)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.05
+
+    model = types.SimpleNamespace(decoder=decoder.eval())  # decoding needs only the decoder
+    hyps = decode_features(model, feats, vocab, DecodeConfig(strategy="greedy", max_len=15))
+    assert [hypothesis_text(h[0], vocab) for h in hyps] == captions
+    assert all(h[0].finished for h in hyps)
+    beams = decode_features(model, feats, vocab, DecodeConfig(strategy="beam", beam_size=3))
+    assert [hypothesis_text(h[0], vocab) for h in beams] == captions
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints
+
+
+@pytest.fixture
+def saved(tmp_path: pathlib.Path) -> tuple[pathlib.Path, CaptionModel, Vocab, Preprocessing]:
+    torch.manual_seed(0)
+    vocab = Vocab.build(["a red circle", "a blue square"])
+    model, pre = build_model(resnet18_config(freeze=False), len(vocab))
+    model.train()
+    with torch.no_grad():  # move the BN running stats away from their init
+        model.encode(torch.randn(4, 3, 32, 32) * 2 + 1)
+    path = save_checkpoint(model_payload(model, vocab, pre), tmp_path / "run" / "best.pt")
+    return path, model, vocab, pre
+
+
+def test_checkpoint_round_trip_gives_identical_logits(saved) -> None:
+    path, model, vocab, pre = saved
+    torch.manual_seed(1)  # the rebuild's random init differs; the saved weights must win
+    loaded, vocab2, pre2 = model_from_checkpoint(load_checkpoint(path))
+    assert vocab2 == vocab and pre2 == pre and loaded.config == model.config
+    assert not loaded.training
+    images = torch.randn(2, 3, 32, 32)
+    caps, lengths = padded([vocab.encode("a red circle"), vocab.encode("a blue square")])
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(images, caps, lengths), model(images, caps, lengths))
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+
+
+class _Evil:
+    def __init__(self, marker: pathlib.Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (pathlib.Path.touch, (self.marker,))
+
+
+def _one_line_error(path: pathlib.Path, match: str) -> None:
+    with pytest.raises(UserError, match=match) as info:
+        load_checkpoint(path)
+    assert "\n" not in str(info.value) and str(path) in str(info.value)
+
+
+def test_load_refuses_bad_files(saved, tmp_path: pathlib.Path) -> None:
+    path, *_ = saved
+    _one_line_error(tmp_path / "missing.pt", "not found")
+
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    _one_line_error(truncated, "truncated or corrupt")
+
+    other = tmp_path / "other.pt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, other)
+    _one_line_error(other, "not a captioner checkpoint")
+
+    marker = tmp_path / "PWNED"
+    evil_torch, evil_pickle = tmp_path / "evil.pt", tmp_path / "evil.pkl"
+    torch.save({"format": "captioner/1", "model": _Evil(marker)}, evil_torch)
+    evil_pickle.write_bytes(pickle.dumps({"format": "captioner/1", "x": _Evil(marker)}))
+    assert not marker.exists()
+    for evil in (evil_torch, evil_pickle):
+        with pytest.raises(UserError) as info:
+            load_checkpoint(evil)
+        assert "\n" not in str(info.value)
+        assert not marker.exists(), "unpickling executed code"
+    pickle.loads(evil_pickle.read_bytes())  # the payload is real: plain pickle runs it
+    assert marker.exists()
+
+
+def test_atomic_save_keeps_previous_file_on_failure(saved, monkeypatch: pytest.MonkeyPatch) -> None:
+    path, *_ = saved
+    before = path.read_bytes()
+
+    def broken_save(obj: object, f, *args: object, **kwargs: object) -> None:
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint({"format": "captioner/1"}, path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in path.parent.iterdir()) == ["best.pt"]
+    load_checkpoint(path)

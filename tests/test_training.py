@@ -1,0 +1,336 @@
+"""End-to-end training on the tiny demo: run files, exact resume, the feature cache, DDP, SIGINT."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_overrides
+
+from captioner import train as train_module
+from captioner.checkpoint import load_checkpoint, model_from_checkpoint
+from captioner.config import compose
+from captioner.errors import UserError
+from captioner.model import Encoder, ModelConfig, create_encoder
+from captioner.train import Trainer, TrainingInterrupted, train
+from captioner.vocab import Vocab
+
+METRIC_KEYS = {"epoch", "train_loss", "val_loss", "val_bleu4", "seconds"}
+# a schedule independent of max_epochs, whose state (last_epoch) a resume must restore
+SCHEDULE = ["scheduler=cosine", "scheduler.T_max=3"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread is faster, and immune to a busy machine's contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def make_cfg(tiny_demo: Path, tmp_path_factory: pytest.TempPathFactory):
+    """Compose a tiny run's config (2 epochs of 3 batches, dropout 0.2, constant lr)."""
+    cache = tmp_path_factory.mktemp("cache")
+
+    def make(*extra: str):
+        return compose("train", [*tiny_overrides(tiny_demo, cache), *extra])
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def reference(make_cfg, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted 2-epoch run with a trainable encoder."""
+    out = tmp_path_factory.mktemp("reference")
+    train(make_cfg(*SCHEDULE), out)
+    return out
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def without_time(m: dict) -> dict:
+    return {k: v for k, v in m.items() if k != "seconds"}
+
+
+def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def assert_same_run_end(run: Path, ref: Path) -> None:
+    got, want = load_checkpoint(run / "last.pt"), load_checkpoint(ref / "last.pt")
+    assert_same_tensors(got["model"], want["model"])
+    for (k, sa), sb in zip(
+        got["optimizer"]["state"].items(), want["optimizer"]["state"].values(), strict=True
+    ):
+        assert_same_tensors(
+            {f"{k}.{n}": v for n, v in sa.items()}, {f"{k}.{n}": v for n, v in sb.items()}
+        )
+    assert (got["epoch"], got["global_step"]) == (want["epoch"], want["global_step"])
+    assert [without_time(m) for m in metrics(run)] == [without_time(m) for m in metrics(ref)]
+
+
+def interrupt_at(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
+    """Deliver a real SIGINT to this process right after global step ``step``."""
+    original = Trainer._should_stop
+
+    def should_stop(self: Trainer, stop) -> bool:
+        if self.global_step == step and stop.signum is None:
+            signal.raise_signal(signal.SIGINT)
+        return original(self, stop)
+
+    monkeypatch.setattr(Trainer, "_should_stop", should_stop)
+
+
+# ---------------------------------------------------------------------------------------------
+# a run's files
+
+
+def test_run_directory(reference: Path) -> None:
+    assert {"best.pt", "last.pt", "vocab.json", "metrics.jsonl"} <= {
+        p.name for p in reference.iterdir()
+    }
+    rows = metrics(reference)
+    assert [m["epoch"] for m in rows] == [1, 2]
+    for m in rows:
+        assert m.keys() >= METRIC_KEYS
+        assert 0.0 <= m["val_bleu4"] <= 1.0 and m["seconds"] >= 0
+        assert m["train_loss"] > 0 and m["val_loss"] > 0
+    assert rows[1]["train_loss"] < rows[0]["train_loss"]  # it learns something
+    assert rows[1]["lr"] < rows[0]["lr"]  # cosine
+
+    last, best = load_checkpoint(reference / "last.pt"), load_checkpoint(reference / "best.pt")
+    assert (last["epoch"], last["batch_in_epoch"], last["global_step"]) == (2, 0, 6)
+    assert "optimizer" not in best and best["metrics"]["val_bleu4"] == max(
+        m["val_bleu4"] for m in rows
+    )
+    model, vocab, pre = model_from_checkpoint(best)
+    assert vocab == Vocab.load(reference / "vocab.json")
+    assert (pre.resize, pre.crop) == (32, 32)
+    assert not model.training
+
+
+# ---------------------------------------------------------------------------------------------
+# resume
+
+
+def test_resume_mid_epoch_equals_uninterrupted(
+    make_cfg, reference: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    handler = signal.getsignal(signal.SIGINT)
+    interrupt_at(monkeypatch, step=4)  # 3 batches per epoch: one batch into epoch 2
+    with pytest.raises(TrainingInterrupted) as info:
+        train(make_cfg(*SCHEDULE), tmp_path / "a")
+    monkeypatch.undo()
+    assert signal.getsignal(signal.SIGINT) is handler  # the trainer's handler is gone again
+    assert info.value.checkpoint == tmp_path / "a" / "last.pt"
+    assert "resume=" in str(info.value)
+    ckpt = load_checkpoint(tmp_path / "a")
+    assert (ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["global_step"]) == (1, 1, 4)
+    assert len(metrics(tmp_path / "a")) == 1
+
+    train(make_cfg(*SCHEDULE, f"resume={tmp_path / 'a'}"), tmp_path / "b")
+    assert_same_run_end(tmp_path / "b", reference)
+
+
+def test_resume_at_epoch_boundary_equals_uninterrupted(
+    make_cfg, reference: Path, tmp_path: Path
+) -> None:
+    train(make_cfg(*SCHEDULE, "trainer.max_epochs=1"), tmp_path / "a")
+    resume = f"resume={tmp_path / 'a' / 'last.pt'}"
+    train(make_cfg(*SCHEDULE, "trainer.max_epochs=2", resume), tmp_path / "b")
+    assert_same_run_end(tmp_path / "b", reference)
+
+
+def test_resume_refuses_best_pt(make_cfg, reference: Path, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="last.pt"):
+        train(make_cfg(f"resume={reference / 'best.pt'}"), tmp_path / "x")
+
+
+# ---------------------------------------------------------------------------------------------
+# frozen encoder and the feature cache
+
+
+def _initial_encoder(cfg) -> dict[str, torch.Tensor]:
+    """The encoder a run starts from: the trainer seeds, then builds the encoder first."""
+    train_module.seed_everything(int(cfg.seed))
+    from omegaconf import OmegaConf
+
+    enc, _ = create_encoder(ModelConfig.from_dict(OmegaConf.to_container(cfg.model)).encoder)
+    return {f"encoder.{k}": v for k, v in enc.state_dict().items()}
+
+
+def test_frozen_encoder_unchanged_by_training(make_cfg, reference: Path, tmp_path: Path) -> None:
+    cfg = make_cfg(
+        "model.encoder.freeze=true", "trainer.cache_features=false", "trainer.max_epochs=1"
+    )
+    train(cfg, tmp_path)
+    initial = _initial_encoder(cfg)
+    assert any(k.endswith("running_var") for k in initial)
+    final = load_checkpoint(tmp_path / "last.pt")["model"]
+    assert_same_tensors({k: final[k] for k in initial}, initial)
+    # the check has teeth: a trainable encoder (the reference run) does move, BN stats included
+    moved = load_checkpoint(reference / "last.pt")["model"]
+    assert not torch.equal(
+        moved["encoder.backbone.bn1.running_mean"], initial["encoder.backbone.bn1.running_mean"]
+    )
+
+
+def test_feature_cache_reuse_and_invalidation(
+    make_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = tmp_path / "cache"
+    base = ["model.encoder.freeze=true", "trainer.max_epochs=1", f"trainer.cache_dir={cache}"]
+    calls = {"n": 0}
+    forward = Encoder.forward
+
+    def counting_forward(self: Encoder, images: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        return forward(self, images)
+
+    monkeypatch.setattr(Encoder, "forward", counting_forward)
+
+    train(make_cfg(*base), tmp_path / "r1")
+    entries = sorted(p for p in cache.iterdir())
+    assert len(entries) == 2  # train and val images
+    metas = [json.loads((p / "meta.json").read_text()) for p in entries]
+    assert sorted(m["num_images"] for m in metas) == [8, 24]
+    assert calls["n"] > 0
+    stamps = {p: (p / "features.npy").stat().st_mtime_ns for p in entries}
+
+    calls["n"] = 0
+    train(make_cfg(*base), tmp_path / "r2")
+    assert calls["n"] == 0, "a cached run ran the encoder"
+    assert sorted(cache.iterdir()) == entries
+    assert {p: (p / "features.npy").stat().st_mtime_ns for p in entries} == stamps
+    # a cache hit and a cache miss train the same model (building the cache uses no global RNG)
+    assert_same_tensors(
+        load_checkpoint(tmp_path / "r1" / "last.pt")["model"],
+        load_checkpoint(tmp_path / "r2" / "last.pt")["model"],
+    )
+
+    for n, change in enumerate(["seed=1", "model.encoder.crop=28"], start=3):
+        calls["n"] = 0
+        train(make_cfg(*base, change), tmp_path / f"r{n}")
+        assert calls["n"] > 0, change
+        assert len(list(cache.iterdir())) == 2 * (n - 1), change  # two NEW entries
+
+    # an entry whose meta names another key is rebuilt, never trusted
+    meta_file = entries[0] / "meta.json"
+    meta_file.write_text(json.dumps({**json.loads(meta_file.read_text()), "key": "other"}))
+    calls["n"] = 0
+    train(make_cfg(*base), tmp_path / "r5")
+    assert calls["n"] > 0
+    assert json.loads(meta_file.read_text())["key"] != "other"
+
+
+def test_cached_and_in_loop_training_agree(
+    make_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    losses: dict[str, list[float]] = {"auto": [], "false": []}
+    loss_fn = train_module.caption_loss
+    base = ["model.encoder.freeze=true", "trainer.max_epochs=1", "model.decoder.dropout=0.0"]
+    for mode, seen in losses.items():
+
+        def recording_loss(*args, seen=seen, **kwargs):
+            loss = loss_fn(*args, **kwargs)
+            seen.append(float(loss))
+            return loss
+
+        monkeypatch.setattr(train_module, "caption_loss", recording_loss)
+        train(make_cfg(*base, f"trainer.cache_features={mode}"), tmp_path / mode)
+    assert losses["auto"][0] == pytest.approx(losses["false"][0], rel=1e-3)  # float16 cache
+    cached, in_loop = metrics(tmp_path / "auto")[0], metrics(tmp_path / "false")[0]
+    assert cached["train_loss"] == pytest.approx(in_loop["train_loss"], rel=1e-2)
+    assert cached["val_loss"] == pytest.approx(in_loop["val_loss"], rel=1e-2)
+
+
+def test_cache_features_true_needs_frozen_encoder(make_cfg, tmp_path: Path) -> None:
+    cfg = make_cfg("model.encoder.freeze=false", "trainer.cache_features=true")
+    with pytest.raises(UserError, match="cache_features=true needs a frozen encoder"):
+        train(cfg, tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# subprocesses: DDP and a real SIGINT
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_gloo(tiny_demo: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+        "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
+        "-m", "captioner", "train",
+        *tiny_overrides(tiny_demo, tmp_path / "cache", **{"trainer.max_epochs": 1}),
+        f"hydra.run.dir={run}",
+    ]  # fmt: skip
+    proc = subprocess.run(
+        cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=180
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(metrics(run)) == 1  # written once, by rank 0
+    assert sorted(p.name for p in run.glob("*.pt")) == ["best.pt", "last.pt"]
+    ckpt = load_checkpoint(run / "last.pt")
+    assert len(ckpt["rng"]) == 2  # one RNG state per rank
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
+    model_from_checkpoint(ckpt)
+    assert proc.stdout.count("best val BLEU-4") == 1  # only rank 0 prints the result
+
+
+@pytest.mark.slow
+def test_sigint_saves_and_resumes(tiny_demo: Path, tmp_path: Path) -> None:
+    overrides = tiny_overrides(tiny_demo, tmp_path / "cache", **{"trainer.patience": "null"})
+    run, resumed = tmp_path / "run", tmp_path / "resumed"
+    cmd = [sys.executable, "-m", "captioner", "train", *overrides]
+    with open(tmp_path / "stderr.txt", "w+") as err:
+        proc = subprocess.Popen(
+            [*cmd, "trainer.max_epochs=50", f"hydra.run.dir={run}"],
+            cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=err,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 120
+            while not (run / "metrics.jsonl").is_file() or not metrics(run):
+                assert proc.poll() is None and time.monotonic() < deadline, "no epoch finished"
+                time.sleep(0.2)
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=60) == 130
+        finally:
+            proc.kill()
+        err.seek(0)
+        stderr = err.read()
+    assert any("resume" in line for line in stderr.splitlines()), stderr[-2000:]
+    assert "Traceback" not in stderr
+    ckpt = load_checkpoint(run / "last.pt")
+    epochs = ckpt["epoch"] + 1  # finish the epoch it was in (or one more at a boundary)
+
+    done = subprocess.run(
+        [*cmd, f"trainer.max_epochs={epochs}", f"resume={run}", f"hydra.run.dir={resumed}"],
+        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [m["epoch"] for m in metrics(resumed)] == list(range(1, epochs + 1))
+    assert load_checkpoint(resumed / "last.pt")["global_step"] == 3 * epochs

@@ -1,0 +1,165 @@
+"""The one tokenizer and the vocabulary: PTB-like tokens, ">= min_freq", JSON round trip."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from captioner.vocab import END, PAD, SPECIALS, START, UNK, Vocab, detokenize, tokenize
+
+
+@pytest.mark.parametrize(
+    ("text", "tokens"),
+    [
+        ("A Dog RUNS", ["a", "dog", "runs"]),
+        ("Hello... World!! (really?)", ["hello", "world", "really"]),
+        ("A dog's ball, isn't it?", ["a", "dog", "'s", "ball", "is", "n't", "it"]),
+        ("they're here, we'll go", ["they", "'re", "here", "we", "'ll", "go"]),
+        ("can't", ["ca", "n't"]),
+        ("a t-shirt and a well-lit room", ["a", "t-shirt", "and", "a", "well-lit", "room"]),
+        ("a - b", ["a", "b"]),
+        ("3 dogs in 2014, 3.5 m", ["3", "dogs", "in", "2014", "3.5", "m"]),
+        ("Café naïve Über", ["café", "naïve", "über"]),
+        ("the dog\u2019s \u201cball\u201d", ["the", "dog", "'s", "ball"]),
+        ("a_b", ["a", "b"]),
+        ("", []),
+        ("   \t\n ", []),
+        (" . ", []),
+    ],
+)
+def test_tokenize(text: str, tokens: list[str]) -> None:
+    assert tokenize(text) == tokens
+
+
+@pytest.mark.parametrize("bad", [None, 3, b"a dog", ["a", "dog"]])
+def test_tokenize_rejects_non_str(bad: object) -> None:
+    with pytest.raises(TypeError, match="str"):
+        tokenize(bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["a dog's ball isn't it", "they're here", "a t-shirt on 3 chairs", "café über alles"],
+)
+def test_detokenize_round_trip(text: str) -> None:
+    assert detokenize(tokenize(text)) == text
+    assert tokenize(detokenize(tokenize(text))) == tokenize(text)
+
+
+def test_detokenize_keeps_lone_apostrophe_token_separate() -> None:
+    assert detokenize(["a", "'", "b"]) == "a ' b"
+
+
+# -- build --------------------------------------------------------------------------------------
+
+
+def test_build_min_freq_is_greater_or_equal() -> None:
+    caps = ["cat cat cat dog dog bird"]
+    v = Vocab.build(caps, min_freq=2)
+    assert "dog" in v.stoi  # exactly 2 occurrences: kept
+    assert "cat" in v.stoi
+    assert "bird" not in v.stoi  # 1 = N-1: dropped
+    assert Vocab.build(caps, min_freq=3).itos == [*SPECIALS, "cat"]
+    assert Vocab.build(caps, min_freq=1).itos == [*SPECIALS, "cat", "dog", "bird"]
+
+
+def test_build_rejects_min_freq_below_one() -> None:
+    with pytest.raises(ValueError, match="min_freq"):
+        Vocab.build(["a"], min_freq=0)
+
+
+def test_build_order_deterministic_frequency_then_alphabetical() -> None:
+    caps = ["zebra apple mango", "mango apple", "zebra kiwi"]
+    v = Vocab.build(caps)
+    assert v.itos[4:] == ["apple", "mango", "zebra", "kiwi"]
+    assert Vocab.build(reversed(caps)) == v
+    assert Vocab.build(caps, max_size=2).itos[4:] == ["apple", "mango"]
+
+
+def test_build_specials_first_and_never_counted_from_text() -> None:
+    v = Vocab.build([["<pad>", "<unk>", "dog"], ["<start>", "<end>", "dog"]])
+    assert v.itos == [PAD, START, END, UNK, "dog"]
+    assert (v.pad_id, v.start_id, v.end_id, v.unk_id) == (0, 1, 2, 3)
+    assert [v.stoi[s] for s in SPECIALS] == [0, 1, 2, 3]
+
+
+def test_build_accepts_token_lists_and_text() -> None:
+    assert Vocab.build(["A Dog."]) == Vocab.build([["a", "dog"]])
+
+
+# -- encode / decode ----------------------------------------------------------------------------
+
+
+def test_encode_adds_specials_and_maps_unknown() -> None:
+    v = Vocab.build(["a dog runs"])
+    ids = v.encode("A cat runs!")
+    assert ids == [v.start_id, v.stoi["a"], v.unk_id, v.stoi["runs"], v.end_id]
+    assert v.encode(["a", "zzz"], add_specials=False) == [v.stoi["a"], v.unk_id]
+
+
+def test_decode_stops_at_end_drops_start_and_pad_keeps_unk() -> None:
+    v = Vocab.build(["a dog runs"])
+    a, dog = v.stoi["a"], v.stoi["dog"]
+    assert v.decode([v.start_id, a, v.pad_id, v.unk_id, dog, v.end_id, a, dog]) == ["a", UNK, "dog"]
+    assert v.decode([a, dog]) == ["a", "dog"]  # no <end>: everything
+    assert v.decode([v.end_id, a]) == []
+
+
+def test_encode_decode_round_trip_with_tensor_ids() -> None:
+    torch = pytest.importorskip("torch")
+    v = Vocab.build(["a dog runs on the grass"])
+    ids = torch.tensor(v.encode("the dog runs"))
+    assert v.decode(ids) == ["the", "dog", "runs"]
+
+
+# -- persistence --------------------------------------------------------------------------------
+
+
+def test_json_round_trip_exact_with_unicode(tmp_path) -> None:
+    v = Vocab.build(["café über naïve dog dog", "日本 dog's"])
+    path = tmp_path / "vocab.json"
+    v.save(path)
+    loaded = Vocab.load(path)
+    assert loaded == v
+    assert loaded.itos == v.itos
+    assert loaded.stoi == v.stoi
+    assert "café" in path.read_text(encoding="utf-8")  # stored as UTF-8, not \u escapes
+    assert not (tmp_path / "vocab.json.tmp").exists()
+    assert Vocab.from_dict(json.loads(json.dumps(v.to_dict()))) == v
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"{not json",
+        b"[1, 2, 3]",
+        b'{"words": ["<pad>"]}',
+        b'{"itos": ["a", "b"]}',
+        b'{"itos": "<pad>"}',
+        "caf\xe9".encode("latin-1"),
+    ],
+)
+def test_load_bad_vocab_json_names_the_file(tmp_path, content: bytes) -> None:
+    path = tmp_path / "bad_vocab.json"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match="bad_vocab.json") as info:
+        Vocab.load(path)
+    assert "\n" not in str(info.value)
+
+
+def test_load_missing_vocab_names_the_file(tmp_path) -> None:
+    with pytest.raises(ValueError, match="nope.json"):
+        Vocab.load(tmp_path / "nope.json")
+
+
+def test_duplicated_words_rejected() -> None:
+    with pytest.raises(ValueError, match="duplicated.*'dog'"):
+        Vocab([*SPECIALS, "dog", "cat", "dog"])
+    with pytest.raises(ValueError, match="duplicated"):
+        Vocab([*SPECIALS, "<unk>"])
+
+
+def test_specials_must_come_first() -> None:
+    with pytest.raises(ValueError, match="start with"):
+        Vocab([START, PAD, END, UNK, "dog"])
