@@ -19,6 +19,7 @@ COMMANDS = {
     "train": "train a captioner (Hydra app; `captioner train --help` shows the config groups)",
     "evaluate": "BLEU-1..4 (+ COCO metrics) of a checkpoint on a split (Hydra app)",
     "caption": "print a caption for each image (`captioner caption --help`)",
+    "prepare": "convert Flickr8k/30k/Karpathy files to COCO format, download COCO (`--help`)",
 }
 
 USAGE = "usage: captioner <command> [arguments]\n\ncommands:\n" + "".join(
@@ -83,10 +84,8 @@ def _evaluate_task(cfg: Any) -> None:
     print(f"written to {metrics['out_dir']}")
 
 
-def _caption(argv: Sequence[str]) -> None:
-    from captioner.caption import run
-
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+def _run_argparse_command(run: Callable[[Sequence[str]], int], argv: Sequence[str], level: int) -> None:
+    logging.basicConfig(level=level, format="%(levelname)s: %(message)s")
     try:
         code = run(argv)
     except UserError as exc:
@@ -105,7 +104,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     elif command == "evaluate":
         run_hydra_app("evaluate", _evaluate_task, rest)
     elif command == "caption":
-        _caption(rest)
+        from captioner.caption import run as caption
+
+        _run_argparse_command(caption, rest, logging.WARNING)
+    elif command == "prepare":
+        from captioner.prepare import main as prepare
+
+        _run_argparse_command(prepare, rest, logging.INFO)
     else:
         print(USAGE, file=sys.stderr)
         fail(f"unknown command {command!r}")
