@@ -30,15 +30,25 @@ def demo_checkpoint(workdir: Path) -> Path:
     """Train a 2-epoch demo model (same architecture as `captioner train`) for the benchmark."""
     run_dir = workdir / "run"
     subprocess.run(
-        [sys.executable, "-m", "captioner", "train", f"data.root={workdir / 'demo'}",
-         "trainer.max_epochs=2", f"hydra.run.dir={run_dir}", "device=cpu"],
-        check=True, stdout=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "captioner",
+            "train",
+            f"data.root={workdir / 'demo'}",
+            "trainer.max_epochs=2",
+            f"hydra.run.dir={run_dir}",
+            "device=cpu",
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
     )
     return run_dir / "best.pt"
 
 
-def images_per_second(captioner: Captioner, images: list[Path], config: DecodeConfig,
-                      batch_size: int, repeats: int) -> float:
+def images_per_second(
+    captioner: Captioner, images: list[Path], config: DecodeConfig, batch_size: int, repeats: int
+) -> float:
     rates = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -55,16 +65,28 @@ def cold_start(checkpoint: Path, image: Path, repeats: int) -> float:
     for _ in range(repeats):
         start = time.perf_counter()
         subprocess.run(
-            [sys.executable, "-m", "captioner", "caption", str(image), "--checkpoint",
-             str(checkpoint), "--device", "cpu"],
-            check=True, capture_output=True,
+            [
+                sys.executable,
+                "-m",
+                "captioner",
+                "caption",
+                str(image),
+                "--checkpoint",
+                str(checkpoint),
+                "--device",
+                "cpu",
+            ],
+            check=True,
+            capture_output=True,
         )
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--checkpoint", type=Path, help="default: train a small demo checkpoint")
     p.add_argument("--images", type=Path, help="a folder of images (default: demo test images)")
     p.add_argument("--num-images", type=int, default=64)
@@ -82,11 +104,15 @@ def main() -> None:
         captioner.caption(images[:2])  # warm-up
 
         print(f"checkpoint: {checkpoint}")
-        print(f"{len(images)} images from {folder}; torch {torch.__version__}, "
-              f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs; median of {args.repeats}")
+        print(
+            f"{len(images)} images from {folder}; torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs; median of {args.repeats}"
+        )
         print(f"{'decoding':<10} {'batched img/s':>14} {'one-by-one img/s':>17} {'speed-up':>9}")
-        for name, config in (("greedy", DecodeConfig()),
-                             ("beam 3", DecodeConfig(strategy="beam", beam_size=3))):
+        for name, config in (
+            ("greedy", DecodeConfig()),
+            ("beam 3", DecodeConfig(strategy="beam", beam_size=3)),
+        ):
             batched = images_per_second(captioner, images, config, args.batch_size, args.repeats)
             single = images_per_second(captioner, images, config, 1, args.repeats)
             print(f"{name:<10} {batched:>14.1f} {single:>17.1f} {batched / single:>8.1f}x")

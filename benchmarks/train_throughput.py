@@ -69,25 +69,46 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     data = p.add_argument_group("data (default: the embedded demo dataset)")
-    data.add_argument("--coco-annotations", type=Path, metavar="FILE",
-                      help="a COCO captions file (captions_*.json); needs --images")
-    data.add_argument("--images", type=Path, metavar="DIR",
-                      help="the image folder of --coco-annotations")
-    data.add_argument("--demo-root", type=Path, metavar="DIR",
-                      help="demo dataset folder (generated if missing, e.g. data/demo); "
-                           "default: only the subset needed, in a temporary folder")
-    data.add_argument("--num-images", type=int, default=256,
-                      help="use the first N images of the file, with all their captions")
-    data.add_argument("--min-freq", type=int, default=5,
-                      help="vocabulary: words occurring >= N times in ALL captions of the file")
+    data.add_argument(
+        "--coco-annotations",
+        type=Path,
+        metavar="FILE",
+        help="a COCO captions file (captions_*.json); needs --images",
+    )
+    data.add_argument(
+        "--images", type=Path, metavar="DIR", help="the image folder of --coco-annotations"
+    )
+    data.add_argument(
+        "--demo-root",
+        type=Path,
+        metavar="DIR",
+        help="demo dataset folder (generated if missing, e.g. data/demo); "
+        "default: only the subset needed, in a temporary folder",
+    )
+    data.add_argument(
+        "--num-images",
+        type=int,
+        default=256,
+        help="use the first N images of the file, with all their captions",
+    )
+    data.add_argument(
+        "--min-freq",
+        type=int,
+        default=5,
+        help="vocabulary: words occurring >= N times in ALL captions of the file",
+    )
     data.add_argument("--max-caption-len", type=int, default=20, help="ids incl. <start>/<end>")
 
     model = p.add_argument_group("model")
     model.add_argument("--encoder", default="resnet50", help="encoder architecture (frozen)")
     model.add_argument("--source", default="torchvision", choices=("torchvision", "timm"))
-    model.add_argument("--weights-file", type=Path, metavar="FILE",
-                       help="encoder state_dict; default: random init (same architecture and "
-                            "FLOPs, so the same speed)")
+    model.add_argument(
+        "--weights-file",
+        type=Path,
+        metavar="FILE",
+        help="encoder state_dict; default: random init (same architecture and "
+        "FLOPs, so the same speed)",
+    )
     model.add_argument("--embed-dim", type=int, default=512)
     model.add_argument("--hidden-size", type=int, default=512)
 
@@ -96,14 +117,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--rounds", type=int, default=5, help="alternating in-loop/cached rounds")
     run.add_argument("--steps-in-loop", type=int, default=3, help="timed steps per in-loop round")
     run.add_argument("--steps-cached", type=int, default=30, help="timed steps per cached round")
-    run.add_argument("--warmup", type=int, default=1,
-                     help="untimed in-loop steps before the first round (cached: 5x this)")
+    run.add_argument(
+        "--warmup",
+        type=int,
+        default=1,
+        help="untimed in-loop steps before the first round (cached: 5x this)",
+    )
     run.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
     run.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     run.add_argument("--grad-clip", type=float, default=5.0, help="max grad norm (0: off)")
     run.add_argument("--device", default="cpu", help="torch device")
-    run.add_argument("--threads", type=int, default=None,
-                     help="torch.set_num_threads (default: torch's default)")
+    run.add_argument(
+        "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's default)"
+    )
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON")
     args = p.parse_args(argv)
@@ -137,8 +163,9 @@ def load_data(
             root = ensure_demo_dataset(args.demo_root)
         else:
             root = ensure_demo_dataset(workdir / "demo", splits={"train": args.num_images})
-        records = load_coco_captions(root / "annotations" / "captions_train.json",
-                                     root / "images" / "train")
+        records = load_coco_captions(
+            root / "annotations" / "captions_train.json", root / "images" / "train"
+        )
         source = "embedded demo dataset (64x64 PNG shapes)"
     subset = records[: args.num_images]
     missing = [r.path for r in subset if not r.path.is_file()]
@@ -227,16 +254,23 @@ class Stepper:
             self._sync()
             times.append(time.perf_counter() - start)
         seconds = sum(times)
-        return {"pairs": pairs, "seconds": seconds, "pairs_per_s": pairs / seconds,
-                "step_seconds": times}
+        return {
+            "pairs": pairs,
+            "seconds": seconds,
+            "pairs_per_s": pairs / seconds,
+            "step_seconds": times,
+        }
 
 
 def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     load_before = os.getloadavg()[0]
     if load_before >= (os.cpu_count() or 1):
-        log.warning("load average %.1f on %d CPUs: other processes will distort the figures",
-                    load_before, os.cpu_count())
+        log.warning(
+            "load average %.1f on %d CPUs: other processes will distort the figures",
+            load_before,
+            os.cpu_count(),
+        )
     if args.threads:
         torch.set_num_threads(args.threads)
     all_records, records, source = load_data(args, workdir)
@@ -244,28 +278,47 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     model, pre = make_model(args, len(vocab))
     assert model.encoder_frozen
     paths = [r.path for r in records]
-    log.info("%s: %d images, %d pairs; vocabulary %d words; preprocessing %s",
-             source, len(records), sum(len(r.captions) for r in records), len(vocab), pre)
+    log.info(
+        "%s: %d images, %d pairs; vocabulary %d words; preprocessing %s",
+        source,
+        len(records),
+        sum(len(r.captions) for r in records),
+        len(vocab),
+        pre,
+    )
 
     # the one-off cache build, into a fresh folder so it is really computed
     start = time.perf_counter()
     cache = build_feature_cache(
-        model.encoder, pre, paths, workdir / "features", device=args.device,
-        batch_size=args.batch_size, num_workers=args.num_workers, desc="benchmark images",
+        model.encoder,
+        pre,
+        paths,
+        workdir / "features",
+        device=args.device,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        desc="benchmark images",
     )
     build_s = time.perf_counter() - start
 
     def loader(images: Any, cached: bool) -> Iterator[dict[str, Any]]:
         # captions_per_image=None: one item per (image, caption) pair, the classic epoch
-        dataset = CaptionTrainDataset(records, vocab, args.max_caption_len, images,
-                                      captions_per_image=None)
+        dataset = CaptionTrainDataset(
+            records, vocab, args.max_caption_len, images, captions_per_image=None
+        )
         workers = 0 if cached else args.num_workers  # as the trainer: no workers on the cache
-        return endless(DataLoader(
-            dataset, batch_size=args.batch_size, shuffle=True, num_workers=workers,
-            collate_fn=partial(collate_captions, pad_id=vocab.pad_id), drop_last=True,
-            persistent_workers=workers > 0,
-            generator=torch.Generator().manual_seed(args.seed),
-        ))
+        return endless(
+            DataLoader(
+                dataset,
+                batch_size=args.batch_size,
+                shuffle=True,
+                num_workers=workers,
+                collate_fn=partial(collate_captions, pad_id=vocab.pad_id),
+                drop_last=True,
+                persistent_workers=workers > 0,
+                generator=torch.Generator().manual_seed(args.seed),
+            )
+        )
 
     num_pairs = sum(len(r.captions) for r in records)
     if num_pairs < args.batch_size:
@@ -288,8 +341,15 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             else:
                 res = stepper.run(cached_batches, args.steps_cached, cached=True)
             rounds[path].append(res)
-            log.info("round %d/%d %-7s: %.1f pairs/s (%d pairs in %.2f s)",
-                     r + 1, args.rounds, path, res["pairs_per_s"], res["pairs"], res["seconds"])
+            log.info(
+                "round %d/%d %-7s: %.1f pairs/s (%d pairs in %.2f s)",
+                r + 1,
+                args.rounds,
+                path,
+                res["pairs_per_s"],
+                res["pairs"],
+                res["seconds"],
+            )
 
     in_loop = statistics.median(x["pairs_per_s"] for x in rounds["in_loop"])
     cached = statistics.median(x["pairs_per_s"] for x in rounds["cached"])
@@ -328,8 +388,9 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
 def report(res: dict[str, Any]) -> str:
     pre = res["preprocessing"]
-    per_round = {k: " ".join(f"{x['pairs_per_s']:.1f}" for x in v)
-                 for k, v in res["rounds"].items()}
+    per_round = {
+        k: " ".join(f"{x['pairs_per_s']:.1f}" for x in v) for k, v in res["rounds"].items()
+    }
     best = {k: max(x["pairs_per_s"] for x in v) for k, v in res["rounds"].items()}
     lines = [
         "captioner training throughput: frozen CNN in the loop vs feature cache",
@@ -346,8 +407,10 @@ def report(res: dict[str, Any]) -> str:
         f"{res['num_workers']} loader workers",
     ]
     if res["encoder_weights"] == "random init":
-        lines.append("            (random weights: the architecture and FLOPs of the pretrained "
-                     "model, so the same speed)")
+        lines.append(
+            "            (random weights: the architecture and FLOPs of the pretrained "
+            "model, so the same speed)"
+        )
     lines += [
         "",
         f"  {'path':<28}{'pairs/s (median)':>18}{'best round':>12}   every round",
@@ -376,8 +439,11 @@ def report(res: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     with tempfile.TemporaryDirectory(prefix="captioner-bench-") as tmp:
         res = measure(args, Path(tmp))
     print(report(res), flush=True)

@@ -26,8 +26,12 @@ def build_parser() -> argparse.ArgumentParser:
         "expand to the images in them.",
     )
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files, directories or globs")
-    p.add_argument("--checkpoint", "-c", type=Path,
-                   help=f"checkpoint (default: the newest best.pt under {DEFAULT_RUNS}/)")
+    p.add_argument(
+        "--checkpoint",
+        "-c",
+        type=Path,
+        help=f"checkpoint (default: the newest best.pt under {DEFAULT_RUNS}/)",
+    )
     g = p.add_argument_group("decoding (default: greedy)")
     g.add_argument("--beam-size", type=int, default=1, help="beam search with this many beams")
     g.add_argument("--n-best", type=int, default=1, help="with --beam-size: print the n best")
@@ -39,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
     g.add_argument("--seed", type=int, default=None, help="make sampling reproducible")
     g.add_argument("--max-len", type=int, default=20, help="max caption length in words")
-    p.add_argument("--device", default="auto", help="auto (CUDA > MPS > CPU), cpu, cuda, cuda:1 ...")
+    p.add_argument(
+        "--device", default="auto", help="auto (CUDA > MPS > CPU), cpu, cuda, cuda:1 ..."
+    )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     return p
@@ -48,12 +54,21 @@ def build_parser() -> argparse.ArgumentParser:
 def decode_config(args: argparse.Namespace) -> DecodeConfig:
     if args.sample and args.beam_size > 1:
         raise UserError("--sample and --beam-size are exclusive")
-    strategy = "sample" if args.sample else "beam" if args.beam_size > 1 or args.n_best > 1 else "greedy"
+    strategy = (
+        "sample" if args.sample else "beam" if args.beam_size > 1 or args.n_best > 1 else "greedy"
+    )
     try:
         return DecodeConfig(
-            strategy=strategy, max_len=args.max_len, beam_size=args.beam_size, n_best=args.n_best,
-            length_penalty=args.length_penalty, suppress_unk=args.suppress_unk,
-            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+            strategy=strategy,
+            max_len=args.max_len,
+            beam_size=args.beam_size,
+            n_best=args.n_best,
+            length_penalty=args.length_penalty,
+            suppress_unk=args.suppress_unk,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
         )
     except ValueError as exc:
         raise UserError(f"decoding options: {exc}") from exc
@@ -73,9 +88,13 @@ def expand_inputs(items: Sequence[str]) -> tuple[list[str], list[str]]:
         elif p.exists():
             paths.append(item)
         elif glob.has_magic(item):
-            found = sorted(glob.glob(item))
+            found = sorted(
+                f
+                for f in glob.glob(item)
+                if Path(f).is_file() and Path(f).suffix.lower() in IMAGE_EXTENSIONS
+            )
             if not found:
-                errors.append(f"{item}: no file matches")
+                errors.append(f"{item}: no image matches")
             paths.extend(found)
         else:
             errors.append(f"{item}: no such file")

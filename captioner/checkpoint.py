@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
-import zipfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +70,11 @@ def save_checkpoint(payload: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load with ``weights_only=True``: a pickle that is not a plain checkpoint is refused, never
     executed. Every failure is a one-line :class:`UserError` naming the file."""
@@ -79,14 +84,19 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not path.is_file():
         raise UserError(f"{path}: checkpoint not found")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch warns about legacy pickles: the error says enough
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
+        if "weights only load failed" in str(exc).lower():
+            raise UserError(
+                f"{path}: refused to load: not a plain captioner checkpoint (unsafe pickle content)"
+            ) from exc
+        raise UserError(f"{path}: not a checkpoint (not a torch file: {_first_line(exc)})") from exc
+    except Exception as exc:  # noqa: BLE001 - whatever torch.load trips on, the file is bad
         raise UserError(
-            f"{path}: refused to load: not a plain captioner checkpoint (unsafe pickle content)"
+            f"{path}: not a readable checkpoint (truncated or corrupt: {_first_line(exc)})"
         ) from exc
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{path}: not a readable checkpoint (truncated or corrupt: {reason})") from exc
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise UserError(f"{path}: not a captioner checkpoint (no '{FORMAT}' format tag)")
     for key in ("model", "model_config", "vocab", "preprocessing"):
@@ -109,7 +119,9 @@ def model_from_checkpoint(
 
 def find_checkpoint(runs: Path = DEFAULT_RUNS) -> Path:
     """The newest ``best.pt`` under the default training output directory."""
-    found = sorted(runs.glob("**/best.pt"), key=lambda p: p.stat().st_mtime) if runs.is_dir() else []
+    found = (
+        sorted(runs.glob("**/best.pt"), key=lambda p: p.stat().st_mtime) if runs.is_dir() else []
+    )
     if not found:
         raise UserError(
             f"no checkpoint given and no best.pt under {runs}/: train one with `captioner train` "

@@ -22,9 +22,11 @@ COMMANDS = {
     "prepare": "convert Flickr8k/30k/Karpathy files to COCO format, download COCO (`--help`)",
 }
 
-USAGE = "usage: captioner <command> [arguments]\n\ncommands:\n" + "".join(
-    f"  {name:<10} {text}\n" for name, text in COMMANDS.items()
-) + "\n`python -m captioner` is the same command."
+USAGE = (
+    "usage: captioner <command> [arguments]\n\ncommands:\n"
+    + "".join(f"  {name:<10} {text}\n" for name, text in COMMANDS.items())
+    + "\n`python -m captioner` is the same command."
+)
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -84,7 +86,9 @@ def _evaluate_task(cfg: Any) -> None:
     print(f"written to {metrics['out_dir']}")
 
 
-def _run_argparse_command(run: Callable[[Sequence[str]], int], argv: Sequence[str], level: int) -> None:
+def _run_argparse_command(
+    run: Callable[[Sequence[str]], int], argv: Sequence[str], level: int
+) -> None:
     logging.basicConfig(level=level, format="%(levelname)s: %(message)s")
     try:
         code = run(argv)

@@ -101,7 +101,11 @@ def load_coco_captions(
         if not isinstance(data.get(key), list):
             raise UserError(f"{annotation_file}: not a COCO captions file (no '{key}' list)")
     for i, img in enumerate(data["images"]):
-        if not isinstance(img, dict) or "id" not in img or not isinstance(img.get("file_name"), str):
+        if (
+            not isinstance(img, dict)
+            or "id" not in img
+            or not isinstance(img.get("file_name"), str)
+        ):
             raise UserError(f"{annotation_file}: images[{i}] needs an 'id' and a 'file_name'")
         if not _is_int(img["id"]):
             raise UserError(f"{annotation_file}: images[{i}] has a non-integer 'id' {img['id']!r}")
@@ -285,9 +289,14 @@ def build_transform(pre: Preprocessing, train: bool = False, augment: bool = Fal
     ``augment`` (random scale crop, no flip: captions say "left" and "right")."""
     interp = T.InterpolationMode(pre.interpolation)
     if train and augment:
-        geometry = [T.RandomResizedCrop(pre.crop, scale=(0.6, 1.0), interpolation=interp, antialias=True)]
+        geometry = [
+            T.RandomResizedCrop(pre.crop, scale=(0.6, 1.0), interpolation=interp, antialias=True)
+        ]
     else:
-        geometry = [T.Resize(pre.resize, interpolation=interp, antialias=True), T.CenterCrop(pre.crop)]
+        geometry = [
+            T.Resize(pre.resize, interpolation=interp, antialias=True),
+            T.CenterCrop(pre.crop),
+        ]
     return T.Compose([*geometry, T.ToTensor(), T.Normalize(pre.mean, pre.std)])
 
 
@@ -346,7 +355,9 @@ class CaptionTrainDataset(Dataset):
         seed: int = 0,
     ):
         if captions_per_image is not None and captions_per_image < 1:
-            raise UserError(f"data.captions_per_image must be >= 1 or null, got {captions_per_image}")
+            raise UserError(
+                f"data.captions_per_image must be >= 1 or null, got {captions_per_image}"
+            )
         self.images = images
         self.captions = [[encode_caption(vocab, c, max_len) for c in r.captions] for r in records]
         self.captions_per_image = captions_per_image
@@ -414,8 +425,15 @@ class ResumableSampler(DistributedSampler):
     able to start mid-epoch (``start_index``) so a resumed run sees exactly the batches an
     uninterrupted run would."""
 
-    def __init__(self, dataset: Dataset, *, seed: int, shuffle: bool = True, rank: int = 0,
-                 world_size: int = 1):
+    def __init__(
+        self,
+        dataset: Dataset,
+        *,
+        seed: int,
+        shuffle: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
         self.start_index = 0
 

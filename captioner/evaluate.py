@@ -23,19 +23,29 @@ from captioner.decoding import DecodeConfig
 from captioner.errors import UserError
 from captioner.inference import corpus_scores, generate, hypothesis_text
 from captioner.metrics import coco_caption_metrics, sentence_bleu_from_text
+from captioner.report import write_report
 from captioner.runtime import resolve_device
 
 log = logging.getLogger(__name__)
 
 
-def resolve_data_config(checkpoint: dict[str, Any], overrides: DictConfig | dict | None) -> DictConfig:
+def resolve_data_config(
+    checkpoint: dict[str, Any], overrides: DictConfig | dict | None
+) -> DictConfig:
     """The checkpoint's training ``data`` config with the non-null ``overrides`` on top.
 
     Overriding any field drops the demo generator (unless ``demo`` itself is given), so pointing
     ``data.root`` at another dataset never writes demo images there.
     """
-    given = {k: v for k, v in (OmegaConf.to_container(overrides) if isinstance(overrides, DictConfig)
-                                 else dict(overrides or {})).items() if v is not None}
+    given = {
+        k: v
+        for k, v in (
+            OmegaConf.to_container(overrides)
+            if isinstance(overrides, DictConfig)
+            else dict(overrides or {})
+        ).items()
+        if v is not None
+    }
     base = dict((checkpoint.get("train_config") or {}).get("data") or {})
     if not base and not given.get("root"):
         raise UserError(
@@ -65,8 +75,13 @@ def evaluate(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     records = load_split(resolve_data_config(ckpt, cfg.get("data")), str(cfg.split))
     if cfg.get("max_images"):
         records = records[: int(cfg.max_images)]
-    log.info("evaluating %s on %d %s images (%s decoding)", ckpt_path, len(records), cfg.split,
-             decode_cfg.strategy)
+    log.info(
+        "evaluating %s on %d %s images (%s decoding)",
+        ckpt_path,
+        len(records),
+        cfg.split,
+        decode_cfg.strategy,
+    )
 
     loader = DataLoader(
         ImageDataset([r.path for r in records], build_transform(pre)),
@@ -75,8 +90,13 @@ def evaluate(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         collate_fn=collate_images,
     )
     start = time.perf_counter()
-    hyps = generate(model, tqdm(loader, desc="captioning", unit="batch", leave=False, disable=None),
-                    vocab, decode_cfg, device)
+    hyps = generate(
+        model,
+        tqdm(loader, desc="captioning", unit="batch", leave=False, disable=None),
+        vocab,
+        decode_cfg,
+        device,
+    )
     seconds = time.perf_counter() - start
     captions = {i: hypothesis_text(h[0], vocab) for i, h in hyps.items()}
     if not captions:
@@ -107,20 +127,35 @@ def evaluate(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     results = [{"image_id": records[i].image_id, "caption": c} for i, c in sorted(captions.items())]
     (out_dir / "results.json").write_text(json.dumps(results) + "\n")
+    rows = [
+        {
+            "image_id": records[i].image_id,
+            "file": str(records[i].path),
+            "caption": cap,
+            "references": records[i].captions,
+            "bleu4": sentence_bleu_from_text(cap, records[i].captions)["bleu4"],
+        }
+        for i, cap in sorted(captions.items())
+    ]
     with open(out_dir / "per_image.jsonl", "w", encoding="utf-8") as f:
-        for i, cap in sorted(captions.items()):
-            rec = records[i]
-            row = {"image_id": rec.image_id, "file": str(rec.path), "caption": cap,
-                   "references": rec.captions,
-                   "bleu4": sentence_bleu_from_text(cap, rec.captions)["bleu4"]}
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    if cfg.get("report", False):
+        report = write_report(
+            out_dir, metrics, rows, metrics_log=ckpt_path.parent / "metrics.jsonl"
+        )
+        metrics["report"] = str(report)
+        log.info("report: %s", report)
     metrics["out_dir"] = str(out_dir)
     return metrics
 
 
 def format_table(metrics: dict[str, Any]) -> str:
     """A small aligned table of the scores."""
-    keys = [k for k in ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider") if k in metrics]
+    keys = [
+        k
+        for k in ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider")
+        if k in metrics
+    ]
     head = f"{metrics['split']} split, {metrics['num_images']} images, {metrics['decode']['strategy']} decoding"
     rows = [f"  {k:<8} {metrics[k]:.4f}" for k in keys]
     return "\n".join([head, *rows])

@@ -114,7 +114,9 @@ def build_feature_cache(
             continue
         feats = encoder(batch["inputs"].to(device)).float().cpu().numpy()  # [B, F]
         if array is None:
-            array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(len(paths), feats.shape[1]))
+            array = np.lib.format.open_memmap(
+                tmp, mode="w+", dtype=np.float16, shape=(len(paths), feats.shape[1])
+            )
         idx = batch["index"].numpy()
         array[idx] = feats.astype(np.float16)
         valid[idx] = True

@@ -11,7 +11,14 @@ from typing import Any
 import torch
 from PIL import Image
 
-from captioner.data import CaptionRecord, ImageLoadError, Preprocessing, build_transform, load_image
+from captioner.data import (
+    CaptionRecord,
+    ImageLoadError,
+    Preprocessing,
+    build_transform,
+    load_image,
+    to_rgb,
+)
 from captioner.decoding import DecodeConfig, Hypothesis, decode
 from captioner.metrics import bleu_from_text
 from captioner.model import CaptionModel
@@ -78,7 +85,9 @@ class CaptionResult:
     source: str
     caption: str | None = None
     score: float | None = None
-    hypotheses: list[tuple[str, float]] = field(default_factory=list)  # (text, log-prob), best first
+    hypotheses: list[tuple[str, float]] = field(
+        default_factory=list
+    )  # (text, log-prob), best first
     error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -96,13 +105,18 @@ class CaptionResult:
 class Captioner:
     """Caption images with a trained checkpoint::
 
-        captioner = Captioner.from_checkpoint("outputs/train/.../best.pt")
-        for result in captioner.caption(["cat.jpg", "dog.png"]):
-            print(result.source, result.caption)
+    captioner = Captioner.from_checkpoint("outputs/train/.../best.pt")
+    for result in captioner.caption(["cat.jpg", "dog.png"]):
+        print(result.source, result.caption)
     """
 
-    def __init__(self, model: CaptionModel, vocab: Vocab, preprocessing: Preprocessing,
-                 device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        model: CaptionModel,
+        vocab: Vocab,
+        preprocessing: Preprocessing,
+        device: torch.device | str = "cpu",
+    ):
         self.model = model.to(device).eval()
         self.vocab = vocab
         self.preprocessing = preprocessing
@@ -120,7 +134,7 @@ class Captioner:
         return cls(model, vocab, pre, dev)
 
     def _tensor(self, image: str | Path | Image.Image) -> torch.Tensor:
-        img = image.convert("RGB") if isinstance(image, Image.Image) else load_image(image)
+        img = to_rgb(image) if isinstance(image, Image.Image) else load_image(image)
         return self.transform(img)
 
     @torch.inference_mode()
@@ -138,7 +152,9 @@ class Captioner:
             chunk = images[start : start + batch_size]
             batch_results, tensors = [], []
             for image in chunk:
-                res = CaptionResult(source=str(image) if not isinstance(image, Image.Image) else "<image>")
+                res = CaptionResult(
+                    source=str(image) if not isinstance(image, Image.Image) else "<image>"
+                )
                 try:
                     tensors.append((res, self._tensor(image)))
                 except ImageLoadError as exc:

@@ -200,7 +200,9 @@ def _text_to_tokens(text: str, what: str) -> list[str]:
     return strip_specials(tokenize(_SPECIALS_RE.sub(" ", text)))
 
 
-def sentence_bleu_from_text(hypothesis: str, references: Sequence[str], max_n: int = 4) -> dict[str, float]:
+def sentence_bleu_from_text(
+    hypothesis: str, references: Sequence[str], max_n: int = 4
+) -> dict[str, float]:
     """:func:`sentence_bleu` of caption TEXT, tokenized exactly as :func:`bleu_from_text` does."""
     refs = [_text_to_tokens(r, f"reference {j}") for j, r in enumerate(references)]
     return sentence_bleu(_text_to_tokens(hypothesis, "hypothesis"), refs, max_n=max_n)

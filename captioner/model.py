@@ -40,7 +40,9 @@ def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
 class EncoderConfig:
     source: str = "torchvision"  # torchvision | timm
     name: str = "resnet50"
-    weights: str | None = "DEFAULT"  # torchvision: DEFAULT / enum name / null; timm: any -> pretrained
+    weights: str | None = (
+        "DEFAULT"  # torchvision: DEFAULT / enum name / null; timm: any -> pretrained
+    )
     weights_file: str | None = None  # local state_dict instead of a download
     freeze: bool = True
     finetune_from_epoch: int | None = None  # unfreeze at this (0-based) epoch
@@ -54,7 +56,9 @@ class EncoderConfig:
 
     def __post_init__(self) -> None:
         if self.source not in ("torchvision", "timm"):
-            raise UserError(f"model.encoder.source must be 'torchvision' or 'timm', got {self.source!r}")
+            raise UserError(
+                f"model.encoder.source must be 'torchvision' or 'timm', got {self.source!r}"
+            )
 
 
 @dataclass
@@ -116,7 +120,9 @@ class Encoder(nn.Module):
         used to fine-tune only the last K stages."""
         out: list[nn.Module] = []
         for name, child in self.backbone.named_children():
-            if name in ("features", "blocks", "layers", "stages") and isinstance(child, nn.Sequential):
+            if name in ("features", "blocks", "layers", "stages") and isinstance(
+                child, nn.Sequential
+            ):
                 out.extend(child.children())
             elif any(True for _ in child.parameters()):
                 out.append(child)
@@ -157,7 +163,9 @@ def _load_state_file(path: str) -> dict[str, Tensor]:
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's
-        raise UserError(f"model.encoder.weights_file: {path} is not a torch state_dict ({exc})") from exc
+        raise UserError(
+            f"model.encoder.weights_file: {path} is not a torch state_dict ({exc})"
+        ) from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -175,7 +183,9 @@ def _torchvision_backbone(cfg: EncoderConfig, pretrained: bool) -> tuple[nn.Modu
     weights = None
     if cfg.weights is not None:
         try:
-            weights = weights_enum[cfg.weights] if cfg.weights != "DEFAULT" else weights_enum.DEFAULT
+            weights = (
+                weights_enum[cfg.weights] if cfg.weights != "DEFAULT" else weights_enum.DEFAULT
+            )
         except KeyError as exc:
             names = ", ".join(["DEFAULT", *weights_enum.__members__])
             raise UserError(
@@ -244,7 +254,12 @@ def create_encoder(cfg: EncoderConfig, pretrained: bool = True) -> tuple[Encoder
     backbone, pre = build(cfg, pretrained)
     overrides = {
         k: v
-        for k, v in {"resize": cfg.resize, "crop": cfg.crop, "mean": cfg.mean, "std": cfg.std}.items()
+        for k, v in {
+            "resize": cfg.resize,
+            "crop": cfg.crop,
+            "mean": cfg.mean,
+            "std": cfg.std,
+        }.items()
         if v is not None
     }
     if overrides:
@@ -276,7 +291,9 @@ class Decoder(nn.Module):
         self.cfg = cfg
         L, H, E = cfg.num_layers, cfg.hidden_size, cfg.embed_dim
         self.embed = nn.Embedding(vocab_size, E, padding_idx=pad_id)
-        self.lstm = nn.LSTM(E, H, num_layers=L, batch_first=True, dropout=cfg.dropout if L > 1 else 0.0)
+        self.lstm = nn.LSTM(
+            E, H, num_layers=L, batch_first=True, dropout=cfg.dropout if L > 1 else 0.0
+        )
         self.dropout = nn.Dropout(cfg.dropout)
         self.out = nn.Linear(H, vocab_size)
         if cfg.feature_mode == "init_state":
@@ -304,9 +321,13 @@ class Decoder(nn.Module):
         state = self.init_state(features)
         inputs = captions[:, :-1]  # [B, T-1]: <start> w1 .. wn (and pads)
         x = self.dropout(self.embed(inputs))  # [B, T-1, E]
-        packed = pack_padded_sequence(x, (lengths - 1).cpu(), batch_first=True, enforce_sorted=False)
+        packed = pack_padded_sequence(
+            x, (lengths - 1).cpu(), batch_first=True, enforce_sorted=False
+        )
         out, _ = self.lstm(packed, state)
-        out, _ = pad_packed_sequence(out, batch_first=True, total_length=inputs.shape[1])  # [B, T-1, H]
+        out, _ = pad_packed_sequence(
+            out, batch_first=True, total_length=inputs.shape[1]
+        )  # [B, T-1, H]
         return self.out(self.dropout(out))  # [B, T-1, V]
 
     def step(self, tokens: Tensor, state: State) -> tuple[Tensor, State]:
@@ -316,7 +337,9 @@ class Decoder(nn.Module):
         return self.out(out.squeeze(1)), state
 
 
-def caption_loss(logits: Tensor, captions: Tensor, pad_id: int = 0, label_smoothing: float = 0.0) -> Tensor:
+def caption_loss(
+    logits: Tensor, captions: Tensor, pad_id: int = 0, label_smoothing: float = 0.0
+) -> Tensor:
     """Mean cross-entropy over real target tokens only (padding never reaches the loss).
 
     logits [B, T-1, V], captions [B, T]; targets are captions[:, 1:].

@@ -62,5 +62,3 @@ def setup_runtime(device_name: str) -> Runtime:
 def teardown_runtime(rt: Runtime) -> None:
     if rt.distributed and dist.is_initialized():
         dist.destroy_process_group()
-
-

@@ -150,7 +150,10 @@ class Trainer:
             model_cfg = ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
         log.info(
             "data: %d train images, %d val images; vocabulary: %d words (min_freq >= %d)",
-            len(self.train_records), len(self.val_records), len(self.vocab), cfg.data.min_freq,
+            len(self.train_records),
+            len(self.val_records),
+            len(self.vocab),
+            cfg.data.min_freq,
         )
 
         self.model, self.preprocessing = build_model(
@@ -163,9 +166,11 @@ class Trainer:
         self.model_cfg = model_cfg
         log.info(
             "model: %s encoder (%d-d features, %.1fM params), decoder %.1fM params; preprocessing %s",
-            model_cfg.encoder.name, self.model.encoder.feature_dim,
+            model_cfg.encoder.name,
+            self.model.encoder.feature_dim,
             sum(p.numel() for p in self.model.encoder.parameters()) / 1e6,
-            sum(p.numel() for p in self.model.decoder.parameters()) / 1e6, self.preprocessing,
+            sum(p.numel() for p in self.model.decoder.parameters()) / 1e6,
+            self.preprocessing,
         )
 
         self.optimizer = self._build_optimizer()
@@ -202,14 +207,21 @@ class Trainer:
         if "optimizer" not in ckpt:
             raise UserError(f"resume: {resume} is a best.pt without training state; use last.pt")
         self._resume_path = Path(resume) if Path(resume).is_file() else Path(resume) / "last.pt"
-        log.info("resuming from %s (epoch %d, batch %d)", self._resume_path,
-                 ckpt["epoch"] + 1, ckpt["batch_in_epoch"])
+        log.info(
+            "resuming from %s (epoch %d, batch %d)",
+            self._resume_path,
+            ckpt["epoch"] + 1,
+            ckpt["batch_in_epoch"],
+        )
         return ckpt
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         enc_lr = self.model_cfg.encoder.lr
         groups = [{"params": list(self.model.decoder.parameters()), "name": "decoder"}]
-        enc_group: dict[str, Any] = {"params": list(self.model.encoder.parameters()), "name": "encoder"}
+        enc_group: dict[str, Any] = {
+            "params": list(self.model.encoder.parameters()),
+            "name": "encoder",
+        }
         if enc_lr is not None:
             enc_group["lr"] = float(enc_lr)
         groups.append(enc_group)
@@ -219,15 +231,26 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
-        for key in ("epoch", "batch_in_epoch", "global_step", "best_score", "best_epoch",
-                    "bad_epochs", "epoch_loss_sum", "epoch_tokens", "epoch_skipped"):
+        for key in (
+            "epoch",
+            "batch_in_epoch",
+            "global_step",
+            "best_score",
+            "best_epoch",
+            "bad_epochs",
+            "epoch_loss_sum",
+            "epoch_tokens",
+            "epoch_skipped",
+        ):
             setattr(self, key, ckpt[key])
         self.epoch_skipped = set(self.epoch_skipped)
         self.rng_states = ckpt["rng"]
         if self.rt.is_main:  # carry the history over into this run's directory
             old_dir = self._resume_path.parent
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            if (old_dir / "metrics.jsonl").is_file() and old_dir.resolve() != self.out_dir.resolve():
+            if (
+                old_dir / "metrics.jsonl"
+            ).is_file() and old_dir.resolve() != self.out_dir.resolve():
                 lines = (old_dir / "metrics.jsonl").read_text().splitlines()
                 kept = [ln for ln in lines if ln.strip() and json.loads(ln)["epoch"] <= self.epoch]
                 (self.out_dir / "metrics.jsonl").write_text("".join(ln + "\n" for ln in kept))
@@ -319,8 +342,12 @@ class Trainer:
             )
         )
         dataset = CaptionTrainDataset(
-            self.train_records, self.vocab, int(self.cfg.data.max_caption_len), images,
-            captions_per_image=self.cfg.data.get("captions_per_image"), seed=int(self.cfg.seed),
+            self.train_records,
+            self.vocab,
+            int(self.cfg.data.max_caption_len),
+            images,
+            captions_per_image=self.cfg.data.get("captions_per_image"),
+            seed=int(self.cfg.seed),
         )
         dataset.set_epoch(epoch)
         sampler = ResumableSampler(
@@ -334,11 +361,16 @@ class Trainer:
         images = (
             self.cached_features("val", self.val_records)
             if cached
-            else ImageDataset([r.path for r in self.val_records], build_transform(self.preprocessing))
+            else ImageDataset(
+                [r.path for r in self.val_records], build_transform(self.preprocessing)
+            )
         )
         most = max(len(r.captions) for r in self.val_records)
         dataset = CaptionTrainDataset(
-            self.val_records, self.vocab, int(self.cfg.data.max_caption_len), images,
+            self.val_records,
+            self.vocab,
+            int(self.cfg.data.max_caption_len),
+            images,
             captions_per_image=most,
         )
         shard = Subset(dataset, range(self.rt.rank, len(dataset), self.rt.world_size))
@@ -362,7 +394,9 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.rt.device.type, dtype=self.autocast_dtype)
 
-    def _batch_loss(self, module: torch.nn.Module, batch: dict[str, Any], cached: bool) -> torch.Tensor:
+    def _batch_loss(
+        self, module: torch.nn.Module, batch: dict[str, Any], cached: bool
+    ) -> torch.Tensor:
         dev = self.rt.device
         captions = batch["captions"].to(dev, non_blocking=True)
         with self._autocast():
@@ -382,8 +416,15 @@ class Trainer:
         clip = self.tcfg.get("grad_clip")
         params = [p for p in self.model.parameters() if p.requires_grad]
         total = self.batch_in_epoch + len(loader)
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}", initial=self.batch_in_epoch, total=total,
-                   unit="batch", disable=None if self.rt.is_main else True, leave=False)
+        bar = tqdm(
+            loader,
+            desc=f"epoch {epoch + 1}",
+            initial=self.batch_in_epoch,
+            total=total,
+            unit="batch",
+            disable=None if self.rt.is_main else True,
+            leave=False,
+        )
         for batch in bar:
             self.epoch_skipped.update(batch["skipped"])
             if len(batch["lengths"]):
@@ -421,8 +462,13 @@ class Trainer:
         self.model.eval()
         decode_cfg = DecodeConfig(strategy="greedy", max_len=int(self.tcfg.val_max_len))
         loss_sum, tokens, captions = 0.0, 0, {}
-        for batch in tqdm(loader, desc="validating", unit="batch", leave=False,
-                          disable=None if self.rt.is_main else True):
+        for batch in tqdm(
+            loader,
+            desc="validating",
+            unit="batch",
+            leave=False,
+            disable=None if self.rt.is_main else True,
+        ):
             if not len(batch["index"]):
                 continue
             dev = self.rt.device
@@ -441,14 +487,18 @@ class Trainer:
             for idx, h in zip(batch["index"].tolist(), hyps, strict=True):
                 captions[idx] = hypothesis_text(h[0], self.vocab)
         if self.rt.distributed:
-            sums = torch.tensor([loss_sum, float(tokens)], dtype=torch.float64, device=self.rt.device)
+            sums = torch.tensor(
+                [loss_sum, float(tokens)], dtype=torch.float64, device=self.rt.device
+            )
             dist.all_reduce(sums)
             loss_sum, tokens = float(sums[0]), int(sums[1])
             gathered: list[dict[int, str]] = [{} for _ in range(self.rt.world_size)]
             dist.all_gather_object(gathered, captions)
             captions = {k: v for part in gathered for k, v in part.items()}
         scores = corpus_scores(captions, self.val_records)
-        self.last_samples = [(self.val_records[i].path.name, captions[i]) for i in sorted(captions)[:3]]
+        self.last_samples = [
+            (self.val_records[i].path.name, captions[i]) for i in sorted(captions)[:3]
+        ]
         return {"val_loss": loss_sum / max(tokens, 1), **{f"val_{k}": v for k, v in scores.items()}}
 
     # -- checkpoints ----------------------------------------------------------------------------
@@ -516,8 +566,12 @@ class Trainer:
                     raise TrainingInterrupted(self.out_dir / "last.pt" if self.rt.is_main else None)
         if self.tensorboard is not None:
             self.tensorboard.close()
-        return {**last, "best_val_bleu4": self.best_score, "best_epoch": self.best_epoch,
-                "out_dir": str(self.out_dir)}
+        return {
+            **last,
+            "best_val_bleu4": self.best_score,
+            "best_epoch": self.best_epoch,
+            "out_dir": str(self.out_dir),
+        }
 
     def _end_epoch(self, val: dict[str, float], seconds: float) -> dict[str, Any]:
         metrics = {
@@ -529,10 +583,16 @@ class Trainer:
             "seconds": round(seconds, 2),
         }
         if self.epoch_skipped:
-            log.warning("epoch %d: skipped %d unreadable images", self.epoch + 1, len(self.epoch_skipped))
+            log.warning(
+                "epoch %d: skipped %d unreadable images", self.epoch + 1, len(self.epoch_skipped)
+            )
         improved = metrics["val_bleu4"] > self.best_score
         if improved:
-            self.best_score, self.best_epoch, self.bad_epochs = metrics["val_bleu4"], self.epoch + 1, 0
+            self.best_score, self.best_epoch, self.bad_epochs = (
+                metrics["val_bleu4"],
+                self.epoch + 1,
+                0,
+            )
         else:
             self.bad_epochs += 1
         if self.rt.is_main:
@@ -540,8 +600,12 @@ class Trainer:
                 f.write(json.dumps(metrics) + "\n")
             log.info(
                 "epoch %d: train_loss %.4f val_loss %.4f val_bleu4 %.4f%s (%.0fs)",
-                self.epoch + 1, metrics["train_loss"], metrics["val_loss"], metrics["val_bleu4"],
-                " *best*" if improved else "", seconds,
+                self.epoch + 1,
+                metrics["train_loss"],
+                metrics["val_loss"],
+                metrics["val_bleu4"],
+                " *best*" if improved else "",
+                seconds,
             )
             for name, text in self.last_samples:
                 log.info("  %s: %s", name, text)
@@ -552,7 +616,12 @@ class Trainer:
         if improved:
             self.save_best(metrics)
         self.epoch += 1
-        self.batch_in_epoch, self.epoch_loss_sum, self.epoch_tokens, self.epoch_skipped = 0, 0.0, 0, set()
+        self.batch_in_epoch, self.epoch_loss_sum, self.epoch_tokens, self.epoch_skipped = (
+            0,
+            0.0,
+            0,
+            set(),
+        )
         self.save_last()
         return metrics
 

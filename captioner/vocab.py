@@ -86,7 +86,9 @@ class Vocab:
             counts.update(tokenize(cap) if isinstance(cap, str) else cap)
         for special in SPECIALS:
             counts.pop(special, None)
-        words = sorted((w for w, c in counts.items() if c >= min_freq), key=lambda w: (-counts[w], w))
+        words = sorted(
+            (w for w, c in counts.items() if c >= min_freq), key=lambda w: (-counts[w], w)
+        )
         if max_size is not None:
             words = words[:max_size]
         return cls([*SPECIALS, *words])

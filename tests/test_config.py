@@ -18,7 +18,7 @@ from captioner.errors import UserError
 from captioner.model import ModelConfig
 
 GROUPS = {
-    "data": ["coco", "demo", "karpathy"],
+    "data": ["coco", "demo", "flickr8k", "karpathy"],
     "experiment": ["coco_resnet50"],
     "model": ["demo", "resnet50", "timm"],
     "optim": ["adam", "adamw"],
@@ -38,7 +38,8 @@ def test_default_config() -> None:
     cfg = compose("train")
     assert (cfg.data.name, cfg.model.name) == ("demo", "demo")
     assert cfg.optim._target_ == "torch.optim.Adam"
-    assert cfg.scheduler._target_ == "torch.optim.lr_scheduler.ConstantLR"
+    assert cfg.scheduler._target_ == "torch.optim.lr_scheduler.CosineAnnealingLR"
+    assert cfg.scheduler.T_max == cfg.trainer.max_epochs
     assert cfg.resume is None and cfg.seed == 0
     assert cfg.trainer.cache_dir == "data/demo/.cache/features"  # follows data.root
     OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
@@ -58,6 +59,14 @@ def test_default_config() -> None:
             },
         ),
         ("karpathy", {"format": "karpathy", "split_file": "dataset_coco.json", "min_freq": 5}),
+        (
+            "flickr8k",
+            {
+                "format": "coco",
+                "root": "data/flickr8k",
+                "test_annotations": "annotations/captions_test.json",
+            },
+        ),
     ],
 )
 def test_data_options(option: str, expected: dict) -> None:

@@ -247,7 +247,7 @@ def test_cached_and_in_loop_training_agree(
 
         def recording_loss(*args, seen=seen, **kwargs):
             loss = loss_fn(*args, **kwargs)
-            seen.append(float(loss))
+            seen.append(float(loss.detach()))
             return loss
 
         monkeypatch.setattr(train_module, "caption_loss", recording_loss)

@@ -1,0 +1,387 @@
+"""A self-contained HTML report of an evaluation run, and training curves without a plot library.
+
+``write_report`` turns the rows of ``per_image.jsonl`` into ``report.html``: a grid of thumbnails
+(embedded as JPEG data URIs, so the file can be mailed or attached anywhere), each with the
+generated caption, its references and its sentence BLEU-4, worst first, under the corpus scores.
+``training_curves_svg`` draws loss and validation BLEU-4 per epoch from a run's ``metrics.jsonl``
+as hand-written SVG; ``plot_training_curves`` writes it to a file (a PNG too when matplotlib is
+installed).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from captioner.data import load_image
+
+log = logging.getLogger(__name__)
+
+SCORE_KEYS = ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider")
+SCORE_NAMES = {
+    "bleu1": "BLEU-1",
+    "bleu2": "BLEU-2",
+    "bleu3": "BLEU-3",
+    "bleu4": "BLEU-4",
+    "meteor": "METEOR",
+    "rouge_l": "ROUGE-L",
+    "cider": "CIDEr",
+}
+# decode settings worth showing for each strategy (the others are ignored by it)
+DECODE_KEYS = {
+    "greedy": ("max_len", "suppress_unk"),
+    "beam": ("beam_size", "length_penalty", "max_len", "suppress_unk"),
+    "sample": ("temperature", "top_k", "top_p", "seed", "max_len", "suppress_unk"),
+}
+
+
+def esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def thumbnail_uri(path: str | Path | None, size: int) -> str | None:
+    """A ``data:image/jpeg;base64,...`` thumbnail of ``path`` (longest side ``size``), or None."""
+    if not path:
+        return None
+    try:
+        img = load_image(path)
+        img.thumbnail((size, size), Image.Resampling.LANCZOS)
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=85)
+    except Exception as exc:  # a report must never die on one bad image
+        log.warning("report: no thumbnail for %s (%s)", path, exc)
+        return None
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _bleu(row: dict[str, Any]) -> float:
+    value = row.get("bleu4")
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return 0.0
+    return value if math.isfinite(value) else 0.0
+
+
+def _id_key(image_id: Any) -> tuple[int, float, str]:
+    """Numeric ids in numeric order, before the others in text order (as the page's JS does)."""
+    try:
+        return (0, float(image_id), "")
+    except (TypeError, ValueError):
+        return (1, 0.0, str(image_id))
+
+
+def _entry(row: dict[str, Any], thumb_size: int) -> str:
+    bleu = _bleu(row)
+    uri = thumbnail_uri(row.get("file"), thumb_size)
+    name = Path(str(row.get("file") or "")).name
+    if uri:
+        picture = f'<img src="{uri}" alt="{esc(name)}">'
+    else:
+        picture = '<div class="missing">image unavailable</div>'
+    refs = "".join(f"<li>{esc(r)}</li>" for r in row.get("references") or [])
+    hue = round(120 * min(1.0, max(0.0, bleu) * 2))  # red at 0, green from 0.5 up
+    return (
+        f'<figure class="entry" data-bleu4="{bleu:.6f}" data-image-id="{esc(row.get("image_id", ""))}">'
+        f'<div class="thumb" style="height:{thumb_size}px">{picture}</div>'
+        f"<figcaption>"
+        f'<div class="meta"><span class="bleu" style="background:hsl({hue} 65% 38%)" '
+        f'title="sentence BLEU-4">BLEU-4 {bleu:.3f}</span>'
+        f'<span class="id" title="{esc(row.get("file", ""))}">#{esc(row.get("image_id", ""))} '
+        f"{esc(name)}</span></div>"
+        f'<p class="caption">{esc(row.get("caption", ""))}</p>'
+        f'<ol class="refs">{refs}</ol>'
+        f"</figcaption></figure>"
+    )
+
+
+def _header(metrics: dict[str, Any], shown: int, total: int) -> str:
+    scores = "".join(
+        f'<div class="score"><b>{float(metrics[k]):.4f}</b><span>{SCORE_NAMES[k]}</span></div>'
+        for k in SCORE_KEYS
+        if isinstance(metrics.get(k), int | float)
+    )
+    decode = metrics.get("decode") or {}
+    strategy = decode.get("strategy", "?")
+    keys = DECODE_KEYS.get(strategy, tuple(k for k in decode if k != "strategy"))
+    settings = ", ".join(f"{k}={decode[k]}" for k in keys if k in decode)
+    images = f"{total} images" if shown == total else f"{shown} of {total} images (the worst)"
+    skipped = metrics.get("skipped_images")
+    facts = [
+        ("split", metrics.get("split", "?")),
+        ("images", images + (f", {skipped} unreadable skipped" if skipped else "")),
+        ("decoding", f"{strategy} ({settings})" if settings else strategy),
+        ("checkpoint", metrics.get("checkpoint", "?")),
+    ]
+    rows = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in facts)
+    return f'<div class="scores">{scores}</div><table class="facts">{rows}</table>'
+
+
+CSS = """
+:root{--fg:#1d2430;--muted:#5b6575;--line:#dde2ea;--bg:#f4f6f9}
+*{box-sizing:border-box}
+body{margin:0;padding:24px 32px;font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,
+"Helvetica Neue",Arial,sans-serif;color:var(--fg);background:var(--bg)}
+h1{font-size:22px;margin:0 0 14px}h2{font-size:16px;margin:22px 0 10px}
+.scores{display:flex;flex-wrap:wrap;gap:10px;margin-bottom:12px}
+.score{background:#fff;border:1px solid var(--line);border-radius:8px;padding:8px 14px;
+min-width:92px;text-align:center}
+.score b{display:block;font-size:19px;font-variant-numeric:tabular-nums}
+.score span{color:var(--muted);font-size:12px}
+.facts{border-collapse:collapse;font-size:13px}
+.facts th{text-align:left;color:var(--muted);font-weight:500;padding:2px 14px 2px 0;vertical-align:top}
+.facts td{word-break:break-all}
+.curves{background:#fff;border:1px solid var(--line);border-radius:8px;padding:8px;max-width:760px}
+.controls{margin:20px 0 12px;display:flex;gap:8px;align-items:center;color:var(--muted)}
+select{font:inherit;padding:3px 6px}
+.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(250px,1fr));gap:14px}
+.entry{margin:0;background:#fff;border:1px solid var(--line);border-radius:10px;overflow:hidden;
+display:flex;flex-direction:column}
+.thumb{display:flex;align-items:center;justify-content:center;background:#e9edf2}
+.thumb img{width:100%;height:100%;object-fit:contain;display:block}
+.missing{color:var(--muted);font-size:12px;border:2px dashed #b9c1cc;border-radius:6px;
+padding:24px 14px}
+figcaption{padding:10px 12px 12px}
+.meta{display:flex;justify-content:space-between;align-items:center;gap:8px;font-size:12px}
+.bleu{color:#fff;border-radius:999px;padding:1px 9px;font-weight:600;white-space:nowrap;
+font-variant-numeric:tabular-nums}
+.id{color:var(--muted);overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
+.caption{font-weight:600;margin:8px 0 6px;font-size:14.5px}
+.refs{margin:0;padding-left:18px;color:var(--muted);font-size:12.5px}
+"""
+
+# Sorts the cards in place (entries carry data-bleu4 and data-image-id); the URL's #worst, #best or
+# #id picks the initial order.
+JS = """
+const grid = document.getElementById("grid");
+const cards = Array.from(grid.querySelectorAll(".entry"));
+const idOf = (e) => e.dataset.imageId;
+const numeric = cards.every((e) => idOf(e) !== "" && !isNaN(Number(idOf(e))));
+const byId = (a, b) => numeric ? Number(idOf(a)) - Number(idOf(b)) : idOf(a).localeCompare(idOf(b));
+const orders = {
+  worst: (a, b) => a.dataset.bleu4 - b.dataset.bleu4 || byId(a, b),
+  best: (a, b) => b.dataset.bleu4 - a.dataset.bleu4 || byId(a, b),
+  id: byId,
+};
+function sortCards(how) {
+  cards.slice().sort(orders[how]).forEach((e) => grid.appendChild(e));
+  grid.dataset.sorted = how;
+}
+const select = document.getElementById("order");
+const asked = location.hash.slice(1);  // report.html#best opens best first
+if (Object.hasOwn(orders, asked)) select.value = asked;
+select.addEventListener("change", () => {
+  sortCards(select.value);
+  try { history.replaceState(null, "", "#" + select.value); } catch (e) {}  // a shareable URL
+});
+sortCards(select.value);
+"""
+
+
+def write_report(
+    out_dir: Path,
+    metrics: dict[str, Any],
+    rows: list[dict[str, Any]],
+    thumb_size: int = 160,
+    max_images: int | None = None,
+    metrics_log: Path | None = None,
+) -> Path:
+    """Write ``out_dir/report.html`` and return its path.
+
+    ``rows`` are ``per_image.jsonl`` records (image_id, file, caption, references, bleu4); they
+    are shown worst sentence BLEU-4 first (``max_images`` keeps the worst N). ``metrics_log``, a
+    training run's ``metrics.jsonl``, adds its loss/BLEU curves when the file exists.
+    """
+    out_dir = Path(out_dir)
+    ordered = sorted(rows, key=lambda r: (_bleu(r), _id_key(r.get("image_id"))))
+    shown = ordered if max_images is None else ordered[: max(0, int(max_images))]
+    entries = "\n".join(_entry(r, thumb_size) for r in shown)
+    curves = ""
+    if metrics_log is not None and Path(metrics_log).is_file():
+        svg = training_curves_svg(read_history(Path(metrics_log)))
+        if svg:
+            curves = f'<h2>Training curves</h2><div class="curves">{svg}</div>'
+    title = f"captioner evaluation: {metrics.get('split', '?')} split"
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{esc(title)}</title><style>{CSS}</style></head>
+<body>
+<h1>{esc(title)}</h1>
+{_header(metrics, len(shown), len(rows))}
+{curves}
+<div class="controls"><label for="order">Order</label>
+<select id="order"><option value="worst" selected>worst first (sentence BLEU-4)</option>
+<option value="best">best first</option><option value="id">image id</option></select>
+<span>{len(shown)} entries</span></div>
+<main class="grid" id="grid">
+{entries}
+</main>
+<script>{JS}</script>
+</body></html>
+"""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "report.html"
+    path.write_text(page, encoding="utf-8")
+    return path
+
+
+def read_history(metrics_jsonl: Path) -> list[dict[str, Any]]:
+    """The per-epoch records of a training run's ``metrics.jsonl`` (blank/torn lines skipped)."""
+    history = []
+    for line in Path(metrics_jsonl).read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and "epoch" in record:
+            history.append(record)
+    return history
+
+
+def _series(history: Sequence[dict[str, Any]], key: str) -> list[tuple[float, float]]:
+    points = []
+    for rec in history:
+        value = rec.get(key)
+        if isinstance(value, int | float) and math.isfinite(value):
+            points.append((float(rec["epoch"]), float(value)))
+    return points
+
+
+def _nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+    if hi <= lo:
+        hi = lo + 1.0
+    raw = (hi - lo) / n
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
+    first = math.floor(lo / step) * step
+    return [first + i * step for i in range(math.ceil((hi - first) / step - 1e-9) + 1)]
+
+
+def _panel(
+    x0: float,
+    title: str,
+    lines: list[tuple[str, str, list[tuple[float, float]]]],
+    epochs: list[float],
+) -> str:
+    """One 340x230 chart at x offset ``x0``: axes, ticks, polylines with markers, a legend."""
+    w, h, left, top, right, bottom = 340, 230, 48, 28, 12, 36
+    pw, ph = w - left - right, h - top - bottom
+    values = [v for _, _, pts in lines for _, v in pts]
+    yt = _nice_ticks(min(values), max(values))
+    ylo, yhi = yt[0], yt[-1]
+    xlo, xhi = min(epochs), max(epochs)
+    xspan = (xhi - xlo) or 1.0
+
+    def sx(e: float) -> float:
+        return x0 + left + (e - xlo) / xspan * pw if xhi > xlo else x0 + left + pw / 2
+
+    def sy(v: float) -> float:
+        return top + ph - (v - ylo) / ((yhi - ylo) or 1.0) * ph
+
+    out = [f'<text x="{x0 + left}" y="16" font-weight="600">{esc(title)}</text>']
+    for t in yt:
+        y = sy(t)
+        out.append(
+            f'<line x1="{x0 + left}" x2="{x0 + left + pw}" y1="{y:.1f}" y2="{y:.1f}" stroke="#e3e7ee"/>'
+        )
+        out.append(f'<text x="{x0 + left - 6}" y="{y + 4:.1f}" text-anchor="end">{t:.3g}</text>')
+    step = max(1, math.ceil(len(epochs) / 10))
+    for e in epochs[::step]:
+        out.append(f'<text x="{sx(e):.1f}" y="{top + ph + 16}" text-anchor="middle">{e:g}</text>')
+    out.append(
+        f'<text x="{x0 + left + pw / 2}" y="{h - 4}" text-anchor="middle" fill="#5b6575">epoch</text>'
+    )
+    out.append(
+        f'<rect x="{x0 + left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#9aa3b0"/>'
+    )
+    lx = x0 + left + pw  # the legend: right-aligned on the title's line, never over the data
+    for label, color, _ in reversed(lines):
+        lx -= 26 + 6.5 * len(label)
+        out.append(
+            f'<line x1="{lx}" x2="{lx + 16}" y1="12" y2="12" stroke="{color}" stroke-width="2"/>'
+        )
+        out.append(f'<text x="{lx + 20}" y="16">{esc(label)}</text>')
+    for _, color, pts in lines:
+        coords = " ".join(f"{sx(e):.1f},{sy(v):.1f}" for e, v in pts)
+        out.append(f'<polyline points="{coords}" fill="none" stroke="{color}" stroke-width="2"/>')
+        out.extend(
+            f'<circle cx="{sx(e):.1f}" cy="{sy(v):.1f}" r="2.8" fill="{color}"/>' for e, v in pts
+        )
+    return "\n".join(out)
+
+
+def training_curves_svg(history: Sequence[dict[str, Any]]) -> str:
+    """Train/val loss and val BLEU-4 per epoch as an inline SVG string ("" without data)."""
+    loss = [
+        (n, c, p)
+        for n, c, k in (("train", "#2563eb", "train_loss"), ("val", "#ea580c", "val_loss"))
+        if (p := _series(history, k))
+    ]
+    bleu = [
+        (n, c, p)
+        for n, c, k in (("val BLEU-4", "#16a34a", "val_bleu4"),)
+        if (p := _series(history, k))
+    ]
+    panels = [
+        (title, lines) for title, lines in (("Loss", loss), ("Validation BLEU-4", bleu)) if lines
+    ]
+    if not panels:
+        return ""
+    epochs = sorted({e for _, lines in panels for _, _, pts in lines for e, _ in pts})
+    body = "\n".join(_panel(i * 360, t, lines, epochs) for i, (t, lines) in enumerate(panels))
+    width = 360 * len(panels) - 20
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} 230" width="{width}" height="230" '
+        f'font-family="system-ui,Arial,sans-serif" font-size="11" fill="#1d2430">\n'
+        f'<rect width="100%" height="100%" fill="#fff"/>\n{body}\n</svg>\n'
+    )
+
+
+def plot_training_curves(metrics_jsonl: Path, out_png: Path) -> Path:
+    """Plot train/val loss and val BLEU-4 per epoch from ``metrics_jsonl``; return the file written.
+
+    ``out_png.with_suffix(".svg")`` is always written (no dependency); ``out_png`` itself too when
+    its suffix is ``.png`` and matplotlib is installed, and then it is the path returned.
+    """
+    history = read_history(Path(metrics_jsonl))
+    svg = training_curves_svg(history)
+    if not svg:
+        raise ValueError(f"{metrics_jsonl}: no epoch with train_loss, val_loss or val_bleu4")
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    svg_path = out_png.with_suffix(".svg")
+    svg_path.write_text(svg, encoding="utf-8")
+    if out_png.suffix.lower() != ".png":
+        return svg_path
+    try:  # the object-oriented API: no pyplot, so a notebook's backend is left alone
+        from matplotlib.figure import Figure
+    except ImportError:
+        log.info("matplotlib is not installed: wrote %s only", svg_path)
+        return svg_path
+    fig = Figure(figsize=(10, 3.5))
+    loss_ax, bleu_ax = fig.subplots(1, 2)
+    for label, key, ax in (
+        ("train", "train_loss", loss_ax),
+        ("val", "val_loss", loss_ax),
+        ("val BLEU-4", "val_bleu4", bleu_ax),
+    ):
+        if pts := _series(history, key):
+            ax.plot(*zip(*pts, strict=True), marker="o", label=label)
+    for ax, title in ((loss_ax, "Loss"), (bleu_ax, "Validation BLEU-4")):
+        ax.set(title=title, xlabel="epoch")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=120)
+    return out_png

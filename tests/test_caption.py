@@ -1,0 +1,556 @@
+"""``captioner caption`` and the :class:`Captioner` API: one line per image, per-image errors that
+never stop the others, every bad input as one ``error:`` line and a non-zero exit, no traceback.
+
+Most CLI tests call ``captioner.cli.main`` in-process (fast); a module fixture runs the real
+command as subprocesses (in parallel) to prove the exit codes and the absence of tracebacks.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_overrides
+from PIL import Image
+
+from captioner.cli import main
+from captioner.config import compose
+from captioner.decoding import DecodeConfig
+from captioner.inference import Captioner
+from captioner.train import train
+
+_TRAINED: dict[Path, Path] = {}
+
+
+def train_tiny_checkpoint(tiny_demo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """best.pt of one 1-epoch tiny run, trained once per session (test_evaluate uses it too)."""
+    if tiny_demo not in _TRAINED:
+        run_dir = tmp_path_factory.mktemp("tiny_run")
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            overrides = [*tiny_overrides(tiny_demo, run_dir / "cache"), "trainer.max_epochs=1"]
+            train(compose("train", overrides), run_dir)
+        finally:
+            torch.set_num_threads(threads)
+        _TRAINED[tiny_demo] = run_dir / "best.pt"
+    assert _TRAINED[tiny_demo].is_file()
+    return _TRAINED[tiny_demo]
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_demo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return train_tiny_checkpoint(tiny_demo, tmp_path_factory)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# -- image files -------------------------------------------------------------------------------
+
+
+def _rgb(i: int) -> Image.Image:
+    arr = np.random.default_rng(i).integers(0, 256, (40, 48, 3), dtype=np.uint8)
+    return Image.fromarray(arr, "RGB")
+
+
+def bomb_png(path: Path, width: int = 20000, height: int = 20000) -> Path:
+    """A tiny PNG whose header claims ``width x height`` (beyond Pillow's bomb limit)."""
+    buf = io.BytesIO()
+    Image.new("L", (8, 8)).save(buf, "PNG")
+    raw = bytearray(buf.getvalue())
+    raw[16:24] = struct.pack(">II", width, height)  # IHDR data starts after sig+len+type
+    raw[29:33] = struct.pack(">I", zlib.crc32(bytes(raw[12:29])))
+    path.write_bytes(bytes(raw))
+    return path
+
+
+def good_images(d: Path) -> list[Path]:
+    """Images in every mode a user meets: all of them must be captioned."""
+    d.mkdir(parents=True, exist_ok=True)
+    made = {
+        "rgb.jpg": _rgb(0),
+        "gray.png": _rgb(1).convert("L"),
+        "rgba.png": _rgb(2).convert("RGBA"),
+        "palette.gif": _rgb(3).convert("P"),
+        "cmyk.jpg": _rgb(4).convert("CMYK"),
+        "gray16.png": Image.fromarray(np.full((30, 30), 40000, np.uint16)),
+        "tiny1x1.png": Image.new("RGB", (1, 1), (200, 10, 10)),
+    }
+    for name, img in made.items():
+        img.save(d / name)
+    assert Image.open(d / "gray16.png").mode.startswith("I")  # really 16-bit on disk
+    assert Image.open(d / "cmyk.jpg").mode == "CMYK"
+    return [d / name for name in made]
+
+
+def bad_image(case: str, d: Path) -> tuple[str, str]:
+    """Create the bad input ``case`` in ``d`` -> (argument, what the error must say)."""
+    d.mkdir(parents=True, exist_ok=True)
+    if case == "missing":
+        return str(d / "nope.jpg"), "no such file"
+    if case == "empty_dir":
+        (d / "empty").mkdir()
+        (d / "empty" / "notes.txt").write_text("no images here")
+        return str(d / "empty"), "no images"
+    if case == "not_image":
+        (d / "text.png").write_text("this is not a PNG\n")
+        return str(d / "text.png"), "not an image"
+    if case == "empty_file":
+        (d / "zero.jpg").write_bytes(b"")
+        return str(d / "zero.jpg"), "not an image"
+    if case in ("truncated_png", "truncated_jpg"):
+        ext = case.split("_")[1]
+        buf = io.BytesIO()
+        _rgb(9).save(buf, "PNG" if ext == "png" else "JPEG")
+        (d / f"half.{ext}").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+        return str(d / f"half.{ext}"), "corrupt"
+    if case == "bomb":
+        return str(bomb_png(d / "bomb.png")), "too large"
+    if case == "no_glob_match":
+        return str(d / "*.webp"), "no image matches"
+    raise AssertionError(case)
+
+
+BAD_IMAGES = [
+    "missing",
+    "empty_dir",
+    "not_image",
+    "empty_file",
+    "truncated_png",
+    "truncated_jpg",
+    "bomb",
+    "no_glob_match",
+]
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+def caption_cli(
+    capsys: pytest.CaptureFixture, *args: str | Path
+) -> tuple[int, list[str], list[str]]:
+    """Run ``captioner caption ARGS`` in-process -> (exit code, stdout lines, stderr lines)."""
+    with pytest.raises(SystemExit) as exc:
+        main(["caption", *map(str, args)])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err, err
+    return exc.value.code, out.splitlines(), err.splitlines()
+
+
+def errors(err: list[str]) -> list[str]:
+    return [ln for ln in err if ln.startswith("error:")]
+
+
+@pytest.fixture(scope="module")
+def captioner(tiny_checkpoint: Path) -> Captioner:
+    return Captioner.from_checkpoint(tiny_checkpoint, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    return good_images(tmp_path_factory.mktemp("images"))
+
+
+# -- the Python API ----------------------------------------------------------------------------
+
+
+def test_api_one_result_per_input_in_order(
+    captioner: Captioner, images: list[Path], tmp_path: Path
+) -> None:
+    bad, _ = bad_image("not_image", tmp_path)
+    inputs = [images[0], bad, images[1], tmp_path / "missing.png", images[2]]
+    results = captioner.caption(inputs, batch_size=2)
+    assert [r.source for r in results] == [str(p) for p in inputs]
+    assert [r.error is None for r in results] == [True, False, True, False, True]
+    assert "not an image" in results[1].error and "no such file" in results[3].error
+    for r in results[::2]:
+        assert isinstance(r.caption, str) and r.caption.strip()
+        assert r.score is not None and r.score <= 0
+        assert "<" not in r.caption  # no <start>/<end>/<pad> in the text
+    # batching and neighbours do not change a greedy caption
+    alone = captioner.caption([images[2]])[0]
+    assert (alone.caption, alone.score) == pytest.approx((results[4].caption, results[4].score))
+
+
+def test_api_every_image_mode_is_captioned(captioner: Captioner, images: list[Path]) -> None:
+    results = captioner.caption(images)
+    assert [r.error for r in results] == [None] * len(images)
+    assert all(r.caption for r in results)
+
+
+def test_api_decode_strategies(captioner: Captioner, images: list[Path]) -> None:
+    greedy = captioner.caption(images[:3], DecodeConfig(strategy="greedy"))
+    beam1 = captioner.caption(images[:3], DecodeConfig(strategy="beam", beam_size=1))
+    assert [r.caption for r in beam1] == [r.caption for r in greedy]
+
+    nbest = captioner.caption(images[:3], DecodeConfig(strategy="beam", beam_size=4, n_best=3))
+    for r in nbest:
+        scores = [s for _, s in r.hypotheses]
+        assert len(scores) == 3 and scores == sorted(scores, reverse=True)
+        assert (r.caption, r.score) == r.hypotheses[0]
+
+    def sampled(seed: int) -> list[str]:
+        cfg = DecodeConfig(strategy="sample", seed=seed, temperature=1.5)
+        return [r.caption for r in captioner.caption(images[:3], cfg)]
+
+    assert sampled(1) == sampled(1)
+    assert sampled(1) != sampled(2)
+
+
+def test_api_in_memory_image_is_preprocessed_like_a_file(
+    captioner: Captioner, tmp_path: Path
+) -> None:
+    """A PIL image goes through the same RGB conversion as a file (transparency on white)."""
+    rgba = Image.new("RGBA", (32, 32), (0, 0, 0, 0))
+    arr = np.asarray(rgba).copy()
+    arr[8:24, 8:24] = (255, 0, 0, 255)
+    rgba = Image.fromarray(arr, "RGBA")
+    rgba.save(tmp_path / "x.png")
+    from_file, in_memory = captioner.caption([tmp_path / "x.png", rgba])
+    assert in_memory.source == "<image>"
+    assert in_memory.score == pytest.approx(from_file.score, abs=1e-5)
+
+
+# -- the CLI: good input -----------------------------------------------------------------------
+
+
+def test_cli_one_tab_separated_line_per_image(
+    capsys, tiny_checkpoint: Path, images: list[Path]
+) -> None:
+    code, out, err = caption_cli(
+        capsys, *images, "--checkpoint", tiny_checkpoint, "--device", "cpu"
+    )
+    assert code == 0, err
+    assert not errors(err)
+    assert [ln.split("\t")[0] for ln in out] == [str(p) for p in images]
+    assert all(len(ln.split("\t")) == 2 and ln.split("\t")[1].strip() for ln in out)
+
+
+def test_cli_directory_and_glob_expand_to_images(
+    capsys, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    d = tmp_path / "photos"
+    d.mkdir()
+    for name in ("b.png", "a.PNG", "c.jpg"):
+        _rgb(len(name)).save(d / name, "PNG" if name.lower().endswith("png") else "JPEG")
+    (d / "notes.txt").write_text("not an image")
+    code, out, err = caption_cli(capsys, d, "-c", tiny_checkpoint, "--device", "cpu")
+    assert code == 0, err
+    assert [ln.split("\t")[0] for ln in out] == [str(d / n) for n in ("a.PNG", "b.png", "c.jpg")]
+
+    code, out, err = caption_cli(capsys, str(d / "*.jpg"), "-c", tiny_checkpoint, "--device", "cpu")
+    assert code == 0, err
+    assert [ln.split("\t")[0] for ln in out] == [str(d / "c.jpg")]
+
+    # a glob, like a directory, expands to the images it matches: notes.txt is not one
+    (d / "sub").mkdir()
+    code, out, err = caption_cli(capsys, str(d / "*"), "-c", tiny_checkpoint, "--device", "cpu")
+    assert code == 0, err
+    assert [ln.split("\t")[0] for ln in out] == [str(d / n) for n in ("a.PNG", "b.png", "c.jpg")]
+
+
+def test_cli_json_and_n_best_scores(capsys, tiny_checkpoint: Path, images: list[Path]) -> None:
+    base = [*images[:2], "-c", tiny_checkpoint, "--device", "cpu"]
+    code, out, err = caption_cli(capsys, *base, "--json")
+    assert code == 0, err
+    rows = [json.loads(ln) for ln in out]
+    assert [r["image"] for r in rows] == [str(p) for p in images[:2]]
+    assert all(isinstance(r["caption"], str) and isinstance(r["score"], float) for r in rows)
+
+    code, out, err = caption_cli(capsys, *base, "--json", "--beam-size", "3", "--n-best", "3")
+    assert code == 0, err
+    for row in map(json.loads, out):
+        hyps = row["hypotheses"]
+        assert len(hyps) == 3
+        assert [h["score"] for h in hyps] == sorted((h["score"] for h in hyps), reverse=True)
+        assert (row["caption"], row["score"]) == (hyps[0]["caption"], hyps[0]["score"])
+
+    code, out, err = caption_cli(capsys, *base, "--beam-size", "3", "--n-best", "2")
+    assert code == 0, err
+    assert len(out) == 4 and all(len(ln.split("\t")) == 3 for ln in out)  # path, caption, score
+    assert all(float(ln.split("\t")[2]) <= 0 for ln in out)
+
+
+def test_cli_sample_with_seed_is_reproducible(
+    capsys, tiny_checkpoint: Path, images: list[Path]
+) -> None:
+    args = [
+        *images[:3],
+        "-c",
+        tiny_checkpoint,
+        "--device",
+        "cpu",
+        "--sample",
+        "--temperature",
+        "1.5",
+    ]
+    runs = [caption_cli(capsys, *args, "--seed", seed) for seed in ("7", "7", "8")]
+    assert all(code == 0 for code, _, _ in runs)
+    assert runs[0][1] == runs[1][1]
+    assert runs[0][1] != runs[2][1]
+
+
+def test_cli_max_len_and_batch_size(capsys, tiny_checkpoint: Path, images: list[Path]) -> None:
+    base = [*images, "-c", tiny_checkpoint, "--device", "cpu"]
+    code, short, _ = caption_cli(capsys, *base, "--max-len", "3")
+    assert code == 0
+    assert all(1 <= len(ln.split("\t")[1].split()) <= 3 for ln in short)  # <end> counts in max_len
+    _, full, _ = caption_cli(capsys, *base)
+    _, one_by_one, _ = caption_cli(capsys, *base, "--batch-size", "1")
+    assert one_by_one == full
+
+
+@pytest.mark.parametrize(
+    ("options", "needle"),
+    [
+        (["--sample", "--beam-size", "3"], "exclusive"),
+        (["--sample", "--top-p", "0"], "top_p"),
+        (["--sample", "--top-p", "1.5"], "top_p"),
+        (["--sample", "--temperature", "0"], "temperature"),
+        (["--sample", "--top-k", "-1"], "top_k"),
+        (["--max-len", "0"], "max_len"),
+        (["--beam-size", "2", "--n-best", "3"], "n_best"),
+        (["--batch-size", "0"], "batch-size"),
+        (["--device", "bogus"], "bogus"),
+    ],
+)
+def test_cli_bad_options_are_one_line(
+    capsys, tiny_checkpoint: Path, images: list[Path], options: list[str], needle: str
+) -> None:
+    code, out, err = caption_cli(capsys, images[0], "-c", tiny_checkpoint, *options)
+    assert code not in (0, None)
+    assert out == []
+    assert len(err) == 1 and err[0].startswith("error:") and needle in err[0], err
+
+
+# -- the CLI: bad images -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", BAD_IMAGES)
+def test_cli_bad_image_is_one_error_others_captioned(
+    capsys, tiny_checkpoint: Path, images: list[Path], tmp_path: Path, case: str
+) -> None:
+    arg, needle = bad_image(case, tmp_path)
+    code, out, err = caption_cli(
+        capsys, images[0], arg, images[1], "-c", tiny_checkpoint, "--device", "cpu"
+    )
+    assert code == 1
+    assert [ln.split("\t")[0] for ln in out] == [str(images[0]), str(images[1])]
+    assert len(err) == 1 and err[0].startswith("error:"), err
+    assert arg in err[0] and needle in err[0], err[0]
+
+
+def test_cli_all_inputs_bad_still_fails_cleanly(
+    capsys, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    args = [bad_image(case, tmp_path / case)[0] for case in BAD_IMAGES]
+    code, out, err = caption_cli(capsys, *args, "-c", tiny_checkpoint, "--json")
+    assert code == 1
+    assert len(errors(err)) == len(BAD_IMAGES) == len(err)
+
+
+# -- the CLI: bad checkpoints ------------------------------------------------------------------
+
+
+class _Payload:
+    """Unpickling this would create ``marker``: a loader that executes pickles is caught."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def bad_checkpoint(case: str, d: Path, good: Path) -> Path:
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / f"{case}.pt"
+    if case == "missing":
+        return path
+    if case == "truncated":
+        raw = good.read_bytes()
+        path.write_bytes(raw[: len(raw) // 2])
+    elif case == "empty":
+        path.write_bytes(b"")
+    elif case == "text":
+        path.write_text("hello, I am not a checkpoint\n")
+    elif case == "image":
+        _rgb(0).save(path, "PNG")
+    elif case == "plain_dict":
+        torch.save({"weights": torch.zeros(3)}, path)
+    elif case == "dir_without_last":
+        path.mkdir()
+    else:
+        raise AssertionError(case)
+    return path
+
+
+BAD_CHECKPOINTS = {
+    "missing": "not found",
+    "truncated": "not a readable checkpoint",
+    "empty": "not a readable checkpoint",
+    "text": "not a",
+    "image": "not a",
+    "plain_dict": "not a captioner checkpoint",
+    "dir_without_last": "not found",
+}
+
+
+@pytest.mark.parametrize("case", BAD_CHECKPOINTS)
+def test_cli_bad_checkpoint_is_one_error_line(
+    capsys, tiny_checkpoint: Path, images: list[Path], tmp_path: Path, case: str
+) -> None:
+    ckpt = bad_checkpoint(case, tmp_path, tiny_checkpoint)
+    code, out, err = caption_cli(capsys, images[0], "--checkpoint", ckpt, "--device", "cpu")
+    assert code not in (0, None)
+    assert out == []
+    assert len(errors(err)) == 1, err
+    assert ckpt.name in errors(err)[0] and BAD_CHECKPOINTS[case] in errors(err)[0], err
+
+
+@pytest.mark.parametrize("how", ["pickle", "torch.save"])
+def test_cli_unsafe_pickle_is_refused_not_executed(
+    capsys, images: list[Path], tmp_path: Path, how: str
+) -> None:
+    marker = tmp_path / "EXECUTED"
+    payload = {"format": "captioner/1", "model": _Payload(marker)}
+    ckpt = tmp_path / "evil.pt"
+    if how == "pickle":
+        ckpt.write_bytes(pickle.dumps(payload))
+    else:
+        torch.save(payload, ckpt)
+    assert not marker.exists()
+    code, out, err = caption_cli(capsys, images[0], "--checkpoint", ckpt, "--device", "cpu")
+    assert not marker.exists(), "the checkpoint's pickle was executed"
+    assert code not in (0, None) and out == []
+    assert len(errors(err)) == 1, err
+    assert "refused" in errors(err)[0] and "not a plain" in errors(err)[0], err
+
+
+# -- the CLI: default checkpoint ---------------------------------------------------------------
+
+
+def test_cli_default_checkpoint_is_newest_best(
+    capsys, monkeypatch, tiny_checkpoint: Path, images: list[Path], tmp_path: Path
+) -> None:
+    runs = tmp_path / "outputs" / "train"
+    newest, older = runs / "a_newer" / "best.pt", runs / "z_older" / "best.pt"
+    for path in (newest, older):
+        path.parent.mkdir(parents=True)
+    newest.write_bytes(tiny_checkpoint.read_bytes())
+    older.write_text("stale and broken: picking me fails")  # last by name, but older
+    os.utime(older, (1_000_000_000, 1_000_000_000))
+    monkeypatch.chdir(tmp_path)
+    code, out, err = caption_cli(capsys, images[0], "--device", "cpu")
+    assert code == 0, err
+    assert len(out) == 1
+    assert any(str(Path("outputs/train/a_newer/best.pt")) in ln for ln in err), err
+
+
+def test_cli_no_checkpoint_says_how_to_train(
+    capsys, monkeypatch, images: list[Path], tmp_path: Path
+) -> None:
+    (tmp_path / "outputs" / "train" / "run").mkdir(parents=True)
+    (tmp_path / "outputs" / "train" / "run" / "last.pt").write_bytes(b"")  # not a best.pt
+    monkeypatch.chdir(tmp_path)
+    code, out, err = caption_cli(capsys, images[0], "--device", "cpu")
+    assert code not in (0, None) and out == []
+    assert len(err) == 1 and err[0].startswith("error:") and "captioner train" in err[0], err
+
+
+# -- the real command --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def subprocess_runs(
+    tiny_checkpoint: Path, images: list[Path], tmp_path_factory: pytest.TempPathFactory
+) -> dict:
+    """Three real ``python -m captioner caption`` runs, started together."""
+    base = tmp_path_factory.mktemp("subprocess")
+    bad = [
+        bad_image(case, base / case)[0]
+        for case in ("missing", "not_image", "truncated_png", "bomb")
+    ]
+    marker = base / "EXECUTED"
+    torch.save({"format": "captioner/1", "model": _Payload(marker)}, base / "evil.pt")
+    ckpt = ["--checkpoint", str(tiny_checkpoint), "--device", "cpu"]
+    glob_arg = str(images[0].parent / "*.png")  # quoted: the command expands it, not a shell
+    commands = {
+        "mixed": [str(images[0]), *bad, glob_arg, *ckpt],
+        "good_json": [
+            glob_arg,
+            str(images[0]),
+            *ckpt,
+            "--json",
+            "--beam-size",
+            "2",
+            "--n-best",
+            "2",
+        ],
+        "evil": [str(images[0]), "--checkpoint", str(base / "evil.pt"), "--device", "cpu"],
+    }
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, "-m", "captioner", "caption", *args],
+            cwd=base,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+        for name, args in commands.items()
+    }
+    outputs = {name: p.communicate(timeout=180) for name, p in procs.items()}
+    runs = {name: (procs[name].returncode, *outputs[name]) for name in procs}
+    return {"runs": runs, "bad": bad, "marker": marker}
+
+
+@pytest.mark.slow
+def test_subprocess_mixed_inputs(subprocess_runs: dict, images: list[Path]) -> None:
+    code, stdout, stderr = subprocess_runs["runs"]["mixed"]
+    assert code == 1, stderr
+    assert "Traceback" not in stderr
+    pngs = sorted(p for p in images if p.suffix == ".png")
+    assert [ln.split("\t")[0] for ln in stdout.splitlines()] == [str(p) for p in [images[0], *pngs]]
+    errs = [ln for ln in stderr.splitlines() if ln.startswith("error:")]
+    bad = subprocess_runs["bad"]
+    assert len(errs) == len(bad)
+    for arg in bad:
+        assert sum(arg in ln for ln in errs) == 1, (arg, errs)
+
+
+@pytest.mark.slow
+def test_subprocess_good_inputs_exit_zero(subprocess_runs: dict, images: list[Path]) -> None:
+    code, stdout, stderr = subprocess_runs["runs"]["good_json"]
+    assert code == 0, stderr
+    assert "Traceback" not in stderr and "error:" not in stderr
+    rows = [json.loads(ln) for ln in stdout.splitlines()]
+    pngs = sorted(str(p) for p in images if p.suffix == ".png")
+    assert [r["image"] for r in rows] == [*pngs, str(images[0])]
+    assert all(len(r["hypotheses"]) == 2 for r in rows)
+
+
+@pytest.mark.slow
+def test_subprocess_unsafe_checkpoint_refused(subprocess_runs: dict) -> None:
+    code, stdout, stderr = subprocess_runs["runs"]["evil"]
+    assert code == 2, stderr
+    assert "Traceback" not in stderr and stdout == ""
+    assert not subprocess_runs["marker"].exists()
+    errs = [ln for ln in stderr.splitlines() if ln.startswith("error:")]
+    assert len(errs) == 1 and "refused" in errs[0], stderr

@@ -1,0 +1,258 @@
+"""``captioner evaluate``: the run files (metrics.json, results.json, per_image.jsonl), BLEU from
+the same code path as training validation, data overrides, decode settings, and user errors."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from test_caption import train_tiny_checkpoint
+
+from captioner import metrics as metrics_module
+from captioner.cli import main
+from captioner.config import compose
+from captioner.evaluate import evaluate
+from captioner.metrics import bleu_from_text, sentence_bleu_from_text
+
+FAST = ["device=cpu", "coco_metrics=false", "batch_size=4"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_demo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny best.pt trained once per session, shared with test_caption."""
+    return train_tiny_checkpoint(tiny_demo, tmp_path_factory)
+
+
+def run_eval(checkpoint: Path, out_dir: Path, *overrides: str) -> dict:
+    cfg = compose("evaluate", [f"checkpoint={checkpoint}", *FAST, *overrides])
+    evaluate(cfg, out_dir)
+    return read_run(out_dir)
+
+
+def read_run(out_dir: Path) -> dict:
+    return {
+        "dir": out_dir,
+        "metrics": json.loads((out_dir / "metrics.json").read_text()),
+        "results": json.loads((out_dir / "results.json").read_text()),
+        "rows": [json.loads(ln) for ln in (out_dir / "per_image.jsonl").read_text().splitlines()],
+    }
+
+
+@pytest.fixture(scope="module")
+def default_run(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The default evaluation: the checkpoint's own dataset, test split, greedy."""
+    return run_eval(tiny_checkpoint, tmp_path_factory.mktemp("eval_test"))
+
+
+def test_metrics_json(default_run: dict) -> None:
+    m = default_run["metrics"]
+    for n in range(1, 5):
+        assert isinstance(m[f"bleu{n}"], float) and 0.0 <= m[f"bleu{n}"] <= 1.0
+    assert m["bleu1"] >= m["bleu2"] >= m["bleu3"] >= m["bleu4"]  # cumulative BLEU-n
+    assert m["split"] == "test" and m["num_images"] == 8
+    assert m["decode"]["strategy"] == "greedy" and m["decode"]["max_len"] == 20
+    assert "cider" not in m  # coco_metrics=false
+
+
+def test_per_image_rows_use_the_training_dataset(default_run: dict, tiny_demo: Path) -> None:
+    rows = default_run["rows"]
+    ann = json.loads((tiny_demo / "annotations" / "captions_test.json").read_text())
+    refs: dict[int, list[str]] = {}
+    for a in ann["annotations"]:
+        refs.setdefault(a["image_id"], []).append(a["caption"])
+    assert len(rows) == 8 and {r["image_id"] for r in rows} == set(refs)
+    for r in rows:
+        assert r["references"] == refs[r["image_id"]]  # ALL references, as text
+        assert isinstance(r["caption"], str) and r["caption"] and "<" not in r["caption"]
+        assert Path(r["file"]).parent == tiny_demo / "images" / "test"
+        assert r["bleu4"] == pytest.approx(
+            sentence_bleu_from_text(r["caption"], r["references"])["bleu4"]
+        )
+
+
+def test_bleu_is_the_training_validation_bleu(default_run: dict) -> None:
+    rows = default_run["rows"]
+    expected = bleu_from_text([r["caption"] for r in rows], [r["references"] for r in rows])
+    for n in range(1, 5):
+        assert default_run["metrics"][f"bleu{n}"] == pytest.approx(expected[f"bleu{n}"], abs=1e-9)
+
+
+def test_results_json_loads_with_pycocotools(default_run: dict, tiny_demo: Path) -> None:
+    from pycocotools.coco import COCO
+
+    results = default_run["results"]
+    assert all(set(r) == {"image_id", "caption"} for r in results)
+    assert [r["caption"] for r in results] == [r["caption"] for r in default_run["rows"]]
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(tiny_demo / "annotations" / "captions_test.json"))
+        res = gt.loadRes(str(default_run["dir"] / "results.json"))
+    assert set(res.getImgIds()) == {r["image_id"] for r in results} == set(gt.getImgIds())
+
+
+def test_val_split_and_beam_settings(
+    default_run: dict, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    run = run_eval(
+        tiny_checkpoint, tmp_path, "split=val", "decode.strategy=beam", "decode.beam_size=2"
+    )
+    m = run["metrics"]
+    assert m["split"] == "val" and m["num_images"] == 8
+    assert m["decode"]["strategy"] == "beam" and m["decode"]["beam_size"] == 2
+    val_files = {r["file"] for r in run["rows"]}
+    assert all("/images/val/" in f for f in val_files)
+    assert not val_files & {r["file"] for r in default_run["rows"]}
+
+
+def write_coco_split(root: Path, n: int = 5) -> Path:
+    (root / "pics").mkdir(parents=True)
+    images, anns = [], []
+    for i in range(n):
+        Image.new("RGB", (24, 24), (50 * i % 256, 120, 30)).save(root / "pics" / f"p{i}.jpg")
+        images.append({"id": 100 + i, "file_name": f"p{i}.jpg"})
+        anns += [
+            {"id": 2 * i + 1, "image_id": 100 + i, "caption": "a green square ."},
+            {"id": 2 * i + 2, "image_id": 100 + i, "caption": f"shape number {i}"},
+        ]
+    (root / "caps.json").write_text(json.dumps({"images": images, "annotations": anns}))
+    return root
+
+
+def test_data_overrides_evaluate_another_coco_split(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    root = write_coco_split(tmp_path / "other")
+    before = sorted(p.relative_to(root) for p in root.rglob("*"))
+    run = run_eval(
+        tiny_checkpoint,
+        tmp_path / "out",
+        f"data.root={root}",
+        "data.test_annotations=caps.json",
+        "data.test_images=pics",
+    )
+    assert run["metrics"]["num_images"] == 5
+    assert sorted(r["image_id"] for r in run["results"]) == list(range(100, 105))
+    assert {r["references"][1] for r in run["rows"]} == {f"shape number {i}" for i in range(5)}
+    assert sorted(p.relative_to(root) for p in root.rglob("*")) == before  # no demo written there
+
+
+def test_missing_coco_eval_warns_once_and_goes_on(
+    tiny_checkpoint: Path,
+    tmp_path: Path,
+    monkeypatch,
+    caplog,
+) -> None:
+    monkeypatch.setattr(
+        metrics_module,
+        "_coco_unavailable_reason",
+        lambda: "pycocoevalcap is not installed (simulated)",
+    )
+    monkeypatch.setattr(metrics_module, "_COCO_WARNED", False)
+    with caplog.at_level(logging.WARNING):
+        for i in range(2):
+            run = run_eval(tiny_checkpoint, tmp_path / str(i), "coco_metrics=true", "max_images=3")
+            assert run["metrics"]["num_images"] == 3 and "bleu4" in run["metrics"]
+            assert "cider" not in run["metrics"]
+    warned = [r for r in caplog.records if "pycocoevalcap is not installed" in r.getMessage()]
+    assert len(warned) == 1
+
+
+@pytest.mark.slow
+def test_official_coco_metrics_when_available(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    if metrics_module._coco_unavailable_reason() is not None:
+        pytest.skip(metrics_module._coco_unavailable_reason())
+    m = run_eval(tiny_checkpoint, tmp_path, "coco_metrics=true", "max_images=4")["metrics"]
+    assert {"coco_bleu4", "rouge_l", "cider"} <= set(m)
+    assert all(m[k] >= 0.0 for k in ("coco_bleu4", "rouge_l", "cider"))
+
+
+# -- through the CLI ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def keep_logging():
+    """Hydra reconfigures logging onto the captured streams; put the root logger back after."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def test_cli_writes_run_and_prints_table(
+    capsys,
+    keep_logging,
+    tiny_checkpoint: Path,
+    tmp_path: Path,
+) -> None:
+    run_dir = tmp_path / "run"
+    main(
+        [
+            "evaluate",
+            f"checkpoint={tiny_checkpoint}",
+            f"hydra.run.dir={run_dir}",
+            *FAST,
+            "decode.strategy=beam",
+            "decode.beam_size=2",
+        ]
+    )
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    assert "test split, 8 images, beam decoding" in out
+    assert any(ln.split()[:1] == ["bleu4"] for ln in out.splitlines()), out
+    run = read_run(run_dir)
+    assert run["metrics"]["decode"]["beam_size"] == 2 and len(run["results"]) == 8
+    table = {
+        ln.split()[0]: float(ln.split()[1]) for ln in out.splitlines() if ln.startswith("  bleu")
+    }
+    assert table == pytest.approx(
+        {f"bleu{n}": run["metrics"][f"bleu{n}"] for n in range(1, 5)}, abs=1e-4
+    )
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("decode.beam_size=0", "beam_size"),
+        ("decode.strategy=nucleus", "strategy"),
+        ("decode.top_p=0", "top_p"),
+        ("split=bogus", "bogus"),
+        ("checkpoint={missing}", "not found"),
+    ],
+)
+def test_cli_bad_settings_are_one_error_line(
+    capsys,
+    keep_logging,
+    tiny_checkpoint: Path,
+    tmp_path: Path,
+    override: str,
+    needle: str,
+) -> None:
+    override = override.format(missing=tmp_path / "nope.pt")
+    with pytest.raises(SystemExit) as exc:
+        main(
+            [
+                "evaluate",
+                f"checkpoint={tiny_checkpoint}",
+                f"hydra.run.dir={tmp_path / 'run'}",
+                *FAST,
+                override,
+            ]
+        )
+    out, err = capsys.readouterr()
+    assert exc.value.code not in (0, None)
+    assert "Traceback" not in err and out == ""
+    errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and needle in errors[0], err
+    assert not (tmp_path / "run" / "metrics.json").exists()

@@ -1,0 +1,38 @@
+"""The demo notebook runs top to bottom (so it cannot rot) and is stored without outputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "demo.ipynb"
+
+
+def test_notebook_is_stored_without_outputs() -> None:
+    cells = json.loads(NOTEBOOK.read_text())["cells"]
+    code = [c for c in cells if c["cell_type"] == "code"]
+    assert code, "the notebook has no code"
+    assert all(not c["outputs"] and c["execution_count"] is None for c in code)
+
+
+@pytest.mark.slow
+def test_notebook_executes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    # run a copy from a scratch folder: the notebook's ../data and ../outputs land in tmp_path
+    workdir = tmp_path / "notebooks"
+    workdir.mkdir()
+    monkeypatch.setenv("CAPTIONER_NOTEBOOK_EPOCHS", "1")
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    nbclient.NotebookClient(
+        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(workdir)}}
+    ).execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    assert "bleu4" in text and "best val BLEU-4" in text
+    images = [o for o in outputs if "image/png" in o.get("data", {})]
+    assert len(images) == 2  # the caption grid and the training curves
+    assert (tmp_path / "outputs" / "notebook" / "evaluate" / "metrics.json").is_file()
