@@ -5,9 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from captioner.config import compose
 from captioner.synthetic import ensure_demo_dataset
+from captioner.train import train
 
 TINY_SPLITS = {"train": 24, "val": 8, "test": 8}
 
@@ -48,3 +50,27 @@ def tiny_cfg(tiny_demo: Path, tmp_path: Path):
         return compose("train", [*tiny_overrides(tiny_demo, tmp_path / "cache"), *overrides])
 
     return make
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread is faster, and immune to a busy machine's contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_demo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """best.pt of one 1-epoch tiny run, trained once per session (caption and evaluate tests)."""
+    run_dir = tmp_path_factory.mktemp("tiny_run")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        overrides = [*tiny_overrides(tiny_demo, run_dir / "cache"), "trainer.max_epochs=1"]
+        train(compose("train", overrides), run_dir)
+    finally:
+        torch.set_num_threads(threads)
+    assert (run_dir / "best.pt").is_file()
+    return run_dir / "best.pt"

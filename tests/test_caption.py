@@ -20,46 +20,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_overrides
 from PIL import Image
 
 from captioner.cli import main
-from captioner.config import compose
 from captioner.decoding import DecodeConfig
 from captioner.inference import Captioner
-from captioner.train import train
-
-_TRAINED: dict[Path, Path] = {}
-
-
-def train_tiny_checkpoint(tiny_demo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """best.pt of one 1-epoch tiny run, trained once per session (test_evaluate uses it too)."""
-    if tiny_demo not in _TRAINED:
-        run_dir = tmp_path_factory.mktemp("tiny_run")
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            overrides = [*tiny_overrides(tiny_demo, run_dir / "cache"), "trainer.max_epochs=1"]
-            train(compose("train", overrides), run_dir)
-        finally:
-            torch.set_num_threads(threads)
-        _TRAINED[tiny_demo] = run_dir / "best.pt"
-    assert _TRAINED[tiny_demo].is_file()
-    return _TRAINED[tiny_demo]
-
-
-@pytest.fixture(scope="session")
-def tiny_checkpoint(tiny_demo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return train_tiny_checkpoint(tiny_demo, tmp_path_factory)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # -- image files -------------------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ from captioner.model import ModelConfig
 
 GROUPS = {
     "data": ["coco", "demo", "flickr8k", "karpathy"],
-    "experiment": ["coco_resnet50"],
+    "experiment": ["coco_resnet50", "flickr8k"],
     "model": ["demo", "resnet50", "timm"],
     "optim": ["adam", "adamw"],
     "scheduler": ["constant", "cosine", "step"],
@@ -157,6 +157,17 @@ def test_experiment_coco_resnet50() -> None:
     cfg = compose("train", ["experiment=coco_resnet50", "trainer.max_epochs=3", "data.root=/x"])
     assert (cfg.trainer.max_epochs, cfg.scheduler.T_max) == (3, 3)
     assert cfg.trainer.cache_dir == "/x/.cache/features"
+
+
+def test_experiment_flickr8k() -> None:
+    cfg = compose("train", ["experiment=flickr8k", "model.encoder.weights_file=/w.pth"])
+    assert (cfg.data.name, cfg.model.name) == ("flickr8k", "timm")
+    model = ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
+    assert (model.encoder.name, model.encoder.freeze) == ("tf_efficientnet_lite2", True)
+    assert model.encoder.weights_file == "/w.pth"
+    assert (model.decoder.hidden_size, model.decoder.dropout) == (512, 0.5)
+    assert cfg.scheduler.T_max == cfg.trainer.max_epochs
+    OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
 
 
 @pytest.mark.parametrize("override", ["trainer.bogus=1", "model.encoder.bogus=1", "bogus=1"])

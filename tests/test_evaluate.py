@@ -10,9 +10,7 @@ import logging
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
-from test_caption import train_tiny_checkpoint
 
 from captioner import metrics as metrics_module
 from captioner.cli import main
@@ -21,20 +19,6 @@ from captioner.evaluate import evaluate
 from captioner.metrics import bleu_from_text, sentence_bleu_from_text
 
 FAST = ["device=cpu", "coco_metrics=false", "batch_size=4"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="session")
-def tiny_checkpoint(tiny_demo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny best.pt trained once per session, shared with test_caption."""
-    return train_tiny_checkpoint(tiny_demo, tmp_path_factory)
 
 
 def run_eval(checkpoint: Path, out_dir: Path, *overrides: str) -> dict:

@@ -28,15 +28,6 @@ METRIC_KEYS = {"epoch", "train_loss", "val_loss", "val_bleu4", "seconds"}
 SCHEDULE = ["scheduler=cosine", "scheduler.T_max=3"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster, and immune to a busy machine's contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def make_cfg(tiny_demo: Path, tmp_path_factory: pytest.TempPathFactory):
     """Compose a tiny run's config (2 epochs of 3 batches, dropout 0.2, constant lr)."""
