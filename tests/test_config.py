@@ -159,6 +159,18 @@ def test_experiment_coco_resnet50() -> None:
     assert cfg.trainer.cache_dir == "/x/.cache/features"
 
 
+@pytest.mark.parametrize("data", ["coco", "karpathy", "flickr8k"])
+def test_real_data_defaults_to_a_pretrained_resnet50(data: str) -> None:
+    cfg = compose("train", [f"data={data}"])
+    assert (cfg.model.name, cfg.model.encoder.weights, cfg.model.encoder.freeze) == (
+        "resnet50",
+        "DEFAULT",
+        True,
+    )
+    assert compose("train", [f"data={data}", "model=timm"]).model.name == "timm"  # CLI wins
+    assert compose("train", ["model=demo", f"data={data}"]).model.name == "demo"
+
+
 def test_experiment_flickr8k() -> None:
     cfg = compose("train", ["experiment=flickr8k", "model.encoder.weights_file=/w.pth"])
     assert (cfg.data.name, cfg.model.name) == ("flickr8k", "timm")
