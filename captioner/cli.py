@@ -1,4 +1,5 @@
-"""The ``captioner`` command: ``train`` and ``evaluate`` are Hydra apps, ``caption`` is argparse.
+"""The ``captioner`` command: ``train`` and ``evaluate`` are Hydra apps, ``caption`` and
+``prepare`` are argparse.
 
 Thin: each command parses its arguments and calls the library function that does the work.
 """
@@ -12,8 +13,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from captioner.errors import UserError
-
-log = logging.getLogger("captioner")
 
 COMMANDS = {
     "train": "train a captioner (Hydra app; `captioner train --help` shows the config groups)",
