@@ -178,7 +178,8 @@ def test_experiment_flickr8k() -> None:
     assert (model.encoder.name, model.encoder.freeze) == ("tf_efficientnet_lite2", True)
     assert model.encoder.weights_file == "/w.pth"
     assert (model.decoder.hidden_size, model.decoder.dropout) == (512, 0.5)
-    assert cfg.scheduler.T_max == cfg.trainer.max_epochs
+    assert (cfg.optim.lr, cfg.trainer.max_epochs, cfg.trainer.patience) == (4e-4, 10, None)
+    assert cfg.scheduler._target_ == "torch.optim.lr_scheduler.ConstantLR"
     OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
 
 
