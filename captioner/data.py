@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import math
 import random
@@ -26,6 +25,7 @@ from torch.utils.data import Dataset, DistributedSampler
 from torchvision import transforms as T
 
 from captioner.errors import UserError
+from captioner.files import read_json
 from captioner.vocab import Vocab, tokenize
 
 log = logging.getLogger(__name__)
@@ -46,22 +46,6 @@ class CaptionRecord:
     image_id: int
     path: Path
     captions: list[str] = field(default_factory=list)
-
-
-def read_json(path: str | Path, what: str = "annotation file") -> Any:
-    """Read a UTF-8 JSON file, turning every failure into a one-line :class:`UserError`."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: {what} not found")
-    try:
-        raw = path.read_bytes()
-        return json.loads(raw.decode("utf-8"))
-    except OSError as exc:  # e.g. permission denied
-        raise UserError(f"{path}: cannot read {what} ({exc.strerror or exc})") from exc
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{path}: {what} is not valid UTF-8 text (byte {exc.start})") from exc
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: {what} is not valid JSON ({exc.msg}, line {exc.lineno})") from exc
 
 
 def _is_int(value: Any) -> bool:

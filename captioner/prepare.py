@@ -59,6 +59,7 @@ from typing import Any
 
 from captioner import __version__
 from captioner.errors import UserError
+from captioner.files import read_json, read_text
 from captioner.vocab import tokenize
 
 log = logging.getLogger(__name__)
@@ -75,25 +76,6 @@ CHUNK = 1 << 20
 
 # ---------------------------------------------------------------------------------------------
 # reading inputs
-
-
-def _read_text(path: Path, what: str) -> str:
-    """A UTF-8 text file (a BOM is dropped); every failure is a one-line :class:`UserError`."""
-    if not path.is_file():
-        raise UserError(f"{path}: {what} not found")
-    try:
-        return path.read_bytes().decode("utf-8-sig")
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read {what} ({exc.strerror or exc})") from exc
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{path}: {what} is not valid UTF-8 text (byte {exc.start})") from exc
-
-
-def _read_json(path: Path, what: str) -> Any:
-    try:
-        return json.loads(_read_text(path, what))
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: {what} is not valid JSON ({exc.msg}, line {exc.lineno})") from exc
 
 
 def normalize_caption(text: str) -> str:
@@ -127,7 +109,7 @@ def read_token_file(path: str | Path) -> Captions:
     """Read a Flickr token file: ``IMAGE#N<TAB>caption`` per line (``#N`` optional)."""
     path = Path(path)
     captions = Captions()
-    for lineno, line in enumerate(_read_text(path, "token file").splitlines(), 1):
+    for lineno, line in enumerate(read_text(path, "token file").splitlines(), 1):
         if not line.strip():
             continue
         key, tab, caption = line.partition("\t")
@@ -145,7 +127,7 @@ def read_image_list(path: str | Path, stats: Counter | None = None) -> list[str]
     """One image file name per line (blank lines skipped); a name listed twice counts once."""
     path = Path(path)
     names: dict[str, None] = {}
-    for line in _read_text(path, "image list").splitlines():
+    for line in read_text(path, "image list").splitlines():
         name = line.strip()
         if not name:
             continue
@@ -158,7 +140,7 @@ def read_image_list(path: str | Path, stats: Counter | None = None) -> list[str]
 def read_karpathy_splits(path: str | Path, restval: str = "train") -> dict[str, list[str]]:
     """File names per split of a Karpathy split file (``restval`` joins ``restval``'s value)."""
     path = Path(path)
-    data = _read_json(path, "Karpathy split file")
+    data = read_json(path, "Karpathy split file")
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise UserError(f"{path}: not a Karpathy split file (no 'images' list)")
     splits: dict[str, dict[str, None]] = {}
@@ -375,7 +357,7 @@ def prepare_karpathy(
     train unless ``separate_restval``); ``file_name`` is ``filepath/filename``, the image id is
     ``cocoid`` (COCO) or ``imgid`` (Flickr)."""
     split_file, out = Path(split_file), Path(out)
-    data = _read_json(split_file, "Karpathy split file")
+    data = read_json(split_file, "Karpathy split file")
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise UserError(f"{split_file}: not a Karpathy split file (no 'images' list)")
     restval = "restval" if separate_restval else "train"
