@@ -41,7 +41,7 @@ from captioner.decoding import DecodeConfig
 from captioner.errors import UserError
 from captioner.features import build_feature_cache, encoder_fingerprint
 from captioner.inference import corpus_scores, decode_features, hypothesis_text
-from captioner.model import CaptionModel, ModelConfig, build_model, caption_loss
+from captioner.model import ModelConfig, build_model, caption_loss
 from captioner.runtime import Runtime, setup_runtime, teardown_runtime
 from captioner.vocab import Vocab
 
@@ -635,4 +635,4 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         teardown_runtime(rt)
 
 
-__all__ = ["CaptionModel", "Trainer", "TrainingInterrupted", "train"]
+__all__ = ["Trainer", "TrainingInterrupted", "train"]
