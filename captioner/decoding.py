@@ -12,13 +12,15 @@ distribution, comparable across strategies.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from captioner.errors import UserError
 
 State = tuple[Tensor, ...]  # every tensor has the batch in dim 1, e.g. LSTM (h, c): [layers, B, H]
 STRATEGIES: tuple[str, ...] = ("greedy", "beam", "sample")
@@ -70,6 +72,14 @@ class DecodeConfig:
             raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str = "decode") -> DecodeConfig:
+        """Build from a config node; a bad or unknown field is a ``UserError`` naming ``where``."""
+        try:
+            return cls(**data)
+        except (TypeError, ValueError) as exc:
+            raise UserError(f"{where}: {exc}") from exc
 
 
 @dataclass

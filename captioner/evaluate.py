@@ -57,13 +57,6 @@ def resolve_data_config(
     return OmegaConf.create({**base, **given})
 
 
-def decode_config(cfg: DictConfig) -> DecodeConfig:
-    try:
-        return DecodeConfig(**OmegaConf.to_container(cfg, resolve=True))
-    except (TypeError, ValueError) as exc:
-        raise UserError(f"decode: {exc}") from exc
-
-
 def evaluate(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     """Evaluate ``cfg.checkpoint`` on ``cfg.split``; write the run files into ``out_dir``."""
     out_dir = Path(out_dir)
@@ -71,7 +64,7 @@ def evaluate(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     device = resolve_device(str(cfg.device))
     ckpt = load_checkpoint(ckpt_path)
     model, vocab, pre = model_from_checkpoint(ckpt, device=device)
-    decode_cfg = decode_config(cfg.decode)
+    decode_cfg = DecodeConfig.from_dict(OmegaConf.to_container(cfg.decode, resolve=True))
     records = load_split(resolve_data_config(ckpt, cfg.get("data")), str(cfg.split))
     if cfg.get("max_images"):
         records = records[: int(cfg.max_images)]

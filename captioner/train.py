@@ -1,5 +1,8 @@
 """Training: teacher-forced LSTM decoder on CNN features, validated by free-running BLEU-4.
 
+Validation decodes as ``trainer.val_decode`` says (greedy by default; beam to select ``best.pt``
+by the decoding you will evaluate with), with the weight average when ``trainer.ema_decay`` is set.
+
 ``train(cfg, out_dir)`` is what ``captioner train`` runs (and what tests call). One process, or
 one per GPU under ``torchrun`` (PyTorch DDP): rank 0 logs and writes checkpoints.
 """
@@ -38,6 +41,7 @@ from captioner.data import (
     load_split,
 )
 from captioner.decoding import DecodeConfig
+from captioner.ema import ModelEMA
 from captioner.errors import UserError
 from captioner.features import build_feature_cache, encoder_fingerprint
 from captioner.inference import corpus_scores, decode_features, hypothesis_text
@@ -180,6 +184,11 @@ class Trainer:
             rt.device.type, enabled=self.autocast_dtype == torch.float16
         )
         self.label_smoothing = float(self.tcfg.get("label_smoothing", 0.0))
+        self.val_decode = DecodeConfig.from_dict(
+            OmegaConf.to_container(self.tcfg.val_decode, resolve=True), "trainer.val_decode"
+        )
+        ema_decay = self.tcfg.get("ema_decay")
+        self.ema = ModelEMA(self.model, float(ema_decay)) if ema_decay is not None else None
         self.augment = bool(cfg.data.get("augment", False))
         self._fingerprint: str | None = None
         self._caches: dict[str, Any] = {}
@@ -245,6 +254,11 @@ class Trainer:
             setattr(self, key, ckpt[key])
         self.epoch_skipped = set(self.epoch_skipped)
         self.rng_states = ckpt["rng"]
+        if self.ema is not None:
+            if ckpt.get("ema") is not None:
+                self.ema.load_state_dict(ckpt["ema"])
+            else:
+                log.warning("resume: %s has no weight average; starting one now", self._resume_path)
         if self.rt.is_main:  # carry the history over into this run's directory
             old_dir = self._resume_path.parent
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -436,6 +450,8 @@ class Trainer:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
                 self.optimizer.zero_grad(set_to_none=True)
+                if self.ema is not None:
+                    self.ema.update(self.model)
                 ntok = int((batch["lengths"] - 1).sum())
                 self.epoch_loss_sum += float(loss.detach()) * ntok
                 self.epoch_tokens += ntok
@@ -455,12 +471,20 @@ class Trainer:
         return bool(flag.item())
 
     # -- validation -----------------------------------------------------------------------------
+    def averaged_weights(self) -> contextlib.AbstractContextManager[None]:
+        """The weights to validate and keep as best.pt: the EMA when there is one."""
+        return self.ema.applied(self.model) if self.ema is not None else contextlib.nullcontext()
+
     @torch.no_grad()
     def validate(self, epoch: int) -> dict[str, float]:
-        """Teacher-forced val loss, and BLEU from FREE-RUNNING greedy decoding."""
+        """Teacher-forced val loss, and BLEU from FREE-RUNNING ``trainer.val_decode`` decoding."""
+        with self.averaged_weights():
+            return self._validate(epoch)
+
+    def _validate(self, epoch: int) -> dict[str, float]:
         loader, cached = self.val_loader(epoch)
         self.model.eval()
-        decode_cfg = DecodeConfig(strategy="greedy", max_len=int(self.tcfg.val_max_len))
+        decode_cfg = self.val_decode
         loss_sum, tokens, captions = 0.0, 0, {}
         for batch in tqdm(
             loader,
@@ -527,6 +551,7 @@ class Trainer:
             "epoch_tokens": self.epoch_tokens,
             "epoch_skipped": sorted(self.epoch_skipped),
             "rng": self._gather_rng(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
         }
 
     def save_last(self) -> Path | None:
@@ -614,7 +639,8 @@ class Trainer:
                     if k != "epoch" and isinstance(v, float | int) and math.isfinite(v):
                         self.tensorboard.add_scalar(k, v, self.epoch + 1)
         if improved:
-            self.save_best(metrics)
+            with self.averaged_weights():
+                self.save_best(metrics)
         self.epoch += 1
         self.batch_in_epoch, self.epoch_loss_sum, self.epoch_tokens, self.epoch_skipped = (
             0,

@@ -146,6 +146,90 @@ def test_resume_at_epoch_boundary_equals_uninterrupted(
     assert_same_run_end(tmp_path / "b", reference)
 
 
+# ---------------------------------------------------------------------------------------------
+# the weight average (trainer.ema_decay) and the validation decoding (trainer.val_decode)
+
+EMA = "trainer.ema_decay=0.9"
+
+
+@pytest.fixture(scope="module")
+def reference_ema(make_cfg, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The reference run again, with a weight average."""
+    out = tmp_path_factory.mktemp("reference_ema")
+    train(make_cfg(*SCHEDULE, EMA), out)
+    return out
+
+
+def test_ema_changes_what_is_validated_not_the_training(
+    reference_ema: Path, reference: Path
+) -> None:
+    got, want = load_checkpoint(reference_ema / "last.pt"), load_checkpoint(reference / "last.pt")
+    assert_same_tensors(got["model"], want["model"])  # the optimizer saw the same weights
+    assert want["ema"] is None and got["ema"]["updates"] == 6
+    averages = got["ema"]["averages"]
+    assert any(not torch.equal(averages[k], got["model"][k]) for k in averages)
+    rows, ref_rows = metrics(reference_ema), metrics(reference)
+    assert [m["train_loss"] for m in rows] == [m["train_loss"] for m in ref_rows]
+    assert [m["val_loss"] for m in rows] != [m["val_loss"] for m in ref_rows]
+
+
+def test_resume_mid_epoch_continues_the_weight_average(
+    make_cfg, reference_ema: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    interrupt_at(monkeypatch, step=4)
+    with pytest.raises(TrainingInterrupted):
+        train(make_cfg(*SCHEDULE, EMA), tmp_path / "a")
+    monkeypatch.undo()
+    train(make_cfg(*SCHEDULE, EMA, f"resume={tmp_path / 'a'}"), tmp_path / "b")
+    assert_same_run_end(tmp_path / "b", reference_ema)
+    got, want = (
+        load_checkpoint(tmp_path / "b" / "last.pt"),
+        load_checkpoint(reference_ema / "last.pt"),
+    )
+    assert got["ema"]["updates"] == want["ema"]["updates"]
+    assert_same_tensors(got["ema"]["averages"], want["ema"]["averages"])
+
+
+def test_best_pt_is_the_validated_model(make_cfg, tmp_path: Path) -> None:
+    """With a weight average and beam validation, evaluating best.pt the same way on val gives
+    exactly the val BLEU that selected it: best.pt holds the averaged weights that were scored."""
+    from captioner.evaluate import evaluate
+
+    beam = ["trainer.val_decode.strategy=beam", "trainer.val_decode.beam_size=2"]
+    train(make_cfg(EMA, *beam, "trainer.max_epochs=1"), tmp_path / "run")
+    last, best = (
+        load_checkpoint(tmp_path / "run" / "last.pt"),
+        load_checkpoint(tmp_path / "run" / "best.pt"),
+    )
+    averages = last["ema"]["averages"]
+    assert_same_tensors({k: best["model"][k] for k in averages}, averages)
+    assert any(not torch.equal(averages[k], last["model"][k]) for k in averages)
+
+    overrides = ["split=val", "device=cpu", "coco_metrics=false", "batch_size=8"]
+    decode = ["decode.strategy=beam", "decode.beam_size=2"]
+    cfg = compose("evaluate", [f"checkpoint={tmp_path / 'run' / 'best.pt'}", *overrides, *decode])
+    evaluate(cfg, tmp_path / "eval")
+    scored = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert scored["bleu4"] == pytest.approx(metrics(tmp_path / "run")[0]["val_bleu4"], abs=1e-9)
+    assert scored["bleu1"] == pytest.approx(metrics(tmp_path / "run")[0]["val_bleu1"], abs=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("trainer.val_decode.strategy=nope", r"trainer\.val_decode: strategy must be one of"),
+        ("trainer.val_decode.beam_size=0", r"trainer\.val_decode: beam_size must be >= 1"),
+        ("trainer.ema_decay=1.0", r"trainer\.ema_decay must be in \(0, 1\)"),
+    ],
+)
+def test_bad_validation_settings_fail_before_training(
+    make_cfg, tmp_path: Path, override: str, message: str
+) -> None:
+    with pytest.raises(UserError, match=message):
+        train(make_cfg(override), tmp_path)
+    assert not (tmp_path / "last.pt").exists()
+
+
 def test_resume_refuses_best_pt(make_cfg, reference: Path, tmp_path: Path) -> None:
     with pytest.raises(UserError, match="last.pt"):
         train(make_cfg(f"resume={reference / 'best.pt'}"), tmp_path / "x")
