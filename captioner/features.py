@@ -30,8 +30,12 @@ CACHE_VERSION = 1
 
 
 def encoder_fingerprint(encoder: Encoder) -> str:
-    """sha1 over the encoder's architecture and every tensor of its state (weights and buffers)."""
-    h = hashlib.sha1(type(encoder.backbone).__name__.encode())
+    """sha1 over the encoder's architecture, ``flip_average`` and every tensor of its state
+    (weights and buffers)."""
+    # "|flip" only when set, so the caches of encoders without it keep their keys
+    h = hashlib.sha1(
+        (type(encoder.backbone).__name__ + ("|flip" if encoder.flip_average else "")).encode()
+    )
     for name, tensor in encoder.state_dict().items():
         t = tensor.detach().cpu().contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())

@@ -53,6 +53,9 @@ class EncoderConfig:
     crop: int | None = None
     mean: list[float] | None = None
     std: list[float] | None = None
+    # features = mean over the image and its mirror image: a flip-invariant summary, for the
+    # feature cache, evaluation and captioning alike (costs a second encoder pass)
+    flip_average: bool = False
 
     def __post_init__(self) -> None:
         if self.source not in ("torchvision", "timm"):
@@ -105,15 +108,20 @@ class ModelConfig:
 
 
 class Encoder(nn.Module):
-    """Backbone without its classifier: images [B, 3, H, W] -> pooled features [B, F]."""
+    """Backbone without its classifier: images [B, 3, H, W] -> pooled features [B, F]; with
+    ``flip_average`` the mean of the features of the images and of their mirror images."""
 
-    def __init__(self, backbone: nn.Module, feature_dim: int):
+    def __init__(self, backbone: nn.Module, feature_dim: int, flip_average: bool = False):
         super().__init__()
         self.backbone = backbone
         self.feature_dim = feature_dim
+        self.flip_average = flip_average
 
     def forward(self, images: Tensor) -> Tensor:
-        return self.backbone(images).flatten(1)
+        features = self.backbone(images).flatten(1)
+        if self.flip_average:
+            features = (features + self.backbone(images.flip(-1)).flatten(1)) / 2
+        return features
 
     def stages(self) -> list[nn.Module]:
         """Top-level blocks in forward order (a Sequential 'features'/'blocks'/'layers' is opened),
@@ -273,7 +281,7 @@ def create_encoder(cfg: EncoderConfig, pretrained: bool = True) -> tuple[Encoder
     backbone.eval()
     with torch.no_grad():
         feature_dim = backbone(torch.zeros(1, 3, pre.crop, pre.crop)).flatten(1).shape[1]
-    return Encoder(backbone, int(feature_dim)), pre
+    return Encoder(backbone, int(feature_dim), flip_average=cfg.flip_average), pre
 
 
 # ---------------------------------------------------------------------------------------------

@@ -277,6 +277,34 @@ def test_timm_encoder() -> None:
     assert (pre.resize, pre.crop) == (256, 224)  # from timm's pretrained_cfg (crop_pct 0.875)
 
 
+def test_flip_average_is_the_mean_over_the_image_and_its_mirror() -> None:
+    torch.manual_seed(0)
+    backbone = TinyBackbone().eval()
+    plain, flipped = Encoder(backbone, FEAT), Encoder(backbone, FEAT, flip_average=True)
+    images = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        want = (plain(images) + plain(images.flip(-1))) / 2
+        torch.testing.assert_close(flipped(images), want)
+        assert not torch.allclose(flipped(images), plain(images))  # the images are asymmetric
+        # flip-invariant by construction; a left-right symmetric image gives the plain features
+        torch.testing.assert_close(flipped(images.flip(-1)), flipped(images))
+        symmetric = torch.cat([images[..., :4], images[..., :4].flip(-1)], dim=-1)
+        torch.testing.assert_close(flipped(symmetric), plain(symmetric))
+
+
+def test_flip_average_survives_the_checkpoint(tmp_path: pathlib.Path) -> None:
+    vocab = Vocab.build(["a red circle"])
+    model, pre = build_model(resnet18_config(flip_average=True), len(vocab))
+    assert model.encoder.flip_average
+    save_checkpoint(model_payload(model, vocab, pre), tmp_path / "m.pt")
+    loaded, _, _ = model_from_checkpoint(load_checkpoint(tmp_path / "m.pt"))
+    assert loaded.encoder.flip_average
+    images = torch.randn(2, 3, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode(images), model.encode(images))
+
+
 def test_unknown_encoder_and_weights_are_user_errors() -> None:
     with pytest.raises(UserError, match="model.encoder.name"):
         create_encoder(EncoderConfig(name="no_such_net", weights=None))

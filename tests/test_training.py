@@ -297,7 +297,8 @@ def test_feature_cache_reuse_and_invalidation(
         load_checkpoint(tmp_path / "r2" / "last.pt")["model"],
     )
 
-    for n, change in enumerate(["seed=1", "model.encoder.crop=28"], start=3):
+    changes = ["seed=1", "model.encoder.crop=28", "model.encoder.flip_average=true"]
+    for n, change in enumerate(changes, start=3):
         calls["n"] = 0
         train(make_cfg(*base, change), tmp_path / f"r{n}")
         assert calls["n"] > 0, change
@@ -307,7 +308,7 @@ def test_feature_cache_reuse_and_invalidation(
     meta_file = entries[0] / "meta.json"
     meta_file.write_text(json.dumps({**json.loads(meta_file.read_text()), "key": "other"}))
     calls["n"] = 0
-    train(make_cfg(*base), tmp_path / "r5")
+    train(make_cfg(*base), tmp_path / "r6")
     assert calls["n"] > 0
     assert json.loads(meta_file.read_text())["key"] != "other"
 
