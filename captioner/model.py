@@ -71,6 +71,8 @@ class DecoderConfig:
     num_layers: int = 1
     dropout: float = 0.5
     feature_mode: str = "init_state"  # init_state (h0/c0 from features) | first_input
+    # the output layer reuses the word embeddings (Press & Wolf 2017): needs embed_dim == hidden_size
+    tie_weights: bool = False
 
     def __post_init__(self) -> None:
         if self.feature_mode not in ("init_state", "first_input"):
@@ -80,6 +82,11 @@ class DecoderConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"model.decoder.dropout must be in [0, 1), got {self.dropout}")
+        if self.tie_weights and self.embed_dim != self.hidden_size:
+            raise UserError(
+                "model.decoder.tie_weights=true needs embed_dim == hidden_size, "
+                f"got {self.embed_dim} and {self.hidden_size}"
+            )
 
 
 @dataclass
@@ -304,6 +311,13 @@ class Decoder(nn.Module):
         )
         self.dropout = nn.Dropout(cfg.dropout)
         self.out = nn.Linear(H, vocab_size)
+        if cfg.tie_weights:
+            # one [V, E] matrix reads and writes words; N(0, 1) embeddings would make the initial
+            # logits ~10x too large, so start it small as the PyTorch word-language-model does
+            nn.init.uniform_(self.embed.weight, -0.1, 0.1)
+            with torch.no_grad():
+                self.embed.weight[pad_id].zero_()
+            self.out.weight = self.embed.weight
         if cfg.feature_mode == "init_state":
             self.init_h = nn.Linear(feature_dim, L * H)
             self.init_c = nn.Linear(feature_dim, L * H)

@@ -161,6 +161,46 @@ def test_logits_do_not_depend_on_padding_length_of_others(feature_mode: str) -> 
         torch.testing.assert_close(batched[i, : len(seq) - 1], alone[0], rtol=1e-5, atol=1e-6)
 
 
+def test_tied_weights_share_one_matrix_that_learns_from_both_ends() -> None:
+    model = tiny_model(embed_dim=10, hidden_size=10, tie_weights=True)
+    dec = model.decoder
+    assert dec.out.weight is dec.embed.weight
+    assert dec.embed.weight.abs().max() <= 0.1 and not dec.embed.weight[PAD].any()
+    params = list(dec.parameters())
+    assert len(params) == len({id(p) for p in params})  # the optimizer sees it once
+    untied = tiny_model(embed_dim=10, hidden_size=10)
+    assert (
+        sum(p.numel() for p in untied.decoder.parameters()) - sum(p.numel() for p in params)
+        == V * 10
+    )
+
+    caps, lengths = padded(SEQS)
+    feats = torch.randn(3, FEAT)
+    loss = caption_loss(dec(feats, caps, lengths), caps)
+    loss.backward()
+    grad = dec.embed.weight.grad
+    assert (
+        grad[3].abs().sum() > 0
+    )  # <unk> (id 3) is never an input: its gradient comes from the output layer
+    assert not any(3 in s[:-1] for s in SEQS)
+
+
+def test_tied_weights_need_equal_embedding_and_hidden_sizes() -> None:
+    with pytest.raises(UserError, match="tie_weights=true needs embed_dim == hidden_size"):
+        DecoderConfig(embed_dim=8, hidden_size=16, tie_weights=True)
+
+
+def test_tied_checkpoint_round_trip_stays_tied(tmp_path: pathlib.Path) -> None:
+    vocab = Vocab.build(["a red circle"])
+    config = resnet18_config()
+    config.decoder = DecoderConfig(embed_dim=16, hidden_size=16, tie_weights=True)
+    model, pre = build_model(config, len(vocab))
+    save_checkpoint(model_payload(model, vocab, pre), tmp_path / "m.pt")
+    loaded, _, _ = model_from_checkpoint(load_checkpoint(tmp_path / "m.pt"))
+    assert loaded.decoder.out.weight is loaded.decoder.embed.weight
+    assert torch.equal(loaded.decoder.out.weight, model.decoder.out.weight)
+
+
 # ---------------------------------------------------------------------------------------------
 # freezing
 
