@@ -57,21 +57,21 @@ def decode_config(args: argparse.Namespace) -> DecodeConfig:
     strategy = (
         "sample" if args.sample else "beam" if args.beam_size > 1 or args.n_best > 1 else "greedy"
     )
-    try:
-        return DecodeConfig(
-            strategy=strategy,
-            max_len=args.max_len,
-            beam_size=args.beam_size,
-            n_best=args.n_best,
-            length_penalty=args.length_penalty,
-            suppress_unk=args.suppress_unk,
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            seed=args.seed,
-        )
-    except ValueError as exc:
-        raise UserError(f"decoding options: {exc}") from exc
+    return DecodeConfig.from_dict(
+        {
+            "strategy": strategy,
+            "max_len": args.max_len,
+            "beam_size": args.beam_size,
+            "n_best": args.n_best,
+            "length_penalty": args.length_penalty,
+            "suppress_unk": args.suppress_unk,
+            "temperature": args.temperature,
+            "top_k": args.top_k,
+            "top_p": args.top_p,
+            "seed": args.seed,
+        },
+        "decoding options",
+    )
 
 
 def expand_inputs(items: Sequence[str]) -> tuple[list[str], list[str]]:

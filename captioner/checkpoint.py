@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from captioner.data import Preprocessing
-from captioner.errors import UserError
+from captioner.errors import UserError, first_line
 from captioner.model import CaptionModel, ModelConfig, build_model
 from captioner.vocab import Vocab
 
@@ -70,11 +70,6 @@ def save_checkpoint(payload: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load with ``weights_only=True``: a pickle that is not a plain checkpoint is refused, never
     executed. Every failure is a one-line :class:`UserError` naming the file."""
@@ -92,10 +87,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             raise UserError(
                 f"{path}: refused to load: not a plain captioner checkpoint (unsafe pickle content)"
             ) from exc
-        raise UserError(f"{path}: not a checkpoint (not a torch file: {_first_line(exc)})") from exc
+        raise UserError(f"{path}: not a checkpoint (not a torch file: {first_line(exc)})") from exc
     except Exception as exc:  # noqa: BLE001 - whatever torch.load trips on, the file is bad
         raise UserError(
-            f"{path}: not a readable checkpoint (truncated or corrupt: {_first_line(exc)})"
+            f"{path}: not a readable checkpoint (truncated or corrupt: {first_line(exc)})"
         ) from exc
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise UserError(f"{path}: not a captioner checkpoint (no '{FORMAT}' format tag)")

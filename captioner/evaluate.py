@@ -23,7 +23,7 @@ from captioner.decoding import DecodeConfig
 from captioner.errors import UserError
 from captioner.inference import corpus_scores, generate, hypothesis_text
 from captioner.metrics import coco_caption_metrics, sentence_bleu_from_text
-from captioner.report import write_report
+from captioner.report import SCORE_KEYS, write_report
 from captioner.runtime import resolve_device
 
 log = logging.getLogger(__name__)
@@ -144,11 +144,7 @@ def evaluate(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
 
 def format_table(metrics: dict[str, Any]) -> str:
     """A small aligned table of the scores."""
-    keys = [
-        k
-        for k in ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider")
-        if k in metrics
-    ]
+    keys = [k for k in SCORE_KEYS if k in metrics]
     head = f"{metrics['split']} split, {metrics['num_images']} images, {metrics['decode']['strategy']} decoding"
     rows = [f"  {k:<8} {metrics[k]:.4f}" for k in keys]
     return "\n".join([head, *rows])

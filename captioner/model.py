@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from captioner.data import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
-from captioner.errors import UserError
+from captioner.errors import UserError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -212,9 +212,9 @@ def _torchvision_backbone(cfg: EncoderConfig, pretrained: bool) -> tuple[nn.Modu
         try:
             model.load_state_dict(_load_state_file(cfg.weights_file))
         except RuntimeError as exc:
-            first = str(exc).strip().splitlines()[0]
             raise UserError(
-                f"model.encoder.weights_file: {cfg.weights_file} does not fit {cfg.name} ({first})"
+                f"model.encoder.weights_file: {cfg.weights_file} does not fit {cfg.name} "
+                f"({first_line(exc)})"
             ) from exc
     if weights is not None:
         tf = weights.transforms()
