@@ -1,7 +1,9 @@
 """``captioner evaluate``: corpus BLEU-1..4 (and the official COCO metrics when available).
 
 Every image of the split is decoded once with the configured strategy, and scored against ALL its
-references with the same tokenizer and BLEU code as training validation. The run directory gets
+references with the same tokenizer and BLEU code as training validation. With ``cache_dir`` the
+encoder's features come from the feature cache (training's, when it is the same folder), so
+sweeping decode settings encodes each image only once. The run directory gets
 ``metrics.json``, ``results.json`` (the COCO results format) and ``per_image.jsonl``.
 """
 
@@ -14,13 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from captioner.checkpoint import find_checkpoint, load_checkpoint, model_from_checkpoint
 from captioner.data import ImageDataset, build_transform, collate_images, load_split
 from captioner.decoding import DecodeConfig
 from captioner.errors import UserError
+from captioner.features import IndexedFeatures, build_feature_cache
 from captioner.inference import corpus_scores, generate, hypothesis_text
 from captioner.metrics import coco_caption_metrics, sentence_bleu_from_text
 from captioner.report import SCORE_KEYS, write_report
@@ -76,19 +79,36 @@ def evaluate(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         decode_cfg.strategy,
     )
 
+    start = time.perf_counter()
+    paths = [r.path for r in records]
+    cache_dir = cfg.get("cache_dir")
+    if cache_dir:  # keyed by the encoder's weights: a hit is always the features it computes
+        cache = build_feature_cache(
+            model.encoder,
+            pre,
+            paths,
+            cache_dir,
+            device=device,
+            batch_size=int(cfg.batch_size),
+            num_workers=int(cfg.num_workers),
+            desc=f"{cfg.split} images",
+        )
+        dataset: Dataset = IndexedFeatures(cache)
+    else:
+        dataset = ImageDataset(paths, build_transform(pre))
     loader = DataLoader(
-        ImageDataset([r.path for r in records], build_transform(pre)),
+        dataset,
         batch_size=int(cfg.batch_size),
-        num_workers=int(cfg.num_workers),
+        num_workers=0 if cache_dir else int(cfg.num_workers),
         collate_fn=collate_images,
     )
-    start = time.perf_counter()
     hyps = generate(
         model,
         tqdm(loader, desc="captioning", unit="batch", leave=False, disable=None),
         vocab,
         decode_cfg,
         device,
+        features=bool(cache_dir),
     )
     seconds = time.perf_counter() - start
     captions = {i: hypothesis_text(h[0], vocab) for i, h in hyps.items()}

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from captioner.data import ImageDataset, Preprocessing, build_transform, collate_images
@@ -72,6 +72,20 @@ class CachedFeatures:
         if not self.valid[index]:
             return None
         return torch.from_numpy(np.asarray(self.array[index], dtype=np.float32))
+
+
+class IndexedFeatures(Dataset):
+    """``(feature or None, index)`` per image: a cache in the place of an ``ImageDataset``, for
+    ``collate_images`` and ``inference.generate(..., features=True)``."""
+
+    def __init__(self, cache: CachedFeatures):
+        self.cache = cache
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int]:
+        return self.cache[index], index
 
 
 @torch.no_grad()

@@ -10,6 +10,8 @@ import logging
 from pathlib import Path
 
 import pytest
+import torch
+from conftest import tiny_overrides
 from PIL import Image
 
 from captioner import metrics as metrics_module
@@ -17,6 +19,8 @@ from captioner.cli import main
 from captioner.config import compose
 from captioner.evaluate import evaluate
 from captioner.metrics import bleu_from_text, sentence_bleu_from_text
+from captioner.model import Encoder
+from captioner.train import train
 
 FAST = ["device=cpu", "coco_metrics=false", "batch_size=4"]
 
@@ -99,6 +103,44 @@ def test_val_split_and_beam_settings(
     val_files = {r["file"] for r in run["rows"]}
     assert all("/images/val/" in f for f in val_files)
     assert not val_files & {r["file"] for r in default_run["rows"]}
+
+
+def test_cache_dir_reuses_the_training_features(
+    tiny_demo: Path, tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """cache_dir=<the training cache>: val is scored from the features training validated on
+    (the encoder never runs, the BLEU is the logged val BLEU), a new split is encoded once, and
+    another encoder's checkpoint gets its own entry."""
+    cache, run = tmp_path / "cache", tmp_path / "run"
+    frozen = {"model.encoder.freeze": "true", "trainer.max_epochs": 1}
+    train(compose("train", tiny_overrides(tiny_demo, cache, **frozen)), run)
+    entries = sorted(cache.iterdir())
+    assert len(entries) == 2  # train and val images
+
+    calls = {"n": 0}
+    forward = Encoder.forward
+
+    def counting_forward(self: Encoder, images: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        return forward(self, images)
+
+    monkeypatch.setattr(Encoder, "forward", counting_forward)
+    use_cache = f"cache_dir={cache}"
+
+    val = run_eval(run / "best.pt", tmp_path / "val", "split=val", use_cache)["metrics"]
+    assert calls["n"] == 0 and sorted(cache.iterdir()) == entries
+    logged = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    for n in (1, 4):
+        assert val[f"bleu{n}"] == pytest.approx(logged[f"val_bleu{n}"], abs=1e-9)
+
+    first = run_eval(run / "best.pt", tmp_path / "test1", "split=test", use_cache)
+    assert calls["n"] > 0 and len(list(cache.iterdir())) == 3
+    calls["n"] = 0
+    again = run_eval(run / "best.pt", tmp_path / "test2", "split=test", use_cache)
+    assert calls["n"] == 0 and again["results"] == first["results"]
+
+    run_eval(tiny_checkpoint, tmp_path / "other", "split=test", use_cache)
+    assert calls["n"] > 0 and len(list(cache.iterdir())) == 4
 
 
 def write_coco_split(root: Path, n: int = 5) -> Path:
