@@ -173,6 +173,19 @@ def test_data_overrides_evaluate_another_coco_split(tiny_checkpoint: Path, tmp_p
     assert sorted(p.relative_to(root) for p in root.rglob("*")) == before  # no demo written there
 
 
+@pytest.mark.parametrize("cached", [False, True])
+def test_unreadable_image_is_left_out_and_counted(
+    tiny_checkpoint: Path, tmp_path: Path, cached: bool
+) -> None:
+    root = write_coco_split(tmp_path / "other")
+    (root / "pics" / "p2.jpg").write_bytes(b"not a jpeg")
+    data = [f"data.root={root}", "data.test_annotations=caps.json", "data.test_images=pics"]
+    cache = [f"cache_dir={tmp_path / 'cache'}"] if cached else []
+    run = run_eval(tiny_checkpoint, tmp_path / "out", *data, *cache)
+    assert run["metrics"]["num_images"] == 4 and run["metrics"]["skipped_images"] == 1
+    assert sorted(r["image_id"] for r in run["results"]) == [100, 101, 103, 104]
+
+
 def test_missing_coco_eval_warns_once_and_goes_on(
     tiny_checkpoint: Path,
     tmp_path: Path,
