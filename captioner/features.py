@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from captioner.data import ImageDataset, Preprocessing, build_transform, collate_images
+from captioner.errors import UserError
 from captioner.model import Encoder
 
 log = logging.getLogger(__name__)
@@ -113,7 +114,10 @@ def build_feature_cache(
             return CachedFeatures(directory)
         log.warning("feature cache %s was built for another encoder; rebuilding", directory)
 
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a cache_dir that cannot be written is the user's setting
+        raise UserError(f"feature cache: cannot create {directory}: {exc.strerror}") from exc
     meta_file.unlink(missing_ok=True)  # an incomplete cache never looks complete
     loader = DataLoader(
         ImageDataset(paths, build_transform(preprocessing)),

@@ -17,6 +17,7 @@ from PIL import Image
 from captioner import metrics as metrics_module
 from captioner.cli import main
 from captioner.config import compose
+from captioner.errors import UserError
 from captioner.evaluate import evaluate
 from captioner.metrics import bleu_from_text, sentence_bleu_from_text
 from captioner.model import Encoder
@@ -141,6 +142,10 @@ def test_cache_dir_reuses_the_training_features(
 
     run_eval(tiny_checkpoint, tmp_path / "other", "split=test", use_cache)
     assert calls["n"] > 0 and len(list(cache.iterdir())) == 4
+
+    (tmp_path / "file").write_text("")  # a cache_dir inside a file cannot be created
+    with pytest.raises(UserError, match=r"feature cache: cannot create .*file/cache/"):
+        run_eval(tiny_checkpoint, tmp_path / "bad", f"cache_dir={tmp_path / 'file' / 'cache'}")
 
 
 def write_coco_split(root: Path, n: int = 5) -> Path:
