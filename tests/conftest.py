@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from captioner.config import compose
+from captioner.model import Encoder
 from captioner.synthetic import ensure_demo_dataset
 from captioner.train import train
 
@@ -74,3 +75,18 @@ def tiny_checkpoint(tiny_demo: Path, tmp_path_factory: pytest.TempPathFactory) -
         torch.set_num_threads(threads)
     assert (run_dir / "best.pt").is_file()
     return run_dir / "best.pt"
+
+
+@pytest.fixture
+def encoder_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Counts ``Encoder.forward`` calls in ``["n"]`` (reset it to 0 between phases): a run or
+    an evaluation that reads the feature cache must not run the encoder."""
+    calls = {"n": 0}
+    forward = Encoder.forward
+
+    def counting_forward(self: Encoder, images: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        return forward(self, images)
+
+    monkeypatch.setattr(Encoder, "forward", counting_forward)
+    return calls

@@ -10,7 +10,6 @@ import logging
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import tiny_overrides
 from PIL import Image
 
@@ -20,7 +19,6 @@ from captioner.config import compose
 from captioner.errors import UserError
 from captioner.evaluate import evaluate
 from captioner.metrics import bleu_from_text, sentence_bleu_from_text
-from captioner.model import Encoder
 from captioner.train import train
 
 FAST = ["device=cpu", "coco_metrics=false", "batch_size=4"]
@@ -107,7 +105,7 @@ def test_val_split_and_beam_settings(
 
 
 def test_cache_dir_reuses_the_training_features(
-    tiny_demo: Path, tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_demo: Path, tiny_checkpoint: Path, tmp_path: Path, encoder_calls: dict[str, int]
 ) -> None:
     """cache_dir=<the training cache>: val is scored from the features training validated on
     (the encoder never runs, the BLEU is the logged val BLEU), a new split is encoded once, and
@@ -118,14 +116,8 @@ def test_cache_dir_reuses_the_training_features(
     entries = sorted(cache.iterdir())
     assert len(entries) == 2  # train and val images
 
-    calls = {"n": 0}
-    forward = Encoder.forward
-
-    def counting_forward(self: Encoder, images: torch.Tensor) -> torch.Tensor:
-        calls["n"] += 1
-        return forward(self, images)
-
-    monkeypatch.setattr(Encoder, "forward", counting_forward)
+    calls = encoder_calls
+    calls["n"] = 0  # count from here: the evaluations only
     use_cache = f"cache_dir={cache}"
 
     val = run_eval(run / "best.pt", tmp_path / "val", "split=val", use_cache)["metrics"]

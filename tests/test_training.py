@@ -19,7 +19,7 @@ from captioner import train as train_module
 from captioner.checkpoint import load_checkpoint, model_from_checkpoint
 from captioner.config import compose
 from captioner.errors import UserError
-from captioner.model import Encoder, ModelConfig, create_encoder
+from captioner.model import ModelConfig, create_encoder
 from captioner.train import Trainer, TrainingInterrupted, train
 from captioner.vocab import Vocab
 
@@ -265,18 +265,11 @@ def test_frozen_encoder_unchanged_by_training(make_cfg, reference: Path, tmp_pat
 
 
 def test_feature_cache_reuse_and_invalidation(
-    make_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    make_cfg, tmp_path: Path, encoder_calls: dict[str, int]
 ) -> None:
     cache = tmp_path / "cache"
     base = ["model.encoder.freeze=true", "trainer.max_epochs=1", f"trainer.cache_dir={cache}"]
-    calls = {"n": 0}
-    forward = Encoder.forward
-
-    def counting_forward(self: Encoder, images: torch.Tensor) -> torch.Tensor:
-        calls["n"] += 1
-        return forward(self, images)
-
-    monkeypatch.setattr(Encoder, "forward", counting_forward)
+    calls = encoder_calls
 
     train(make_cfg(*base), tmp_path / "r1")
     entries = sorted(p for p in cache.iterdir())
