@@ -7,9 +7,7 @@ resumed run needs. It never needs the training config, the dataset or a download
 
 from __future__ import annotations
 
-import os
 import pickle
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,7 @@ from torch import nn
 
 from captioner.data import Preprocessing
 from captioner.errors import UserError, first_line
+from captioner.files import atomic_path
 from captioner.model import CaptionModel, ModelConfig, build_model
 from captioner.vocab import Vocab
 
@@ -51,22 +50,10 @@ def model_payload(model: nn.Module, vocab: Vocab, preprocessing: Preprocessing) 
 
 
 def save_checkpoint(payload: dict[str, Any], path: str | Path) -> Path:
-    """Write atomically: a temporary file in the same directory, fsync, then ``os.replace``."""
+    """Write atomically (:func:`captioner.files.atomic_path`): a crash never leaves a torn file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a checkpoint is an ordinary file
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(payload, f)
     return path
 
 

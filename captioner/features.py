@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from tqdm import tqdm
 
 from captioner.data import ImageDataset, Preprocessing, build_transform, collate_images
 from captioner.errors import UserError
+from captioner.files import atomic_path, atomic_write
 from captioner.model import Encoder
 
 log = logging.getLogger(__name__)
@@ -128,26 +128,29 @@ def build_feature_cache(
     )
     was_training = encoder.training
     encoder.eval()
-    array: np.ndarray | None = None
     valid = np.zeros(len(paths), dtype=bool)
-    tmp = directory / "features.tmp.npy"
-    for batch in tqdm(loader, desc=f"caching {desc}", unit="batch", leave=False):
-        if not len(batch["index"]):
-            continue
-        feats = encoder(batch["inputs"].to(device)).float().cpu().numpy()  # [B, F]
+    with atomic_path(directory / "features.npy") as tmp:
+        array: np.ndarray | None = None
+        for batch in tqdm(loader, desc=f"caching {desc}", unit="batch", leave=False):
+            if not len(batch["index"]):
+                continue
+            feats = encoder(batch["inputs"].to(device)).float().cpu().numpy()  # [B, F]
+            if array is None:
+                array = np.lib.format.open_memmap(
+                    tmp, mode="w+", dtype=np.float16, shape=(len(paths), feats.shape[1])
+                )
+            idx = batch["index"].numpy()
+            array[idx] = feats.astype(np.float16)
+            valid[idx] = True
+        encoder.train(was_training)
         if array is None:
-            array = np.lib.format.open_memmap(
-                tmp, mode="w+", dtype=np.float16, shape=(len(paths), feats.shape[1])
+            first = f", first: {paths[0]}" if len(paths) else ""
+            raise UserError(
+                f"feature cache: no image of {desc} could be read ({len(paths)} files{first}); "
+                f"nothing cached in {directory}"
             )
-        idx = batch["index"].numpy()
-        array[idx] = feats.astype(np.float16)
-        valid[idx] = True
-    encoder.train(was_training)
-    if array is None:
-        raise RuntimeError(f"no image of {desc} could be read")
-    array.flush()
-    del array
-    os.replace(tmp, directory / "features.npy")
+        array.flush()
+        del array
     np.save(directory / "valid.npy", valid)
     meta: dict[str, Any] = {
         "key": key,
@@ -157,8 +160,6 @@ def build_feature_cache(
         "num_images": len(paths),
         "num_unreadable": int((~valid).sum()),
     }
-    tmp_meta = directory / "meta.json.tmp"
-    tmp_meta.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp_meta, meta_file)  # written last: the cache is complete
+    atomic_write(meta_file, json.dumps(meta, indent=1))  # written last: the cache is complete
     log.info("cached %d %s in %s", len(paths), desc, directory)
     return CachedFeatures(directory)

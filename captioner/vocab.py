@@ -15,6 +15,8 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from captioner.files import atomic_write
+
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS: tuple[str, ...] = (PAD, START, END, UNK)
 
@@ -131,10 +133,7 @@ class Vocab:
         return cls(data["itos"])
 
     def save(self, path: str | os.PathLike) -> None:
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), ensure_ascii=False, indent=0), encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps(self.to_dict(), ensure_ascii=False, indent=0))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Vocab:

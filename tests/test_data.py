@@ -675,3 +675,44 @@ def test_sampler_no_shuffle_is_identity() -> None:
     s = ResumableSampler(list(range(6)), seed=0, shuffle=False)
     s.set_position(3, 2)
     assert list(s) == [2, 3, 4, 5]
+
+
+# -- feature cache ------------------------------------------------------------------------------
+
+
+def tiny_encoder():
+    from torch import nn
+
+    from captioner.model import Encoder
+
+    return Encoder(nn.Sequential(nn.Conv2d(3, 4, 1), nn.AdaptiveAvgPool2d(1)), 4)
+
+
+def test_feature_cache_written_whole_with_nothing_left_behind(tmp_path: Path) -> None:
+    from captioner.features import build_feature_cache
+
+    paths = [write_image(tmp_path / "a.png"), tmp_path / "missing.png"]
+    pre = Preprocessing(resize=8, crop=8)
+    cache = build_feature_cache(tiny_encoder(), pre, paths, tmp_path / "cache", desc="val images")
+    assert len(cache) == 2 and cache.dim == 4
+    assert cache[0] is not None and cache[1] is None
+    assert sorted(p.name for p in cache.directory.iterdir()) == [
+        "features.npy",
+        "meta.json",
+        "valid.npy",
+    ]
+
+
+def test_feature_cache_of_no_readable_image_is_a_user_error(tmp_path: Path) -> None:
+    from captioner.features import build_feature_cache
+
+    paths = [tmp_path / "gone.jpg", (tmp_path / "text.jpg")]
+    paths[1].write_text("not an image")
+    with pytest.raises(UserError) as info:
+        build_feature_cache(
+            tiny_encoder(), Preprocessing(8, 8), paths, tmp_path / "cache", desc="val images"
+        )
+    assert_one_line(info.value, "feature cache", "val images", "2 files", "gone.jpg", "cache")
+    (directory,) = (tmp_path / "cache").iterdir()
+    assert str(directory) in str(info.value)
+    assert not list(directory.iterdir())  # no features.npy, no temp file, no meta.json
