@@ -1,6 +1,7 @@
-"""Caption metrics: corpus-level BLEU-1..4 (hand-written) and optional COCO metrics.
+"""Caption metrics: corpus-level BLEU-1..4 (NLTK's ``bleu_score``) and optional COCO metrics.
 
-BLEU here follows Papineni et al. (2002) and the official coco-caption scorer:
+BLEU is NLTK's :func:`nltk.translate.bleu_score.corpus_bleu` (Papineni et al., 2002), called the
+way the captioning papers mean it:
 
 * it scores TOKEN LISTS (a ``str`` would be scored as characters, so it is rejected);
 * modified n-gram precision clips each hypothesis n-gram count by its largest count in ANY of the
@@ -8,13 +9,21 @@ BLEU here follows Papineni et al. (2002) and the official coco-caption scorer:
 * the brevity penalty uses, per image, the reference length closest to the hypothesis length
   (ties -> the shorter reference), summed over the corpus: ``BP = 1 if c > r else exp(1 - r/c)``;
 * ``bleuN`` is the CUMULATIVE score: geometric mean of p1..pN (weights 1/N) times BP, with no
-  smoothing (any ``pk == 0`` makes it 0).
+  smoothing: an order with no clipped match makes it exactly 0.0 (NLTK's own "no smoothing"
+  returns about 1e-77 there and warns; see :func:`corpus_bleu`).
 
-The result equals ``nltk.translate.bleu_score.corpus_bleu(refs, hyps, weights=(1/N,)*N)``, with
-one documented exception: NLTK counts at least one n-gram for every hypothesis even when it is
-shorter than n (it floors each sentence's denominator at 1), while this module and coco-caption
-count the true number of n-grams (``max(0, len - n + 1)``). The two agree whenever every
-hypothesis has at least ``max_n`` tokens.
+NLTK needs no downloaded data for this (``bleu_score`` is pure Python; ``word_tokenize`` is never
+used). Where it differs from the official coco-caption scorer (``pycocoevalcap.bleu``, which also
+uses the closest reference length):
+
+* a hypothesis SHORTER than n tokens (the empty one included) adds one unmatched n-gram to NLTK's
+  order-n total, because NLTK floors each sentence's n-gram count at 1, where coco-caption adds
+  its true count ``max(0, len - n + 1)`` = 0. A perfect corpus ``[a b c d], [x]`` scores BLEU-4
+  ``(1 * 3/4 * 2/3 * 1/2) ** (1/4) = 0.7071`` here and 1.0 in coco-caption;
+* coco-caption adds 1e-15 to every match count (and 1e-9 to totals and lengths), so an order with
+  no match gives it a small positive score (8e-5 for BLEU-4 of one six-word caption), not 0.
+
+The two agree whenever every hypothesis has at least ``max_n`` tokens and every order has a match.
 
 ``bleu_from_text`` is what training validation and evaluation call: it tokenizes hypotheses and
 references with the one :func:`captioner.vocab.tokenize`, drops special tokens on both sides and
@@ -25,10 +34,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import re
 import shutil
-from collections import Counter
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -41,6 +49,7 @@ __all__ = [
     "coco_caption_metrics",
     "corpus_bleu",
     "sentence_bleu",
+    "sentence_bleu_from_text",
     "strip_specials",
 ]
 
@@ -74,19 +83,8 @@ def _check_max_n(max_n: int) -> None:
         raise ValueError(f"max_n must be a positive int, got {max_n!r}")
 
 
-def _ngrams(tokens: Sequence[str], n: int) -> Counter[tuple[str, ...]]:
-    return Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
-
-
-def _closest_ref_len(ref_lens: Sequence[int], hyp_len: int) -> int:
-    """Reference length closest to ``hyp_len``; on a tie the shorter reference wins."""
-    return min(ref_lens, key=lambda r: (abs(r - hyp_len), r))
-
-
-def _sentence_stats(
-    hypothesis: Sequence[str], references: Sequence[Sequence[str]], max_n: int, index: int
-) -> tuple[list[int], list[int], int, int]:
-    """Clipped matches and totals per order 1..max_n, hypothesis length, closest ref length."""
+def _check_image(hypothesis: Any, references: Any, index: int) -> None:
+    """One image's hypothesis is a token list and its references a non-empty list of them."""
     _check_tokens(hypothesis, f"hypothesis {index}")
     if isinstance(references, (str, bytes)) or not isinstance(references, Sequence):
         raise TypeError(
@@ -98,38 +96,22 @@ def _sentence_stats(
     for j, ref in enumerate(references):
         _check_tokens(ref, f"reference {j} of image {index}")
 
-    matches, totals = [], []
-    for n in range(1, max_n + 1):
-        hyp_counts = _ngrams(hypothesis, n)
-        max_ref: Counter[tuple[str, ...]] = Counter()
-        for ref in references:
-            max_ref |= _ngrams(ref, n)  # union of Counters = element-wise max
-        matches.append(sum(min(c, max_ref[g]) for g, c in hyp_counts.items()))
-        totals.append(max(0, len(hypothesis) - n + 1))
-    ref_len = _closest_ref_len([len(r) for r in references], len(hypothesis))
-    return matches, totals, len(hypothesis), ref_len
+
+def _cumulative_weights(max_n: int) -> list[tuple[float, ...]]:
+    """NLTK weights of BLEU-1..max_n: ``(1/n,) * n`` for every n, scored in one pass."""
+    return [(1.0 / n,) * n for n in range(1, max_n + 1)]
 
 
-def _brevity_penalty(hyp_len: int, ref_len: int) -> float:
-    if hyp_len > ref_len:
-        return 1.0
-    if hyp_len == 0:
-        return 0.0
-    return math.exp(1.0 - ref_len / hyp_len)
+def _as_scores(result: float | list[float], first_unmatched: int | None = None) -> dict[str, float]:
+    """``{"bleu1": .., ...}`` from NLTK's scores, 0.0 from order ``first_unmatched`` on.
 
-
-def _cumulative(precisions: Sequence[float], bp: float) -> dict[str, float]:
-    """``bleuN = BP * exp(mean(log p1..pN))`` for every N; 0 once some ``pk`` is 0."""
-    scores: dict[str, float] = {}
-    log_sum = 0.0
-    for n, p in enumerate(precisions, start=1):
-        if p <= 0.0 or math.isinf(log_sum):
-            log_sum = -math.inf
-            scores[f"bleu{n}"] = 0.0
-            continue
-        log_sum += math.log(p)
-        scores[f"bleu{n}"] = bp * math.exp(log_sum / n)
-    return scores
+    NLTK returns a bare number for one weight tuple (and int 0 without unigram matches).
+    """
+    values = result if isinstance(result, list) else [result]
+    return {
+        f"bleu{n}": 0.0 if first_unmatched is not None and n >= first_unmatched else float(v)
+        for n, v in enumerate(values, start=1)
+    }
 
 
 # -- public API --------------------------------------------------------------------------------
@@ -142,7 +124,10 @@ def corpus_bleu(
 
     ``hypotheses[i]`` is one token list; ``references[i]`` is the list of ALL reference token
     lists of image ``i``. Returns ``{"bleu1": .., ..., f"bleu{max_n}": ..}``, floats in [0, 1].
+    BLEU-n is exactly 0.0 when some order <= n has no clipped match in the whole corpus.
     """
+    from nltk.translate import bleu_score
+
     _check_max_n(max_n)
     if isinstance(hypotheses, (str, bytes)) or isinstance(references, (str, bytes)):
         raise TypeError("corpus_bleu() expects lists of token lists, not a string")
@@ -152,18 +137,28 @@ def corpus_bleu(
         )
     if len(hypotheses) == 0:
         raise ValueError("corpus_bleu() needs at least one hypothesis")
-
-    matches, totals = [0] * max_n, [0] * max_n
-    hyp_len = ref_len = 0
     for i, (hyp, refs) in enumerate(zip(hypotheses, references, strict=True)):
-        m, t, c, r = _sentence_stats(hyp, refs, max_n, i)
-        matches = [a + b for a, b in zip(matches, m, strict=True)]
-        totals = [a + b for a, b in zip(totals, t, strict=True)]
-        hyp_len += c
-        ref_len += r
+        _check_image(hyp, refs, i)
 
-    precisions = [m / t if t else 0.0 for m, t in zip(matches, totals, strict=True)]
-    return _cumulative(precisions, _brevity_penalty(hyp_len, ref_len))
+    # No smoothing, but exact: NLTK's default (SmoothingFunction().method0) turns a zero
+    # precision into sys.float_info.min, so BLEU-n comes out as ~1e-77 instead of 0, with a
+    # UserWarning per call. This hook sees the corpus precisions (numerator = clipped matches)
+    # and passes them on unchanged; orders from the first one without a match are set to 0.0.
+    unmatched: list[int] = []
+
+    def no_smoothing(p_n: list[Any], *args: Any, **kwargs: Any) -> list[Any]:
+        unmatched.extend(n for n, p in enumerate(p_n, start=1) if p.numerator == 0)
+        return p_n
+
+    with warnings.catch_warnings():  # keep any zero-count warning of NLTK out of training logs
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"nltk\.translate")
+        result = bleu_score.corpus_bleu(
+            references,
+            hypotheses,
+            weights=_cumulative_weights(max_n),
+            smoothing_function=no_smoothing,
+        )
+    return _as_scores(result, min(unmatched, default=None))
 
 
 def sentence_bleu(
@@ -174,17 +169,22 @@ def sentence_bleu(
 ) -> dict[str, float]:
     """Smoothed BLEU of ONE hypothesis, for per-image error analysis only (not for reporting).
 
-    Same definition as :func:`corpus_bleu` on a corpus of one, plus additive smoothing: an order
-    with no clipped match gets precision ``epsilon / max(1, total)`` instead of 0, as NLTK's
-    ``SmoothingFunction(epsilon).method1`` does. As in NLTK, a hypothesis that shares no word
-    with its references scores 0.
+    NLTK's ``sentence_bleu`` with ``SmoothingFunction(epsilon).method1``: an order with no
+    clipped match gets precision ``epsilon / max(1, total)`` instead of 0 (NLTK counts at least
+    one n-gram per order, see the module docstring). A hypothesis that shares no word with its
+    references scores 0.
     """
+    from nltk.translate import bleu_score
+
     _check_max_n(max_n)
-    matches, totals, hyp_len, ref_len = _sentence_stats(hypothesis, references, max_n, 0)
-    if matches[0] == 0:
-        return {f"bleu{n}": 0.0 for n in range(1, max_n + 1)}
-    precisions = [(m if m else epsilon) / max(1, t) for m, t in zip(matches, totals, strict=True)]
-    return _cumulative(precisions, _brevity_penalty(hyp_len, ref_len))
+    _check_image(hypothesis, references, 0)
+    result = bleu_score.sentence_bleu(
+        references,
+        hypothesis,
+        weights=_cumulative_weights(max_n),
+        smoothing_function=bleu_score.SmoothingFunction(epsilon=epsilon).method1,
+    )
+    return _as_scores(result)
 
 
 def strip_specials(tokens: Sequence[str]) -> list[str]:

@@ -1,4 +1,4 @@
-"""Tests for captioner.metrics: corpus BLEU against hand-worked values, NLTK and coco-caption."""
+"""Tests for captioner.metrics: corpus BLEU (NLTK) against hand-worked values and coco-caption."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from captioner.metrics import (
     sentence_bleu,
     strip_specials,
 )
+from captioner.vocab import tokenize
 
 KEYS = ["bleu1", "bleu2", "bleu3", "bleu4"]
 
@@ -84,8 +85,8 @@ def test_multi_reference_clipping_uses_max_count_over_references():
 
 def test_brevity_penalty_exact_value():
     # hyp = a b c (c = 3), ref = a b c d e f (r = 6): p1 = p2 = p3 = 1, so
-    # bleu1..3 = BP = exp(1 - r/c) = exp(1 - 2) = exp(-1); a 3-token hypothesis has no 4-gram,
-    # so p4 = 0/0 -> bleu4 = 0.
+    # bleu1..3 = BP = exp(1 - r/c) = exp(1 - 2) = exp(-1); a 3-token hypothesis has no 4-gram
+    # to match (NLTK counts 0 of 1), so bleu4 = 0.
     scores = corpus_bleu([toks("a b c")], [[toks("a b c d e f")]])
     for key in ("bleu1", "bleu2", "bleu3"):
         assert scores[key] == pytest.approx(math.exp(-1), abs=1e-12)
@@ -116,6 +117,37 @@ def test_empty_hypothesis_scores_zero():
     assert scores == {k: 0.0 for k in KEYS}
 
 
+def test_an_order_without_matches_is_exactly_zero_and_silent():
+    # NLTK's own "no smoothing" gives ~1e-77 (sys.float_info.min ** (1/4)) and a UserWarning;
+    # corpus_bleu reports 0.0, as the hand-worked definition says, and warns about nothing.
+    nltk_bleu = pytest.importorskip("nltk.translate.bleu_score")
+    hyp = toks("the cat sat on the mat")
+    refs = [toks("the cat is on the mat"), toks("there is a cat on the mat")]
+    with pytest.warns(UserWarning, match="0 counts of 4-gram"):
+        raw = nltk_bleu.corpus_bleu([refs], [hyp])
+    assert 0.0 < raw < 1e-70
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scores = corpus_bleu([hyp], [refs])
+        assert scores["bleu4"] == 0.0 and scores["bleu3"] == pytest.approx(0.5, abs=1e-12)
+        # once an order has no match, every higher cumulative order is 0 too
+        assert corpus_bleu([toks("a x b y")], [[toks("a b")]]) == {
+            "bleu1": pytest.approx(0.5, abs=1e-12),
+            "bleu2": 0.0,
+            "bleu3": 0.0,
+            "bleu4": 0.0,
+        }
+
+
+def test_single_order_and_float_results():
+    # NLTK returns a bare number (and int 0 without any unigram match) for one weight tuple
+    assert corpus_bleu([toks("a b")], [[toks("a b")]], max_n=1) == {"bleu1": 1.0}
+    zero = corpus_bleu([toks("x")], [[toks("a")]], max_n=1)["bleu1"]
+    assert zero == 0.0 and type(zero) is float
+    assert all(type(v) is float for v in corpus_bleu([toks("q")], [[toks("a")]]).values())
+    assert sentence_bleu(toks("a b"), [toks("a b")], max_n=1) == {"bleu1": 1.0}
+
+
 # -- agreement with NLTK -----------------------------------------------------------------------
 def _random_corpus(rng: random.Random, min_hyp_len: int) -> tuple[list, list]:
     vocab = [f"w{i}" for i in range(rng.randint(4, 12))]
@@ -135,8 +167,8 @@ def test_corpus_bleu_agrees_with_nltk(seed):
     nltk_bleu = pytest.importorskip("nltk.translate.bleu_score")
     rng = random.Random(seed)
     for _ in range(10):
-        # hypotheses of >= 4 tokens: see test_short_hypotheses_count_real_ngrams_only
-        hyps, refs = _random_corpus(rng, min_hyp_len=4)
+        # any length, empty included: corpus_bleu IS NLTK's, apart from its exact zeros
+        hyps, refs = _random_corpus(rng, min_hyp_len=0)
         ours = corpus_bleu(hyps, refs)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # NLTK warns when some order has no match
@@ -145,15 +177,39 @@ def test_corpus_bleu_agrees_with_nltk(seed):
                 assert ours[f"bleu{n}"] == pytest.approx(expected, abs=1e-9)
 
 
-def test_short_hypotheses_count_real_ngrams_only():
-    # NLTK floors every sentence's n-gram count at 1, so the 1-token hypothesis below adds a
-    # phantom unmatched bigram/trigram/4-gram and NLTK scores this PERFECT corpus below 1.
-    # We (like coco-caption) count max(0, len - n + 1) n-grams: p1..p4 = 5/5, 3/3, 2/2, 1/1.
-    nltk_bleu = pytest.importorskip("nltk.translate.bleu_score")
+def _coco_bleu(hyps: list[list[str]], refs: list[list[list[str]]]) -> list[float]:
+    """coco-caption's corpus BLEU-1..4 (``Bleu(4)``: the "closest" reference length) of tokens."""
+    bleu = pytest.importorskip("pycocoevalcap.bleu.bleu")
+    gts = {i: [" ".join(r) for r in rs] for i, rs in enumerate(refs)}
+    res = {i: [" ".join(h)] for i, h in enumerate(hyps)}
+    scores, _ = bleu.Bleu(4).compute_score(gts, res, verbose=0)
+    return scores
+
+
+def test_hypotheses_shorter_than_n_are_where_nltk_and_coco_caption_differ():
+    # NLTK floors EVERY SENTENCE's n-gram count at 1 (modified_precision: max(1, count)), so a
+    # hypothesis shorter than n adds one unmatched n-gram to the order-n total; coco-caption adds
+    # its true count max(0, len - n + 1) = 0. The 1-token hypothesis of this PERFECT corpus:
+    #   NLTK:  p1..p4 = 5/5, 3/(3+1), 2/(2+1), 1/(1+1), BP = 1
+    #   coco:  p1..p4 = 5/5, 3/3, 2/2, 1/1 -> 1.0 for every order
+    # (the hand-written BLEU before NLTK counted like coco-caption: 1.0)
     hyps = [toks("a b c d"), toks("x")]
     refs = [[toks("a b c d")], [toks("x")]]
-    assert corpus_bleu(hyps, refs)["bleu4"] == pytest.approx(1.0, abs=1e-12)
-    assert nltk_bleu.corpus_bleu(refs, hyps) < 0.99
+    scores = corpus_bleu(hyps, refs)
+    assert scores["bleu1"] == pytest.approx(1.0, abs=1e-12)
+    assert scores["bleu2"] == pytest.approx((3 / 4) ** (1 / 2), abs=1e-12)
+    assert scores["bleu3"] == pytest.approx((3 / 4 * 2 / 3) ** (1 / 3), abs=1e-12)
+    assert scores["bleu4"] == pytest.approx((3 / 4 * 2 / 3 * 1 / 2) ** (1 / 4), abs=1e-12)
+    assert scores["bleu4"] == pytest.approx(0.7071, abs=1e-4)
+    assert _coco_bleu(hyps, refs) == pytest.approx([1.0] * 4, abs=1e-8)
+    # An empty hypothesis is the same case for every order: c = 4, r = 4 + 1 -> BP = exp(-1/4);
+    # NLTK: p1..p4 = 4/5, 3/4, 2/3, 1/2; coco-caption: all 1, so its BLEU-n is BP alone.
+    hyps = [toks("a b c d"), []]
+    refs = [[toks("a b c d")], [toks("x")]]
+    bp = math.exp(1 - 5 / 4)
+    assert corpus_bleu(hyps, refs)["bleu1"] == pytest.approx(bp * 4 / 5, abs=1e-12)
+    assert corpus_bleu(hyps, refs)["bleu4"] == pytest.approx(bp * (1 / 5) ** (1 / 4), abs=1e-12)
+    assert _coco_bleu(hyps, refs) == pytest.approx([bp] * 4, abs=1e-8)
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -185,7 +241,8 @@ def test_sentence_bleu_smooths_missing_orders():
 def test_corpus_bleu_agrees_with_coco_bleu_scorer(seed):
     bleu_scorer = pytest.importorskip("pycocoevalcap.bleu.bleu_scorer")
     rng = random.Random(200 + seed)
-    hyps, refs = _random_corpus(rng, min_hyp_len=1)  # short hypotheses included
+    # hypotheses of >= 4 tokens: shorter ones are where the two differ (see the test above)
+    hyps, refs = _random_corpus(rng, min_hyp_len=4)
     hyps[0] = refs[0][0][:4] + hyps[0]  # make sure some 4-gram matches (coco adds 1e-15)
     scorer = bleu_scorer.BleuScorer(n=4)
     for hyp, rs in zip(hyps, refs, strict=True):
@@ -193,6 +250,25 @@ def test_corpus_bleu_agrees_with_coco_bleu_scorer(seed):
     coco, _ = scorer.compute_score(option="closest", verbose=0)
     ours = corpus_bleu(hyps, refs)
     assert [ours[k] for k in KEYS] == pytest.approx(coco, rel=1e-6)
+
+
+def test_corpus_bleu_agrees_with_coco_caption_on_demo_captions():
+    """A realistic corpus: 40 demo scenes; each hypothesis is one caption of its scene (or, for
+    every third image, of another scene) scored against the other captions of its own scene."""
+    pytest.importorskip("pycocoevalcap.bleu.bleu")
+    from captioner.synthetic import describe_scene, sample_scene
+
+    rng = random.Random(7)
+    captions = [describe_scene(sample_scene(rng, 64), rng) for _ in range(40)]
+    hyps = [
+        tokenize(captions[(i + 1) % 40][0] if i % 3 == 0 else caps[0])
+        for i, caps in enumerate(captions)
+    ]
+    refs = [[tokenize(c) for c in caps[1:]] for caps in captions]
+    assert min(len(h) for h in hyps) >= 4  # real captions: NLTK and coco-caption count alike
+    ours = corpus_bleu(hyps, refs)
+    assert 0.2 < ours["bleu4"] < 0.9  # neither trivial nor degenerate
+    assert [ours[k] for k in KEYS] == pytest.approx(_coco_bleu(hyps, refs), abs=1e-4)
 
 
 # -- input validation --------------------------------------------------------------------------
@@ -207,6 +283,10 @@ def test_strings_instead_of_token_lists_raise_type_error():
         corpus_bleu([[4, 5, 6]], [[[4, 5, 6]]])
     with pytest.raises(TypeError, match="string"):
         sentence_bleu("a dog", [toks("a dog")])
+    with pytest.raises(TypeError, match="string"):
+        sentence_bleu(toks("a dog"), ["a dog"])
+    with pytest.raises(ValueError, match="no references"):
+        sentence_bleu(toks("a dog"), [])
     with pytest.raises(TypeError, match="string"):
         strip_specials("<start> a dog")
 
