@@ -1,20 +1,19 @@
-"""Caption datasets: COCO-format and Karpathy-split loading, the one transform factory, collate.
+"""Caption datasets: the split a data config names, images, the one transform factory, collate.
 
-Every source is turned into a list of :class:`CaptionRecord` (one image, all its captions); the
-torch datasets on top of it serve training pairs ``(image, one caption)`` and evaluation items
-``(image, index)`` whose references are looked up in the records.
+Every source is turned into a list of :class:`CaptionRecord` (one image, all its captions) by the
+readers of :mod:`captioner.annotations`; the torch datasets on top of it serve training pairs
+``(image, one caption)`` and evaluation items ``(image, index)`` whose references are looked up
+in the records.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
 import math
 import random
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +23,10 @@ from PIL import Image
 from torch.utils.data import Dataset, DistributedSampler
 from torchvision import transforms as T
 
+# the records and their readers live in captioner.annotations (importable from here too)
+from captioner.annotations import CaptionRecord, load_coco_captions, load_karpathy_split
 from captioner.errors import UserError
-from captioner.files import read_json
-from captioner.vocab import Vocab, tokenize
+from captioner.vocab import Vocab
 
 log = logging.getLogger(__name__)
 
@@ -36,142 +36,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
 
 
 # ---------------------------------------------------------------------------------------------
-# records
-
-
-@dataclass
-class CaptionRecord:
-    """One image and all of its reference captions."""
-
-    image_id: int
-    path: Path
-    captions: list[str] = field(default_factory=list)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _check_caption(path: Path, where: str, caption: Any) -> str:
-    if not isinstance(caption, str):
-        raise UserError(f"{path}: {where} has no 'caption' string")
-    if not tokenize(caption):
-        raise UserError(f"{path}: {where} has an empty caption {caption!r}")
-    return caption
-
-
-def _check_images_exist(records: Sequence[CaptionRecord], source: Path) -> None:
-    missing = [r.path for r in records if not r.path.is_file()]
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise UserError(f"{source}: image {missing[0]} is referenced but missing{more}")
-
-
-def load_coco_captions(
-    annotation_file: str | Path, image_dir: str | Path, check_images: bool = True
-) -> list[CaptionRecord]:
-    """Load a COCO captions file (``captions_*.json``) through pycocotools.
-
-    Images without a caption are dropped (COCO test-style files may have none); the order of the
-    records follows the ``images`` list, so it is stable across runs.
-    """
-    from pycocotools.coco import COCO
-
-    annotation_file, image_dir = Path(annotation_file), Path(image_dir)
-    data = read_json(annotation_file)
-    if not isinstance(data, dict):
-        raise UserError(f"{annotation_file}: not a COCO captions file (top level is not an object)")
-    for key in ("images", "annotations"):
-        if not isinstance(data.get(key), list):
-            raise UserError(f"{annotation_file}: not a COCO captions file (no '{key}' list)")
-    for i, img in enumerate(data["images"]):
-        if (
-            not isinstance(img, dict)
-            or "id" not in img
-            or not isinstance(img.get("file_name"), str)
-        ):
-            raise UserError(f"{annotation_file}: images[{i}] needs an 'id' and a 'file_name'")
-        if not _is_int(img["id"]):
-            raise UserError(f"{annotation_file}: images[{i}] has a non-integer 'id' {img['id']!r}")
-    image_ids = {img["id"] for img in data["images"]}
-    for i, ann in enumerate(data["annotations"]):
-        where = f"annotations[{i}]"
-        if not isinstance(ann, dict) or "image_id" not in ann:
-            raise UserError(f"{annotation_file}: {where} has no 'image_id'")
-        _check_caption(annotation_file, f"{where} (image {ann['image_id']})", ann.get("caption"))
-        if not _is_int(ann["image_id"]) or ann["image_id"] not in image_ids:
-            raise UserError(
-                f"{annotation_file}: {where} refers to image_id {ann['image_id']!r} not in 'images'"
-            )
-        ann.setdefault("id", i + 1)
-
-    coco = COCO()  # build the index from the validated dict; pycocotools prints to stdout
-    coco.dataset = data
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco.createIndex()
-    records = []
-    for img in data["images"]:
-        anns = coco.imgToAnns.get(img["id"], [])
-        if anns:
-            captions = [a["caption"] for a in anns]
-            records.append(CaptionRecord(int(img["id"]), image_dir / img["file_name"], captions))
-    if not records:
-        raise UserError(f"{annotation_file}: contains no captioned images")
-    if check_images:
-        _check_images_exist(records, annotation_file)
-    return records
-
-
-KARPATHY_SPLITS = ("train", "val", "test")
-
-
-def load_karpathy_split(
-    split_file: str | Path,
-    image_root: str | Path,
-    split: str,
-    restval_in_train: bool = True,
-    check_images: bool = True,
-) -> list[CaptionRecord]:
-    """Load one split of Karpathy's ``dataset_{coco,flickr8k,flickr30k}.json``.
-
-    Image paths are ``image_root / filepath / filename`` (Flickr files have no ``filepath``).
-    ``restval`` images (COCO) join the training split when ``restval_in_train``.
-    """
-    split_file, image_root = Path(split_file), Path(image_root)
-    if split not in KARPATHY_SPLITS:
-        raise UserError(f"split must be one of {KARPATHY_SPLITS}, got {split!r}")
-    data = read_json(split_file, "Karpathy split file")
-    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-        raise UserError(f"{split_file}: not a Karpathy split file (no 'images' list)")
-    wanted = {split} | ({"restval"} if split == "train" and restval_in_train else set())
-    records = []
-    for i, img in enumerate(data["images"]):
-        where = f"images[{i}]"
-        if not isinstance(img, dict) or not isinstance(img.get("filename"), str):
-            raise UserError(f"{split_file}: {where} has no 'filename'")
-        if img.get("split") not in wanted:
-            continue
-        sentences = img.get("sentences")
-        if not isinstance(sentences, list) or not sentences:
-            raise UserError(f"{split_file}: {where} ({img['filename']}) has no 'sentences'")
-        captions = []
-        for j, sent in enumerate(sentences):
-            raw = sent.get("raw") if isinstance(sent, dict) else None
-            if raw is None and isinstance(sent, dict) and isinstance(sent.get("tokens"), list):
-                raw = " ".join(sent["tokens"])
-            captions.append(_check_caption(split_file, f"{where}.sentences[{j}]", raw))
-        image_id, filepath = img.get("cocoid", img.get("imgid", i)), img.get("filepath", "")
-        if not _is_int(image_id) or not isinstance(filepath, str):
-            raise UserError(
-                f"{split_file}: {where} needs an integer 'cocoid'/'imgid' and a string 'filepath'"
-            )
-        path = image_root / filepath / img["filename"]
-        records.append(CaptionRecord(int(image_id), path, captions))
-    if not records:
-        raise UserError(f"{split_file}: no images in split {split!r}")
-    if check_images:
-        _check_images_exist(records, split_file)
-    return records
+# the split a data config names
 
 
 def load_split(data_cfg: Any, split: str) -> list[CaptionRecord]:

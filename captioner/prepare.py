@@ -58,8 +58,9 @@ from pathlib import Path
 from typing import Any
 
 from captioner import __version__
+from captioner.annotations import read_karpathy
 from captioner.errors import UserError
-from captioner.files import read_json, read_text
+from captioner.files import atomic_write, read_text
 from captioner.vocab import tokenize
 
 log = logging.getLogger(__name__)
@@ -139,24 +140,10 @@ def read_image_list(path: str | Path, stats: Counter | None = None) -> list[str]
 
 def read_karpathy_splits(path: str | Path, restval: str = "train") -> dict[str, list[str]]:
     """File names per split of a Karpathy split file (``restval`` joins ``restval``'s value)."""
-    path = Path(path)
-    data = read_json(path, "Karpathy split file")
-    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-        raise UserError(f"{path}: not a Karpathy split file (no 'images' list)")
     splits: dict[str, dict[str, None]] = {}
-    for i, img in enumerate(data["images"]):
-        if not isinstance(img, dict) or not isinstance(img.get("filename"), str):
-            raise UserError(f"{path}: images[{i}] has no 'filename'")
-        split = _karpathy_split(path, i, img, restval)
-        splits.setdefault(split, {})[img["filename"]] = None
+    for entry in read_karpathy(path, restval):
+        splits.setdefault(entry.split, {})[entry.filename] = None
     return {split: list(names) for split, names in splits.items()}
-
-
-def _karpathy_split(path: Path, i: int, img: Mapping[str, Any], restval: str) -> str:
-    split = img.get("split")
-    if split not in ("train", "val", "test", "restval"):
-        raise UserError(f"{path}: images[{i}] has split {split!r}, not train/val/test/restval")
-    return restval if split == "restval" else split
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,10 +169,7 @@ def write_coco_captions(
         "images": [{"id": image_id, "file_name": file_name} for image_id, file_name in images],
         "annotations": anns,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(data, ensure_ascii=False))
     return ann_id
 
 
@@ -357,49 +341,28 @@ def prepare_karpathy(
     train unless ``separate_restval``); ``file_name`` is ``filepath/filename``, the image id is
     ``cocoid`` (COCO) or ``imgid`` (Flickr)."""
     split_file, out = Path(split_file), Path(out)
-    data = read_json(split_file, "Karpathy split file")
-    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-        raise UserError(f"{split_file}: not a Karpathy split file (no 'images' list)")
     restval = "restval" if separate_restval else "train"
     captions = Captions()
     splits: dict[str, dict[str, None]] = {}
     ids: dict[str, int] = {}
     names_of_id: dict[int, str] = {}
-    for i, img in enumerate(data["images"]):
-        where = f"{split_file}: images[{i}]"
-        if not isinstance(img, dict) or not isinstance(img.get("filename"), str):
-            raise UserError(f"{where} has no 'filename'")
-        filepath = img.get("filepath") or ""
-        image_id = img.get("cocoid", img.get("imgid", i))
-        if (
-            not isinstance(filepath, str)
-            or not isinstance(image_id, int)
-            or isinstance(image_id, bool)
-        ):
-            raise UserError(f"{where} needs an integer 'cocoid'/'imgid' and a string 'filepath'")
-        name = posixpath.join(filepath, img["filename"]) if filepath else img["filename"]
+    for entry in read_karpathy(split_file, restval):
+        where, name = f"{split_file}: images[{entry.index}]", entry.file_name
         if name in ids:
             captions.stats["images referenced twice (captions merged)"] += 1
-        elif names_of_id.setdefault(image_id, name) != name:
-            raise UserError(f"{where} ({name}) has the id {image_id} of {names_of_id[image_id]}")
-        ids.setdefault(name, image_id)
-        sentences = img.get("sentences")
-        if not isinstance(sentences, list):
-            raise UserError(f"{where} ({name}) has no 'sentences' list")
-        for sent in sentences:
-            raw = sent.get("raw") if isinstance(sent, dict) else None
-            if raw is None and isinstance(sent, dict) and isinstance(sent.get("tokens"), list):
-                raw = " ".join(map(str, sent["tokens"]))
-            if not isinstance(raw, str):
-                raise UserError(f"{where} ({name}) has a sentence without 'raw' or 'tokens'")
+        elif names_of_id.setdefault(entry.image_id, name) != name:
+            raise UserError(
+                f"{where} ({name}) has the id {entry.image_id} of {names_of_id[entry.image_id]}"
+            )
+        ids.setdefault(name, entry.image_id)
+        for raw in entry.sentences:
             captions.add(name, raw)
-        split = _karpathy_split(split_file, i, img, restval)
         for other, names in splits.items():
-            if other != split and name in names:
+            if other != entry.split and name in names:
                 raise UserError(
-                    f"{where}: image {name} is in both the {other!r} and {split!r} split"
+                    f"{where}: image {name} is in both the {other!r} and {entry.split!r} split"
                 )
-        splits.setdefault(split, {})[name] = None
+        splits.setdefault(entry.split, {})[name] = None
 
     files, ann_id = {}, 1
     order = ("train", "restval", "val", "test")
@@ -732,9 +695,7 @@ def prepare_coco(
             "sha256": sha256,
             "unpacked": [p.name for p in tops],
         }
-        tmp = stamp.with_name(f".{stamp.name}.tmp")
-        tmp.write_text(json.dumps(record, indent=1) + "\n")
-        os.replace(tmp, stamp)
+        atomic_write(stamp, json.dumps(record, indent=1) + "\n")
         if not keep_archives:
             path.unlink()
             path.with_name(path.name + ".sha256").unlink(missing_ok=True)

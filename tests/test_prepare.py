@@ -38,7 +38,7 @@ def load(path: Path, images: Path) -> dict[int, tuple[str, list[str]]]:
     """Load through the pipeline's loader and pycocotools: {image id: (file name, captions)}."""
     from pycocotools.coco import COCO
 
-    from captioner.data import load_coco_captions
+    from captioner.annotations import load_coco_captions
 
     records = load_coco_captions(path, images)
     with contextlib.redirect_stdout(io.StringIO()):
@@ -261,6 +261,37 @@ def test_karpathy_image_in_two_splits_is_an_error(tmp_path: Path) -> None:
     split_file.write_text("{not json")
     with pytest.raises(UserError, match="dataset_coco.json: Karpathy split file is not valid JSON"):
         prepare_karpathy(split_file, tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        ({"filename": None}, r"images\[1\] has no 'filename'$"),
+        ({"split": "extra"}, r"images\[1\] has split 'extra', not train/val/test/restval$"),
+        ({"cocoid": "20"}, r"images\[1\] needs an integer 'cocoid'/'imgid' and a string"),
+        ({"filepath": 5}, r"images\[1\] needs an integer 'cocoid'/'imgid' and a string"),
+        ({"sentences": None}, r"images\[1\] \(val2014/\S+\) has no 'sentences' list$"),
+        ({"sentences": [{}]}, r"images\[1\] \(val2014/\S+\) has a sentence without 'raw'"),
+    ],
+)
+def test_every_karpathy_reader_says_the_same(tmp_path: Path, change: dict, says: str) -> None:
+    """One reader behind the converter, the Flickr30k splits and the training loader: the same
+    entry is wrong in the same words for all three, whichever split it is in."""
+    from captioner.annotations import load_karpathy_split
+    from captioner.prepare import read_karpathy_splits
+
+    split_file = karpathy_file(tmp_path / "dataset_coco.json")
+    data = json.loads(split_file.read_text())
+    data["images"][1].update(change)  # the restval image: not in the 'test' split
+    split_file.write_text(json.dumps(data))
+    readers = [
+        lambda: prepare_karpathy(split_file, tmp_path / "out"),
+        lambda: read_karpathy_splits(split_file),
+        lambda: load_karpathy_split(split_file, tmp_path, "test", check_images=False),
+    ]
+    for read in readers:
+        with pytest.raises(UserError, match=rf"^{re.escape(str(split_file))}: {says}"):
+            read()
 
 
 def test_main_prints_written_files(
