@@ -18,10 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from captioner.download import Archive, download
 from captioner.errors import UserError
 from captioner.prepare import (
-    Archive,
-    download,
     main,
     normalize_caption,
     prepare_coco,
