@@ -548,3 +548,18 @@ def test_http_errors_are_one_line_user_errors(server: FileServer, tmp_path: Path
         download(Archive(url), tmp_path, timeout=10)
     with pytest.raises(UserError, match=r"^http://127\.0\.0\.1:1/x\.zip: cannot download"):
         download(Archive("http://127.0.0.1:1/x.zip"), tmp_path, timeout=5)
+
+
+def test_prepare_and_its_readers_do_not_import_torch() -> None:
+    """``captioner prepare`` starts fast: it, the downloader, the annotation readers and the file
+    helpers are torch-free (numpy, PIL and pycocotools are imported only where they are used)."""
+    import subprocess
+    import sys
+
+    modules = ("prepare", "download", "annotations", "files")
+    code = (
+        f"import sys; import {', '.join(f'captioner.{m}' for m in modules)}; "
+        "print(sorted(m for m in ('torch', 'numpy', 'PIL', 'pycocotools') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
