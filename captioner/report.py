@@ -1,11 +1,15 @@
-"""A self-contained HTML report of an evaluation run, and training curves without a plot library.
+"""A self-contained HTML report of an evaluation run, and a training run's curves (matplotlib).
 
 ``write_report`` turns the rows of ``per_image.jsonl`` into ``report.html``: a grid of thumbnails
 (embedded as JPEG data URIs, so the file can be mailed or attached anywhere), each with the
-generated caption, its references and its sentence BLEU-4, worst first, under the corpus scores.
-``training_curves_svg`` draws loss and validation BLEU-4 per epoch from a run's ``metrics.jsonl``
-as hand-written SVG; ``plot_training_curves`` writes it to a file (a PNG too when matplotlib is
-installed).
+generated caption, its references and its sentence BLEU-4, worst first, under the corpus scores,
+and the training curves as inline SVG.
+
+``training_curves_figure`` draws train/val loss and validation BLEU-4 per epoch from a run's
+``metrics.jsonl`` records with matplotlib's object-oriented API on a non-GUI canvas (pyplot is
+never imported, so a notebook's backend is left alone); ``training_curves_svg`` renders it as an
+SVG string for the page and ``plot_training_curves`` writes it to a PNG, SVG or PDF file.
+matplotlib is imported only when a curve is drawn.
 """
 
 from __future__ import annotations
@@ -18,11 +22,14 @@ import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
 from captioner.data import load_image
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +148,7 @@ min-width:92px;text-align:center}
 .facts th{text-align:left;color:var(--muted);font-weight:500;padding:2px 14px 2px 0;vertical-align:top}
 .facts td{word-break:break-all}
 .curves{background:#fff;border:1px solid var(--line);border-radius:8px;padding:8px;max-width:760px}
+.curves svg{display:block;width:100%;height:auto}
 .controls{margin:20px 0 12px;display:flex;gap:8px;align-items:center;color:var(--muted)}
 select{font:inherit;padding:3px 6px}
 .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(250px,1fr));gap:14px}
@@ -257,131 +265,87 @@ def _series(history: Sequence[dict[str, Any]], key: str) -> list[tuple[float, fl
     return points
 
 
-def _nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
-    if hi <= lo:
-        hi = lo + 1.0
-    raw = (hi - lo) / n
-    mag = 10 ** math.floor(math.log10(raw))
-    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
-    first = math.floor(lo / step) * step
-    return [first + i * step for i in range(math.ceil((hi - first) / step - 1e-9) + 1)]
+# (panel title, its lines as (legend label, colour, metrics.jsonl key)); a panel without data is
+# left out
+CURVES = (
+    ("Loss", (("train", "#2563eb", "train_loss"), ("val", "#ea580c", "val_loss"))),
+    ("Validation BLEU-4", (("val BLEU-4", "#16a34a", "val_bleu4"),)),
+)
 
 
-def _panel(
-    x0: float,
-    title: str,
-    lines: list[tuple[str, str, list[tuple[float, float]]]],
-    epochs: list[float],
-) -> str:
-    """One 340x230 chart at x offset ``x0``: axes, ticks, polylines with markers, a legend."""
-    w, h, left, top, right, bottom = 340, 230, 48, 28, 12, 36
-    pw, ph = w - left - right, h - top - bottom
-    values = [v for _, _, pts in lines for _, v in pts]
-    yt = _nice_ticks(min(values), max(values))
-    ylo, yhi = yt[0], yt[-1]
-    xlo, xhi = min(epochs), max(epochs)
-    xspan = (xhi - xlo) or 1.0
+def training_curves_figure(history: Sequence[dict[str, Any]]) -> Figure | None:
+    """Train/val loss and val BLEU-4 per epoch as a matplotlib Figure (None without data).
 
-    def sx(e: float) -> float:
-        return x0 + left + (e - xlo) / xspan * pw if xhi > xlo else x0 + left + pw / 2
+    One panel per non-empty group of :data:`CURVES`; each line has the SVG id (``gid``)
+    ``curve-<key>``, e.g. ``curve-val_bleu4``. The figure sits on an Agg canvas; its ``savefig``
+    picks the (non-GUI) backend of the file format.
+    """
+    panels = [
+        (title, lines)
+        for title, specs in CURVES
+        if (lines := [(spec, pts) for spec in specs if (pts := _series(history, spec[2]))])
+    ]
+    if not panels:
+        return None
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
-    def sy(v: float) -> float:
-        return top + ph - (v - ylo) / ((yhi - ylo) or 1.0) * ph
-
-    out = [f'<text x="{x0 + left}" y="16" font-weight="600">{esc(title)}</text>']
-    for t in yt:
-        y = sy(t)
-        out.append(
-            f'<line x1="{x0 + left}" x2="{x0 + left + pw}" y1="{y:.1f}" y2="{y:.1f}" stroke="#e3e7ee"/>'
-        )
-        out.append(f'<text x="{x0 + left - 6}" y="{y + 4:.1f}" text-anchor="end">{t:.3g}</text>')
-    step = max(1, math.ceil(len(epochs) / 10))
-    for e in epochs[::step]:
-        out.append(f'<text x="{sx(e):.1f}" y="{top + ph + 16}" text-anchor="middle">{e:g}</text>')
-    out.append(
-        f'<text x="{x0 + left + pw / 2}" y="{h - 4}" text-anchor="middle" fill="#5b6575">epoch</text>'
-    )
-    out.append(
-        f'<rect x="{x0 + left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#9aa3b0"/>'
-    )
-    lx = x0 + left + pw  # the legend: right-aligned on the title's line, never over the data
-    for label, color, _ in reversed(lines):
-        lx -= 26 + 6.5 * len(label)
-        out.append(
-            f'<line x1="{lx}" x2="{lx + 16}" y1="12" y2="12" stroke="{color}" stroke-width="2"/>'
-        )
-        out.append(f'<text x="{lx + 20}" y="16">{esc(label)}</text>')
-    for _, color, pts in lines:
-        coords = " ".join(f"{sx(e):.1f},{sy(v):.1f}" for e, v in pts)
-        out.append(f'<polyline points="{coords}" fill="none" stroke="{color}" stroke-width="2"/>')
-        out.extend(
-            f'<circle cx="{sx(e):.1f}" cy="{sy(v):.1f}" r="2.8" fill="{color}"/>' for e, v in pts
-        )
-    return "\n".join(out)
+    fig = Figure(figsize=(3.8 * len(panels), 2.7), layout="constrained")
+    FigureCanvasAgg(fig)
+    for ax, (title, lines) in zip(
+        fig.subplots(1, len(panels), squeeze=False)[0], panels, strict=True
+    ):
+        for (label, color, key), pts in lines:
+            epochs, values = zip(*pts, strict=True)
+            ax.plot(
+                epochs,
+                values,
+                color=color,
+                marker="o",
+                markersize=4,
+                label=label,
+                gid=f"curve-{key}",
+            )
+        ax.set_title(title, fontsize=11, loc="left")
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, frameon=False)
+    return fig
 
 
 def training_curves_svg(history: Sequence[dict[str, Any]]) -> str:
-    """Train/val loss and val BLEU-4 per epoch as an inline SVG string ("" without data)."""
-    loss = [
-        (n, c, p)
-        for n, c, k in (("train", "#2563eb", "train_loss"), ("val", "#ea580c", "val_loss"))
-        if (p := _series(history, k))
-    ]
-    bleu = [
-        (n, c, p)
-        for n, c, k in (("val BLEU-4", "#16a34a", "val_bleu4"),)
-        if (p := _series(history, k))
-    ]
-    panels = [
-        (title, lines) for title, lines in (("Loss", loss), ("Validation BLEU-4", bleu)) if lines
-    ]
-    if not panels:
-        return ""
-    epochs = sorted({e for _, lines in panels for _, _, pts in lines for e, _ in pts})
-    body = "\n".join(_panel(i * 360, t, lines, epochs) for i, (t, lines) in enumerate(panels))
-    width = 360 * len(panels) - 20
-    return (
-        f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} 230" width="{width}" height="230" '
-        f'font-family="system-ui,Arial,sans-serif" font-size="11" fill="#1d2430">\n'
-        f'<rect width="100%" height="100%" fill="#fff"/>\n{body}\n</svg>\n'
-    )
+    """:func:`training_curves_figure` as an SVG string to inline in HTML ("" without data).
 
-
-def plot_training_curves(metrics_jsonl: Path, out_png: Path) -> Path:
-    """Plot train/val loss and val BLEU-4 per epoch from ``metrics_jsonl``; return the file written.
-
-    ``out_png.with_suffix(".svg")`` is always written (no dependency); ``out_png`` itself too when
-    its suffix is ``.png`` and matplotlib is installed, and then it is the path returned.
+    Text stays text (``svg.fonttype: none``), ids are reproducible, and there is no XML
+    prolog, no metadata and no external reference (only namespace names).
     """
-    history = read_history(Path(metrics_jsonl))
-    svg = training_curves_svg(history)
-    if not svg:
+    fig = training_curves_figure(history)
+    if fig is None:
+        return ""
+    import matplotlib
+
+    buf = io.StringIO()
+    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "captioner"}):
+        fig.savefig(
+            buf,
+            format="svg",
+            metadata={"Creator": None, "Date": None, "Format": None, "Type": None},
+        )
+    text = buf.getvalue()
+    return text[text.index("<svg") :]
+
+
+def plot_training_curves(metrics_jsonl: Path, out: Path) -> Path:
+    """Plot train/val loss and val BLEU-4 per epoch from ``metrics_jsonl`` into ``out``; return it.
+
+    The format follows the suffix of ``out`` (``.png``, ``.svg``, ``.pdf``, ...).
+    """
+    fig = training_curves_figure(read_history(Path(metrics_jsonl)))
+    if fig is None:
         raise ValueError(f"{metrics_jsonl}: no epoch with train_loss, val_loss or val_bleu4")
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    svg_path = out_png.with_suffix(".svg")
-    svg_path.write_text(svg, encoding="utf-8")
-    if out_png.suffix.lower() != ".png":
-        return svg_path
-    try:  # the object-oriented API: no pyplot, so a notebook's backend is left alone
-        from matplotlib.figure import Figure
-    except ImportError:
-        log.info("matplotlib is not installed: wrote %s only", svg_path)
-        return svg_path
-    fig = Figure(figsize=(10, 3.5))
-    loss_ax, bleu_ax = fig.subplots(1, 2)
-    for label, key, ax in (
-        ("train", "train_loss", loss_ax),
-        ("val", "val_loss", loss_ax),
-        ("val BLEU-4", "val_bleu4", bleu_ax),
-    ):
-        if pts := _series(history, key):
-            ax.plot(*zip(*pts, strict=True), marker="o", label=label)
-    for ax, title in ((loss_ax, "Loss"), (bleu_ax, "Validation BLEU-4")):
-        ax.set(title=title, xlabel="epoch")
-        ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=120)
-    return out_png
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    return out

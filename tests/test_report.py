@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
+import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -17,7 +19,13 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from captioner.config import compose
-from captioner.report import plot_training_curves, training_curves_svg, write_report
+from captioner.report import (
+    CURVES,
+    plot_training_curves,
+    training_curves_figure,
+    training_curves_svg,
+    write_report,
+)
 
 METRICS = {
     "bleu1": 0.61,
@@ -55,6 +63,42 @@ class Entries(HTMLParser):
             self.entries.append(found)
 
 
+class Curves(HTMLParser):
+    """The lines matplotlib drew in a page or SVG, by their id ``curve-<metrics.jsonl key>``:
+    ``{id: {"points": [(x, y), ...] of the line's path, "markers": number of markers}}``, in
+    document order. SVG y grows downwards."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.curves: dict[str, dict] = {}
+        self._open: list[str | None] = []  # per open <g>: the curve it belongs to, if any
+        self.feed(text)
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        found = dict(attrs)
+        curve = self._open[-1] if self._open else None
+        if tag == "g":
+            if (found.get("id") or "").startswith("curve-"):
+                curve = found["id"]
+                self.curves[curve] = {"points": [], "markers": 0}
+            self._open.append(curve)
+        elif curve and tag == "path" and not self.curves[curve]["points"]:  # the line itself
+            xy = re.findall(r"[ML] (-?[\d.]+) (-?[\d.]+)", found.get("d") or "")
+            self.curves[curve]["points"] = [(float(x), float(y)) for x, y in xy]
+        elif curve and tag == "use":  # one marker per data point
+            self.curves[curve]["markers"] += 1
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "g":
+            self._open.pop()
+
+
+def external_references(text: str) -> list[str]:
+    """URLs in ``text`` apart from XML namespace names (xmlns="http://www.w3.org/2000/svg"),
+    which are identifiers that nothing fetches."""
+    return re.findall(r"(?:https?|file)://\S*", re.sub(r'xmlns(:\w+)?="[^"]*"', "", text))
+
+
 @pytest.fixture
 def rows(tmp_path: Path) -> list[dict]:
     """Five rows: four small images of different modes and one missing file (image 4)."""
@@ -80,7 +124,8 @@ def rows(tmp_path: Path) -> list[dict]:
 
 
 def test_report_is_self_contained_and_worst_first(tmp_path: Path, rows: list[dict]) -> None:
-    path = write_report(tmp_path / "run", METRICS, rows)
+    history = write_history(tmp_path / "metrics.jsonl")
+    path = write_report(tmp_path / "run", METRICS, rows, metrics_log=history)
     assert path == tmp_path / "run" / "report.html"
     text = path.read_text("utf-8")
     entries = Entries(text).entries
@@ -88,8 +133,9 @@ def test_report_is_self_contained_and_worst_first(tmp_path: Path, rows: list[dic
     assert [float(e["data-bleu4"]) for e in entries] == sorted(BLEUS)
     assert text.count('src="data:image/jpeg;base64,') == 4  # every image but the missing one
     assert text.count('class="missing"') == 1
-    assert "http://" not in text.replace('xmlns="http://www.w3.org/2000/svg"', "")
-    assert "https://" not in text and 'src="file' not in text
+    assert external_references(text) == [] and 'src="file' not in text
+    assert "<image" not in text and "<link" not in text and "@import" not in text
+    assert text.count("<svg") == 1  # the training curves, inline
     # captions and references are user data: escaped, never markup
     assert "<script>window" not in text
     assert text.count("&lt;script&gt;window.pwned = 1&lt;/script&gt; &amp; &quot;quotes&quot;") == 2
@@ -131,24 +177,73 @@ def write_history(path: Path, epochs: int = 4) -> Path:
     return path
 
 
+SERIES = ["curve-train_loss", "curve-val_loss", "curve-val_bleu4"]
+
+
+def test_report_embeds_the_training_curves(tmp_path: Path, rows: list[dict]) -> None:
+    """The curves are matplotlib's SVG inside the page: the three series, one point per epoch,
+    loss falling (val above train), BLEU rising, with their titles and legend as text."""
+    history = write_history(tmp_path / "metrics.jsonl", epochs=5)
+    text = write_report(tmp_path / "run", METRICS, rows, metrics_log=history).read_text("utf-8")
+    assert "<h2>Training curves</h2>" in text
+    figure = text[text.index('<div class="curves"><svg') :]
+    assert not figure.startswith("<?xml") and "<!DOCTYPE svg" not in text  # inlined, no prolog
+    curves = Curves(text).curves
+    assert list(curves) == SERIES
+    assert all(len(c["points"]) == c["markers"] == 5 for c in curves.values())
+    for c in curves.values():
+        xs = [x for x, _ in c["points"]]
+        assert xs == sorted(xs) and len(set(xs)) == 5  # one point per epoch, in order
+    train, val, bleu = ([y for _, y in curves[k]["points"]] for k in SERIES)
+    assert train == sorted(train) and val == sorted(val)  # falling loss: y grows downwards
+    assert all(v < t for v, t in zip(val, train, strict=True))  # val loss above train loss
+    assert bleu == sorted(bleu, reverse=True)  # rising BLEU
+    for label in ("Loss", "Validation BLEU-4", "train", "val", "val BLEU-4", "epoch"):
+        assert f">{label}</text>" in text  # text stays text (searchable, crisp)
+    ids = re.findall(r' id="([^"]+)"', text)
+    assert len(ids) == len(set(ids)) and ids.count("grid") == 1  # no clash with the page's ids
+    assert 'class="curves"' not in write_report(tmp_path / "bare", METRICS, rows).read_text()
+
+
 def test_training_curves(tmp_path: Path) -> None:
     log = write_history(tmp_path / "metrics.jsonl")
     written = plot_training_curves(log, tmp_path / "plots" / "curves.png")
-    svg = (tmp_path / "plots" / "curves.svg").read_text()
-    assert svg.startswith("<svg") and svg.count("<polyline") == 3 and "Validation BLEU-4" in svg
-    assert svg.count("<circle") == 3 * 4
-    pytest.importorskip("matplotlib")
     assert written == tmp_path / "plots" / "curves.png"
     assert written.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / "plots" / "curves.svg").exists()  # one file, the one asked for
     assert plot_training_curves(log, tmp_path / "c.svg") == tmp_path / "c.svg"
+    curves = Curves((tmp_path / "c.svg").read_text()).curves
+    assert list(curves) == SERIES and all(c["markers"] == 4 for c in curves.values())
+    assert plot_training_curves(log, tmp_path / "c.pdf").read_bytes()[:5] == b"%PDF-"
+    fig = training_curves_figure([json.loads(line) for line in log.read_text().splitlines()[:4]])
+    assert [ax.get_title(loc="left") for ax in fig.axes] == ["Loss", "Validation BLEU-4"]
+    assert [line.get_label() for line in fig.axes[0].lines] == ["train", "val"]
 
 
 def test_training_curves_edge_cases(tmp_path: Path) -> None:
-    assert training_curves_svg([]) == ""
-    assert "<polyline" in training_curves_svg([{"epoch": 1, "train_loss": 2.0}])  # one point
+    assert training_curves_svg([]) == "" and training_curves_figure([]) is None
+    assert training_curves_svg([{"epoch": 1, "lr": 0.1}]) == ""  # nothing to draw
+    one = training_curves_svg([{"epoch": 1, "train_loss": 2.0}])  # one point, one panel
+    assert list(Curves(one).curves) == ["curve-train_loss"]
+    assert Curves(one).curves["curve-train_loss"]["markers"] == 1
+    assert ">Loss</text>" in one and "Validation BLEU-4" not in one
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(ValueError, match="no epoch"):
         plot_training_curves(tmp_path / "empty.jsonl", tmp_path / "x.png")
+
+
+def test_report_module_imports_no_plot_library(tmp_path: Path) -> None:
+    """matplotlib loads only when a curve is drawn, and never pyplot (nor a GUI backend)."""
+    code = (
+        "import sys\n"
+        "import captioner.report as r\n"
+        "assert 'matplotlib' not in sys.modules\n"
+        "assert r.training_curves_svg([{'epoch': 1, 'train_loss': 1.0}]).startswith('<svg')\n"
+        "assert 'matplotlib' in sys.modules and 'matplotlib.pyplot' not in sys.modules\n"
+    )
+    env = {**os.environ, "MPLBACKEND": "TkAgg"}  # a GUI default must not matter either
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 @pytest.fixture
@@ -184,6 +279,7 @@ def test_evaluate_report_hook(tiny_demo: Path, tmp_path: Path, one_thread: None)
     text = report.read_text("utf-8")
     assert len(Entries(text).entries) == metrics["num_images"] == 8
     assert "Training curves" in text and "<svg" in text
+    assert "curve-train_loss" in Curves(text).curves
     assert "report" not in evaluate(OmegaConf.merge(cfg, {"report": False}), tmp_path / "eval2")
     assert not (tmp_path / "eval2" / "report.html").exists()
 
@@ -267,5 +363,11 @@ def test_report_screenshot(chromium: str, tmp_path: Path, rows: list[dict]) -> N
         assert img.size == (1200, 900)
         colors = img.convert("RGB").getcolors(maxcolors=1 << 20)
     assert shot.stat().st_size > 10_000 and colors is not None and len(colors) > 50
+    # the curves were drawn: every series' colour (its markers' fill) is on the screen
+    counts = {rgb: n for n, rgb in colors}
+    for _, lines in CURVES:
+        for label, color, _ in lines:
+            rgb = tuple(int(color[i : i + 2], 16) for i in (1, 3, 5))
+            assert counts.get(rgb, 0) > 50, (label, color)
     if os.environ.get("REPORT_SCREENSHOT"):  # keep a copy to look at
         shutil.copy(shot, os.environ["REPORT_SCREENSHOT"])
