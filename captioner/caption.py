@@ -32,17 +32,32 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help=f"checkpoint (default: the newest best.pt under {DEFAULT_RUNS}/)",
     )
+    d = DecodeConfig()  # the one source of the decoding defaults
     g = p.add_argument_group("decoding (default: greedy)")
-    g.add_argument("--beam-size", type=int, default=1, help="beam search with this many beams")
-    g.add_argument("--n-best", type=int, default=1, help="with --beam-size: print the n best")
-    g.add_argument("--length-penalty", type=float, default=0.0, help="beam: GNMT alpha")
+    g.add_argument(
+        "--beam-size",
+        type=int,
+        default=None,
+        help=f"beam search with this many beams (with --n-best alone: {d.beam_size})",
+    )
+    g.add_argument("--n-best", type=int, default=d.n_best, help="beam: print the n best")
+    g.add_argument(
+        "--length-penalty", type=float, default=d.length_penalty, help="beam: GNMT alpha"
+    )
     g.add_argument("--suppress-unk", action="store_true", help="never emit <unk>")
     g.add_argument("--sample", action="store_true", help="sample instead of greedy/beam")
-    g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0, help="sample from the k most likely words")
-    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
-    g.add_argument("--seed", type=int, default=None, help="make sampling reproducible")
-    g.add_argument("--max-len", type=int, default=20, help="max caption length in words")
+    g.add_argument("--temperature", type=float, default=d.temperature)
+    g.add_argument(
+        "--top-k", type=int, default=d.top_k, help="sample from the k most likely words (0: all)"
+    )
+    g.add_argument("--top-p", type=float, default=d.top_p, help="nucleus sampling threshold")
+    g.add_argument("--seed", type=int, default=d.seed, help="make sampling reproducible")
+    g.add_argument(
+        "--max-len",
+        type=int,
+        default=d.max_len,
+        help="max caption length in tokens, <end> included",
+    )
     p.add_argument(
         "--device", default="auto", help="auto (CUDA > MPS > CPU), cpu, cuda, cuda:1 ..."
     )
@@ -52,26 +67,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def decode_config(args: argparse.Namespace) -> DecodeConfig:
-    if args.sample and args.beam_size > 1:
+    beam = args.beam_size is not None and args.beam_size > 1
+    if args.sample and beam:
         raise UserError("--sample and --beam-size are exclusive")
-    strategy = (
-        "sample" if args.sample else "beam" if args.beam_size > 1 or args.n_best > 1 else "greedy"
-    )
-    return DecodeConfig.from_dict(
-        {
-            "strategy": strategy,
-            "max_len": args.max_len,
-            "beam_size": args.beam_size,
-            "n_best": args.n_best,
-            "length_penalty": args.length_penalty,
-            "suppress_unk": args.suppress_unk,
-            "temperature": args.temperature,
-            "top_k": args.top_k,
-            "top_p": args.top_p,
-            "seed": args.seed,
-        },
-        "decoding options",
-    )
+    strategy = "sample" if args.sample else "beam" if beam or args.n_best > 1 else "greedy"
+    options = {
+        "strategy": strategy,
+        "max_len": args.max_len,
+        "n_best": args.n_best,
+        "length_penalty": args.length_penalty,
+        "suppress_unk": args.suppress_unk,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "seed": args.seed,
+    }
+    if args.beam_size is not None:
+        options["beam_size"] = args.beam_size
+    return DecodeConfig.from_dict(options, "decoding options")
 
 
 def expand_inputs(items: Sequence[str]) -> tuple[list[str], list[str]]:

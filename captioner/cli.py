@@ -38,7 +38,9 @@ def run_hydra_app(config_name: str, task: Callable[[Any], Any], argv: Sequence[s
     """Run ``task(cfg)`` as a Hydra app over ``argv`` (overrides, --help, --multirun ...)."""
     import hydra
 
-    from captioner.config import config_dir
+    from captioner.config import config_dir, register_configs
+
+    register_configs()
 
     @hydra.main(config_path=str(config_dir()), config_name=config_name, version_base="1.3")
     def _app(cfg: Any) -> Any:

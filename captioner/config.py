@@ -1,11 +1,27 @@
-"""Where the Hydra configs live, and composing them from Python (tests, notebooks)."""
+"""Configuration: where the Hydra configs live, composing them, and the typed settings of a run.
+
+Hydra composes ``conf/train.yaml`` (or ``evaluate.yaml``) from its groups; :func:`parse_train_config`
+then turns the composed node into :class:`TrainConfig` ONCE, at start-up, so that every bad value
+is a one-line ``UserError`` naming its key before any data is read or a cache is built. The
+decoding defaults have one source, :class:`captioner.decoding.DecodeConfig`: Hydra gets them from
+the ConfigStore entry ``decode_defaults`` (see :func:`register_configs`).
+"""
 
 from __future__ import annotations
 
+import os
+import warnings
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+
+from captioner.errors import UserError, first_line
+from captioner.typed import from_dict, key
+
+SPLITS = ("train", "val", "test")
 
 
 def config_dir() -> Path:
@@ -22,11 +38,269 @@ def config_dir() -> Path:
     raise FileNotFoundError(f"captioner's Hydra configs (conf/train.yaml) not found near {here}")
 
 
+def register_configs() -> None:
+    """Put the configs that Python defines into Hydra's ConfigStore (idempotent): the decoding
+    defaults, read by ``train.yaml`` (``trainer.val_decode``) and ``evaluate.yaml`` (``decode``)."""
+    from hydra.core.config_store import ConfigStore
+
+    from captioner.decoding import DecodeConfig
+
+    ConfigStore.instance().store(name="decode_defaults", node=asdict(DecodeConfig()))
+
+
 def compose(config_name: str = "train", overrides: Sequence[str] = ()) -> DictConfig:
     """Compose a config as the CLI would, without running anything (the ``hydra`` node is left
     out: nothing outside it interpolates into it)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
+    register_configs()
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         return hydra_compose(config_name=config_name, overrides=list(overrides))
+
+
+def default_cache_dir() -> Path:
+    """Where frozen-encoder features are cached unless ``trainer.cache_dir`` says otherwise:
+    ``$XDG_CACHE_HOME/captioner/features``, else ``~/.cache/captioner/features`` (the user cache
+    that torch hub and Hugging Face use too; datasets are often on read-only storage)."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "captioner" / "features"
+
+
+# ---------------------------------------------------------------------------------------------
+# typed settings
+
+
+@dataclass
+class DataConfig:
+    """``data.*``: which dataset, how captions become targets, how batches are made."""
+
+    name: str | None = None  # the Hydra option's label
+    format: str = "coco"  # coco | karpathy
+    root: str = "data/demo"
+    year: int | None = None  # COCO layout year (interpolated into the paths)
+    demo: dict | None = None  # generate the embedded demo dataset here on first use
+    train_annotations: str | None = None  # COCO format: relative to root
+    train_images: str | None = None
+    val_annotations: str | None = None
+    val_images: str | None = None
+    test_annotations: str | None = None
+    test_images: str | None = None
+    split_file: str | None = None  # Karpathy format: dataset_*.json, relative to root
+    images: str | None = None  # Karpathy format: image folder, relative to root
+    restval_in_train: bool = True
+    min_freq: int = 5  # a word enters the vocabulary iff it occurs >= min_freq times in TRAIN
+    max_caption_len: int = 20  # ids incl. <start>/<end>; longer captions are cut, <end> kept
+    captions_per_image: int | None = None  # null: (image, caption) pairs; k: each image once
+    augment: bool = False
+    batch_size: int = 32
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        if self.format not in ("coco", "karpathy"):
+            raise UserError(f"data.format must be 'coco' or 'karpathy', got {self.format!r}")
+        if self.format == "karpathy" and (self.split_file is None or self.images is None):
+            raise UserError("data.format=karpathy needs data.split_file and data.images")
+        _at_least(self, "data", min_freq=1, max_caption_len=3, batch_size=1, num_workers=0)
+        if self.captions_per_image is not None:
+            _at_least(self, "data", captions_per_image=1)
+
+    def split_files(self, split: str) -> tuple[str, str]:
+        """(annotations, images) of a COCO-format split, relative to ``root``."""
+        ann, images = getattr(self, f"{split}_annotations"), getattr(self, f"{split}_images")
+        if ann is None or images is None:
+            raise UserError(f"data.{split}_annotations / data.{split}_images are not set")
+        return ann, images
+
+
+@dataclass
+class TrainerConfig:
+    """``trainer.*``: the loop, validation, checkpoints and the feature cache."""
+
+    max_epochs: int = 20
+    grad_clip: float | None = 5.0  # max gradient norm; null: no clipping
+    label_smoothing: float = 0.0
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    cache_features: str | bool = "auto"  # auto | true | false (normalised to a string)
+    cache_dir: str | None = None  # null: default_cache_dir()
+    patience: int | None = 5  # epochs without a val BLEU-4 gain before stopping; null: never
+    val_max_images: int | None = None
+    val_decode: Any = None  # a DecodeConfig (parsed in __post_init__)
+    ema_decay: float | None = None
+    tensorboard: bool = False
+
+    def __post_init__(self) -> None:
+        from captioner.decoding import DecodeConfig
+        from captioner.runtime import PRECISIONS
+
+        if isinstance(self.cache_features, bool):  # YAML true/false
+            self.cache_features = str(self.cache_features).lower()
+        _one_of(self, "trainer", cache_features=("auto", "true", "false"), precision=PRECISIONS)
+        _at_least(self, "trainer", max_epochs=1)
+        for name in ("patience", "val_max_images"):
+            if getattr(self, name) is not None:
+                _at_least(self, "trainer", **{name: 1})
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise UserError(f"trainer.grad_clip must be > 0 or null, got {self.grad_clip}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise UserError(
+                f"trainer.label_smoothing must be in [0, 1), got {self.label_smoothing}"
+            )
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise UserError(f"trainer.ema_decay must be in (0, 1) or null, got {self.ema_decay}")
+        if not isinstance(self.val_decode, DecodeConfig):
+            self.val_decode = DecodeConfig.from_dict(self.val_decode or {}, "trainer.val_decode")
+
+    @property
+    def feature_cache_dir(self) -> Path:
+        return Path(self.cache_dir) if self.cache_dir else default_cache_dir()
+
+
+@dataclass
+class TrainConfig:
+    """A whole training run, typed. ``optim`` and ``scheduler`` stay Hydra ``_target_`` nodes
+    (instantiated by Hydra, checked here on a dummy parameter); ``raw`` is the composed config,
+    saved in every checkpoint."""
+
+    data: DataConfig
+    model: Any  # captioner.model.ModelConfig
+    trainer: TrainerConfig
+    optim: DictConfig
+    scheduler: DictConfig
+    raw: DictConfig
+    seed: int = 0
+    device: str = "auto"
+    resume: str | None = None
+
+
+@dataclass
+class EvaluateConfig:
+    """``captioner evaluate``'s settings (``conf/evaluate.yaml``)."""
+
+    checkpoint: str | None = None  # null: the newest best.pt under outputs/train/
+    split: str = "test"
+    device: str = "auto"
+    batch_size: int = 32
+    num_workers: int = 0
+    max_images: int | None = None
+    coco_metrics: bool = True
+    report: bool = False
+    cache_features: bool = True  # read/build the feature cache (keyed by the encoder's weights)
+    cache_dir: str | None = None  # null: the training run's trainer.cache_dir, else the default
+    decode: Any = None  # a DecodeConfig (parsed in __post_init__)
+    data: dict | None = None  # overrides of the checkpoint's training data config
+
+    def __post_init__(self) -> None:
+        from captioner.decoding import DecodeConfig
+
+        _one_of(self, "", split=SPLITS)
+        _at_least(self, "", batch_size=1, num_workers=0)
+        if self.max_images is not None:
+            _at_least(self, "", max_images=1)
+        if not isinstance(self.decode, DecodeConfig):
+            self.decode = DecodeConfig.from_dict(self.decode or {}, "decode")
+        self.data = {k: v for k, v in (self.data or {}).items() if v is not None}
+
+    def feature_cache_dir(self, train_config: dict[str, Any] | None) -> Path:
+        """Where to look for (and put) the features: ``cache_dir``, else the training run's."""
+        trained = ((train_config or {}).get("trainer") or {}).get("cache_dir")
+        return Path(self.cache_dir or trained) if self.cache_dir or trained else default_cache_dir()
+
+
+_TOP_LEVEL = {"data", "model", "trainer", "optim", "scheduler", "seed", "device", "resume"}
+
+
+def parse_train_config(cfg: DictConfig) -> TrainConfig:
+    """The composed ``train`` config, validated and typed; raises a one-line ``UserError``."""
+    from captioner.model import ModelConfig
+
+    unknown = sorted(k for k in cfg if k not in _TOP_LEVEL and k != "hydra")
+    if unknown:
+        raise UserError(f"{unknown[0]}: unknown option (known: {', '.join(sorted(_TOP_LEVEL))})")
+    top = from_dict(_TopLevel, {k: cfg.get(k) for k in ("seed", "device", "resume")}, "")
+    resolved = _resolve(cfg)
+    data = from_dict(DataConfig, resolved.get("data"), "data")
+    model = ModelConfig.from_dict(resolved.get("model") or {})
+    trainer = from_dict(TrainerConfig, resolved.get("trainer"), "trainer")
+    check_optimizer(cfg.optim, cfg.scheduler)  # after trainer: the schedule reads max_epochs
+    return TrainConfig(
+        data=data,
+        model=model,
+        trainer=trainer,
+        optim=cfg.optim,
+        scheduler=cfg.scheduler,
+        raw=cfg,
+        seed=top.seed,
+        device=top.device,
+        resume=top.resume,
+    )
+
+
+@dataclass
+class _TopLevel:
+    seed: int = 0
+    device: str = "auto"
+    resume: str | None = None
+
+
+def _resolve(cfg: DictConfig) -> dict[str, Any]:
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    except Exception as exc:  # noqa: BLE001 - an interpolation that does not resolve
+        raise UserError(f"config: {first_line(exc)}") from exc
+
+
+def check_optimizer(optim: DictConfig, scheduler: DictConfig) -> None:
+    """Build ``optim`` and ``scheduler`` once on a dummy parameter, so that a bad value
+    (``optim.lr=-1``) is one line naming the group before any work, not Hydra's traceback."""
+    import torch
+    from hydra.utils import instantiate
+
+    try:
+        optimizer = instantiate(optim, params=[torch.nn.Parameter(torch.zeros(1))])
+    except Exception as exc:  # noqa: BLE001 - whatever the optimizer refuses
+        raise UserError(f"optim: {_cause(exc)}") from exc
+    try:
+        with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()"
+            warnings.simplefilter("ignore")
+            instantiate(scheduler, optimizer=optimizer).step()  # a value used only when stepping
+    except Exception as exc:  # noqa: BLE001
+        raise UserError(f"scheduler: {_cause(exc)}") from exc
+
+
+def _cause(exc: BaseException) -> str:
+    """The innermost message of Hydra's InstantiationException chain."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return first_line(exc)
+
+
+def _at_least(obj: Any, where: str, **minimum: int) -> None:
+    for name, low in minimum.items():
+        value = getattr(obj, name)
+        if value < low:
+            raise UserError(f"{key(where, name)} must be >= {low}, got {value}")
+
+
+def _one_of(obj: Any, where: str, **choices: Sequence[str]) -> None:
+    for name, allowed in choices.items():
+        if getattr(obj, name) not in allowed:
+            raise UserError(
+                f"{key(where, name)} must be one of {', '.join(allowed)}, "
+                f"got {getattr(obj, name)!r}"
+            )
+
+
+__all__ = [
+    "SPLITS",
+    "DataConfig",
+    "EvaluateConfig",
+    "TrainConfig",
+    "TrainerConfig",
+    "check_optimizer",
+    "compose",
+    "config_dir",
+    "default_cache_dir",
+    "parse_train_config",
+    "register_configs",
+]

@@ -25,6 +25,7 @@ from torchvision import transforms as T
 
 # the records and their readers live in captioner.annotations (importable from here too)
 from captioner.annotations import CaptionRecord, load_coco_captions, load_karpathy_split
+from captioner.config import DataConfig
 from captioner.errors import UserError
 from captioner.vocab import Vocab
 
@@ -39,26 +40,22 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
 # the split a data config names
 
 
-def load_split(data_cfg: Any, split: str) -> list[CaptionRecord]:
-    """Load ``split`` (train/val/test) of the dataset described by a ``data`` config node."""
-    root = Path(data_cfg.root)
-    if data_cfg.get("demo"):
+def load_split(data: DataConfig, split: str) -> list[CaptionRecord]:
+    """Load ``split`` (train/val/test) of the dataset described by the typed ``data`` config."""
+    root = Path(data.root)
+    if data.demo:
         from captioner.synthetic import ensure_demo_dataset
 
-        ensure_demo_dataset(root, **dict(data_cfg.demo))
-    fmt = data_cfg.get("format", "coco")
-    if fmt == "karpathy":
+        ensure_demo_dataset(root, **data.demo)
+    if data.format == "karpathy":
+        assert data.split_file is not None and data.images is not None  # DataConfig checks it
         return load_karpathy_split(
-            root / data_cfg.split_file,
-            root / data_cfg.images,
+            root / data.split_file,
+            root / data.images,
             split,
-            restval_in_train=data_cfg.get("restval_in_train", True),
+            restval_in_train=data.restval_in_train,
         )
-    if fmt != "coco":
-        raise UserError(f"data.format must be 'coco' or 'karpathy', got {fmt!r}")
-    ann, images = data_cfg.get(f"{split}_annotations"), data_cfg.get(f"{split}_images")
-    if ann is None or images is None:
-        raise UserError(f"data.{split}_annotations / data.{split}_images are not set")
+    ann, images = data.split_files(split)
     return load_coco_captions(root / ann, root / images)
 
 

@@ -12,43 +12,35 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader, Dataset
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from captioner.checkpoint import find_checkpoint, load_checkpoint, model_from_checkpoint
-from captioner.data import ImageDataset, build_transform, collate_images, load_split
-from captioner.decoding import DecodeConfig
+from captioner.config import DataConfig, EvaluateConfig
+from captioner.data import build_transform, collate_images, load_split
 from captioner.errors import UserError
-from captioner.features import IndexedFeatures, build_feature_cache
+from captioner.features import build_feature_cache, image_source
 from captioner.inference import corpus_scores, generate, hypothesis_text
 from captioner.metrics import coco_caption_metrics, sentence_bleu_from_text
 from captioner.report import SCORE_KEYS, write_report
 from captioner.runtime import resolve_device
+from captioner.typed import from_dict
 
 log = logging.getLogger(__name__)
 
 
-def resolve_data_config(
-    checkpoint: dict[str, Any], overrides: DictConfig | dict | None
-) -> DictConfig:
-    """The checkpoint's training ``data`` config with the non-null ``overrides`` on top.
+def resolve_data_config(checkpoint: dict[str, Any], overrides: dict[str, Any]) -> DataConfig:
+    """The checkpoint's training ``data`` config with the non-null ``overrides`` on top, typed.
 
     Overriding any field drops the demo generator (unless ``demo`` itself is given), so pointing
     ``data.root`` at another dataset never writes demo images there.
     """
-    given = {
-        k: v
-        for k, v in (
-            OmegaConf.to_container(overrides)
-            if isinstance(overrides, DictConfig)
-            else dict(overrides or {})
-        ).items()
-        if v is not None
-    }
+    given = {k: v for k, v in overrides.items() if v is not None}
     base = dict((checkpoint.get("train_config") or {}).get("data") or {})
     if not base and not given.get("root"):
         raise UserError(
@@ -57,20 +49,21 @@ def resolve_data_config(
         )
     if given and "demo" not in given:
         base.pop("demo", None)
-    return OmegaConf.create({**base, **given})
+    return from_dict(DataConfig, {**base, **given}, "data")
 
 
-def evaluate(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
+def evaluate(cfg: DictConfig | EvaluateConfig, out_dir: str | Path) -> dict[str, Any]:
     """Evaluate ``cfg.checkpoint`` on ``cfg.split``; write the run files into ``out_dir``."""
+    if not isinstance(cfg, EvaluateConfig):
+        cfg = from_dict(EvaluateConfig, {k: v for k, v in cfg.items() if k != "hydra"}, "")
     out_dir = Path(out_dir)
-    ckpt_path = Path(cfg.checkpoint) if cfg.get("checkpoint") else find_checkpoint()
-    device = resolve_device(str(cfg.device))
+    ckpt_path = Path(cfg.checkpoint) if cfg.checkpoint else find_checkpoint()
+    device = resolve_device(cfg.device)
     ckpt = load_checkpoint(ckpt_path)
     model, vocab, pre = model_from_checkpoint(ckpt, device=device)
-    decode_cfg = DecodeConfig.from_dict(OmegaConf.to_container(cfg.decode, resolve=True))
-    records = load_split(resolve_data_config(ckpt, cfg.get("data")), str(cfg.split))
-    if cfg.get("max_images"):
-        records = records[: int(cfg.max_images)]
+    decode_cfg = cfg.decode
+    records = load_split(resolve_data_config(ckpt, cfg.data or {}), cfg.split)
+    records = records[: cfg.max_images]
     log.info(
         "evaluating %s on %d %s images (%s decoding)",
         ckpt_path,
@@ -81,25 +74,22 @@ def evaluate(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
 
     start = time.perf_counter()
     paths = [r.path for r in records]
-    cache_dir = cfg.get("cache_dir")
-    if cache_dir:  # keyed by the encoder's weights: a hit is always the features it computes
+    cache = None
+    if cfg.cache_features:  # keyed by the encoder's weights: a hit is always what it computes
         cache = build_feature_cache(
             model.encoder,
             pre,
             paths,
-            cache_dir,
+            cfg.feature_cache_dir(ckpt.get("train_config")),
             device=device,
-            batch_size=int(cfg.batch_size),
-            num_workers=int(cfg.num_workers),
+            batch_size=cfg.batch_size,
+            num_workers=cfg.num_workers,
             desc=f"{cfg.split} images",
         )
-        dataset: Dataset = IndexedFeatures(cache)
-    else:
-        dataset = ImageDataset(paths, build_transform(pre))
     loader = DataLoader(
-        dataset,
-        batch_size=int(cfg.batch_size),
-        num_workers=0 if cache_dir else int(cfg.num_workers),
+        image_source(paths, build_transform(pre), cache),
+        batch_size=cfg.batch_size,
+        num_workers=0 if cache is not None else cfg.num_workers,
         collate_fn=collate_images,
     )
     hyps = generate(
@@ -108,7 +98,7 @@ def evaluate(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         vocab,
         decode_cfg,
         device,
-        features=bool(cache_dir),
+        features=cache is not None,
     )
     seconds = time.perf_counter() - start
     captions = {i: hypothesis_text(h[0], vocab) for i, h in hyps.items()}
@@ -120,7 +110,7 @@ def evaluate(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
 
     scores = corpus_scores(captions, records)
     coco = None
-    if cfg.get("coco_metrics", True):
+    if cfg.coco_metrics:
         coco = coco_caption_metrics(
             {records[i].image_id: c for i, c in captions.items()},
             {records[i].image_id: records[i].captions for i in captions},
@@ -128,11 +118,11 @@ def evaluate(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     metrics: dict[str, Any] = {
         **scores,
         **(coco or {}),
-        "split": str(cfg.split),
+        "split": cfg.split,
         "num_images": len(captions),
         "skipped_images": skipped,
         "checkpoint": str(ckpt_path),
-        "decode": OmegaConf.to_container(cfg.decode, resolve=True),
+        "decode": asdict(decode_cfg),
         "seconds": round(seconds, 2),
     }
 
@@ -152,7 +142,7 @@ def evaluate(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     ]
     with open(out_dir / "per_image.jsonl", "w", encoding="utf-8") as f:
         f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-    if cfg.get("report", False):
+    if cfg.report:
         report = write_report(
             out_dir, metrics, rows, metrics_log=ckpt_path.parent / "metrics.jsonl"
         )

@@ -163,3 +163,12 @@ def build_feature_cache(
     atomic_write(meta_file, json.dumps(meta, indent=1))  # written last: the cache is complete
     log.info("cached %d %s in %s", len(paths), desc, directory)
     return CachedFeatures(directory)
+
+
+def image_source(
+    paths: Sequence[Path], transform: Any, cache: CachedFeatures | None
+) -> IndexedFeatures | ImageDataset:
+    """What the model reads per image, ``(tensor or None, index)``: the cached encoder features
+    when a cache is given, else the images decoded and transformed (the CNN in the loop). The one
+    place where training, validation and ``captioner evaluate`` make that choice concrete."""
+    return IndexedFeatures(cache) if cache is not None else ImageDataset(paths, transform)

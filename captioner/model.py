@@ -7,17 +7,17 @@ H LSTM hidden size, L LSTM layers, V vocabulary size.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from captioner.data import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from captioner.errors import UserError, first_line
+from captioner.typed import from_dict
 
 log = logging.getLogger(__name__)
 
@@ -26,14 +26,6 @@ State = tuple[Tensor, Tensor]  # LSTM (h, c), each [L, B, H]
 
 # ---------------------------------------------------------------------------------------------
 # typed config
-
-
-def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise UserError(f"{where}.{unknown[0]}: unknown option (known: {', '.join(sorted(known))})")
-    return cls(**data)
 
 
 @dataclass
@@ -45,7 +37,7 @@ class EncoderConfig:
     )
     weights_file: str | None = None  # local state_dict instead of a download
     freeze: bool = True
-    finetune_from_epoch: int | None = None  # unfreeze at this (0-based) epoch
+    finetune_from_epoch: int | None = None  # 1-based: epochs >= N fine-tune the encoder
     finetune_last_stages: int | None = None  # only the last K stages (None: all)
     lr: float | None = None  # encoder learning rate when fine-tuned (None: optimizer lr)
     # preprocessing overrides; null takes the value from the weights' metadata
@@ -62,6 +54,27 @@ class EncoderConfig:
             raise UserError(
                 f"model.encoder.source must be 'torchvision' or 'timm', got {self.source!r}"
             )
+        if self.finetune_from_epoch is not None and self.finetune_from_epoch < 1:
+            raise UserError(
+                "model.encoder.finetune_from_epoch is 1-based (the first epoch is 1), "
+                f"got {self.finetune_from_epoch}"
+            )
+        if self.finetune_last_stages is not None and self.finetune_last_stages < 1:
+            raise UserError(
+                "model.encoder.finetune_last_stages must be >= 1 or null (all stages), "
+                f"got {self.finetune_last_stages}"
+            )
+        if self.lr is not None and not self.lr > 0:
+            raise UserError(f"model.encoder.lr must be > 0 or null, got {self.lr}")
+
+    def trainable_stages(self, epoch: int) -> int | None:
+        """What of the encoder trains in 0-based ``epoch``: 0 nothing (frozen), None all of it,
+        K its last K stages (``finetune_from_epoch`` counts from 1)."""
+        if not self.freeze:
+            return self.finetune_last_stages
+        if self.finetune_from_epoch is not None and epoch + 1 >= self.finetune_from_epoch:
+            return self.finetune_last_stages
+        return 0
 
 
 @dataclass
@@ -80,6 +93,9 @@ class DecoderConfig:
                 "model.decoder.feature_mode must be 'init_state' or 'first_input', "
                 f"got {self.feature_mode!r}"
             )
+        for key in ("embed_dim", "hidden_size", "num_layers"):
+            if getattr(self, key) < 1:
+                raise UserError(f"model.decoder.{key} must be >= 1, got {getattr(self, key)}")
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"model.decoder.dropout must be in [0, 1), got {self.dropout}")
         if self.tie_weights and self.embed_dim != self.hidden_size:
@@ -102,8 +118,8 @@ class ModelConfig:
         if unknown:
             raise UserError(f"model.{unknown[0]}: unknown option")
         return cls(
-            encoder=_from_dict(EncoderConfig, dict(data.get("encoder") or {}), "model.encoder"),
-            decoder=_from_dict(DecoderConfig, dict(data.get("decoder") or {}), "model.decoder"),
+            encoder=from_dict(EncoderConfig, data.get("encoder"), "model.encoder"),
+            decoder=from_dict(DecoderConfig, data.get("decoder"), "model.decoder"),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -359,22 +375,6 @@ class Decoder(nn.Module):
         return self.out(out.squeeze(1)), state
 
 
-def caption_loss(
-    logits: Tensor, captions: Tensor, pad_id: int = 0, label_smoothing: float = 0.0
-) -> Tensor:
-    """Mean cross-entropy over real target tokens only (padding never reaches the loss).
-
-    logits [B, T-1, V], captions [B, T]; targets are captions[:, 1:].
-    """
-    targets = captions[:, 1:]
-    return F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(),
-        targets.reshape(-1),
-        ignore_index=pad_id,
-        label_smoothing=label_smoothing,
-    )
-
-
 # ---------------------------------------------------------------------------------------------
 # the captioner
 
@@ -418,6 +418,16 @@ class CaptionModel(nn.Module):
         for m in self._frozen:
             m.eval()
         return self
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Optimizer parameter groups (as nanoGPT's ``configure_optimizers``): the decoder at the
+        optimizer's rate, the encoder at ``model.encoder.lr`` when set. Frozen encoder parameters
+        are included, so a run that unfreezes stages mid-way keeps one optimizer: they get no
+        gradient, hence no update, while frozen."""
+        encoder: dict[str, Any] = {"params": list(self.encoder.parameters()), "name": "encoder"}
+        if self.config.encoder.lr is not None:
+            encoder["lr"] = float(self.config.encoder.lr)
+        return [{"params": list(self.decoder.parameters()), "name": "decoder"}, encoder]
 
     # -- forward ------------------------------------------------------------------------------
     def encode(self, images: Tensor) -> Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,19 @@ from captioner.synthetic import ensure_demo_dataset
 from captioner.train import train
 
 TINY_SPLITS = {"train": 24, "val": 8, "test": 8}
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _user_cache(tmp_path_factory: pytest.TempPathFactory):
+    """The default feature cache ($XDG_CACHE_HOME/captioner) goes to a temporary folder, for this
+    process and the CLI subprocesses the tests start: a test never writes to ~/.cache."""
+    saved = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg_cache"))
+    yield
+    if saved is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = saved
 
 
 @pytest.fixture(scope="session")

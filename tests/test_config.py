@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,8 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from captioner.config import compose, config_dir
+from captioner.config import compose, config_dir, default_cache_dir, parse_train_config
+from captioner.decoding import DecodeConfig
 from captioner.errors import UserError
 from captioner.model import ModelConfig
 
@@ -41,8 +43,31 @@ def test_default_config() -> None:
     assert cfg.scheduler._target_ == "torch.optim.lr_scheduler.CosineAnnealingLR"
     assert cfg.scheduler.T_max == cfg.trainer.max_epochs
     assert cfg.resume is None and cfg.seed == 0
-    assert cfg.trainer.cache_dir == "data/demo/.cache/features"  # follows data.root
     OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+
+
+def test_feature_cache_defaults_to_the_user_cache(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Not inside the dataset (often read-only): $XDG_CACHE_HOME, else ~/.cache, as torch hub."""
+    config = parse_train_config(compose("train"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert config.trainer.feature_cache_dir == tmp_path / "xdg" / "captioner" / "features"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_cache_dir() == tmp_path / "home" / ".cache" / "captioner" / "features"
+    moved = parse_train_config(compose("train", [f"trainer.cache_dir={tmp_path / 'c'}"]))
+    assert moved.trainer.feature_cache_dir == tmp_path / "c"
+
+
+def test_decoding_defaults_have_one_source() -> None:
+    """trainer.val_decode, evaluate's decode and the caption CLI take DecodeConfig's defaults."""
+    from captioner.caption import build_parser, decode_config
+
+    defaults = asdict(DecodeConfig())
+    assert OmegaConf.to_container(compose("train").trainer.val_decode) == defaults
+    assert OmegaConf.to_container(compose("evaluate").decode) == {**defaults, "seed": 0}
+    assert decode_config(build_parser().parse_args(["x.png"])) == DecodeConfig()
 
 
 @pytest.mark.parametrize(
@@ -156,7 +181,7 @@ def test_experiment_coco_resnet50() -> None:
     # the command line still wins over the preset
     cfg = compose("train", ["experiment=coco_resnet50", "trainer.max_epochs=3", "data.root=/x"])
     assert (cfg.trainer.max_epochs, cfg.scheduler.T_max) == (3, 3)
-    assert cfg.trainer.cache_dir == "/x/.cache/features"
+    assert cfg.data.root == "/x" and cfg.trainer.cache_dir is None  # the cache stays outside
 
 
 @pytest.mark.parametrize("data", ["coco", "karpathy", "flickr8k"])
@@ -214,3 +239,49 @@ def test_cli_help_from_another_cwd(tmp_path: Path) -> None:
     for group, options in GROUPS.items():
         assert f"{group}: {', '.join(options)}" in proc.stdout
     assert list(tmp_path.iterdir()) == []  # --help creates no run directory
+
+
+BAD_TRAIN_VALUES = [
+    ("data.batch_size=0", r"^data\.batch_size must be >= 1, got 0$"),
+    ("data.batch_size=abc", r"^data\.batch_size: expected an integer, got 'abc'$"),
+    ("data.num_workers=-1", r"^data\.num_workers must be >= 0"),
+    ("data.min_freq=0", r"^data\.min_freq must be >= 1"),
+    ("data.captions_per_image=0", r"^data\.captions_per_image must be >= 1"),
+    ("data.format=csv", r"^data\.format must be 'coco' or 'karpathy'"),
+    ("optim.lr=-1", r"^optim: Invalid learning rate: -1"),
+    ("optim.weight_decay=-0.5", r"^optim: Invalid weight_decay value: -0\.5"),
+    ("+optim.nonsense=1", r"^optim: .*nonsense"),
+    ("scheduler.eta_min=abc", r"^scheduler: "),
+    ("trainer.max_epochs=0", r"^trainer\.max_epochs must be >= 1"),
+    ("trainer.patience=0", r"^trainer\.patience must be >= 1"),
+    ("trainer.grad_clip=0", r"^trainer\.grad_clip must be > 0 or null"),
+    ("trainer.label_smoothing=1.0", r"^trainer\.label_smoothing must be in \[0, 1\)"),
+    ("trainer.precision=fp8", r"^trainer\.precision must be one of auto, fp32, bf16, fp16"),
+    ("trainer.cache_features=maybe", r"^trainer\.cache_features must be one of auto, true, false"),
+    ("trainer.tensorboard=sometimes", r"^trainer\.tensorboard: expected true or false"),
+    ("trainer.val_decode.top_p=0", r"^trainer\.val_decode: top_p must be in \(0, 1\]"),
+    ("+trainer.val_decode.beams=2", r"^trainer\.val_decode: .*beams"),
+    ("model.decoder.hidden_size=0", r"^model\.decoder\.hidden_size must be >= 1"),
+    ("model.encoder.finetune_from_epoch=0", r"^model\.encoder\.finetune_from_epoch is 1-based"),
+    ("model.encoder.lr=0", r"^model\.encoder\.lr must be > 0 or null"),
+    ("seed=abc", r"^seed: expected an integer, got 'abc'$"),
+]
+
+
+@pytest.mark.parametrize(("override", "message"), BAD_TRAIN_VALUES)
+def test_bad_train_values_are_one_line_user_errors(override: str, message: str) -> None:
+    """Parsed once at start-up: the error names the key and what is allowed, in one line."""
+    with pytest.raises(UserError, match=message) as info:
+        parse_train_config(compose("train", [override]))
+    assert "\n" not in str(info.value)
+
+
+def test_parsed_train_config_is_typed() -> None:
+    config = parse_train_config(compose("train", ["experiment=flickr8k"]))
+    assert config.data.batch_size == 64 and config.trainer.max_epochs == 10
+    assert config.trainer.val_decode == DecodeConfig(strategy="beam", beam_size=3)
+    assert config.trainer.ema_decay == 0.999 and config.trainer.patience is None
+    assert config.model.decoder.tie_weights and config.model.encoder.flip_average
+    assert config.trainer.cache_features == "auto"
+    flag = parse_train_config(compose("train", ["trainer.cache_features=true"]))
+    assert flag.trainer.cache_features == "true"  # YAML's boolean, normalised

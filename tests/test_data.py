@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 from PIL import Image
 
+from captioner.config import DataConfig
 from captioner.data import (
     CaptionRecord,
     CaptionTrainDataset,
@@ -29,6 +29,7 @@ from captioner.data import (
     load_split,
 )
 from captioner.errors import UserError
+from captioner.typed import from_dict
 from captioner.vocab import Vocab
 
 # -- fixture builders ---------------------------------------------------------------------------
@@ -142,32 +143,32 @@ def test_load_coco_prints_nothing(coco_dir: Path, capsys: pytest.CaptureFixture)
 
 
 def test_load_split_coco_and_karpathy(coco_dir: Path, flickr_dir: Path) -> None:
-    cfg = OmegaConf.create(
-        {
-            "root": str(coco_dir),
-            "format": "coco",
-            "demo": None,
-            "train_annotations": "annotations/captions_train.json",
-            "train_images": "images",
-            "val_annotations": None,
-            "val_images": None,
-        }
-    )
+    coco = {
+        "root": str(coco_dir),
+        "format": "coco",
+        "demo": None,
+        "train_annotations": "annotations/captions_train.json",
+        "train_images": "images",
+        "val_annotations": None,
+        "val_images": None,
+    }
+    cfg = from_dict(DataConfig, coco, "data")
     assert [r.image_id for r in load_split(cfg, "train")] == [30, 10]
     with pytest.raises(UserError, match="data.val_annotations"):
         load_split(cfg, "val")
-    cfg.format = "nope"
     with pytest.raises(UserError, match="data.format"):
-        load_split(cfg, "train")
+        from_dict(DataConfig, {**coco, "format": "nope"}, "data")
 
-    kcfg = OmegaConf.create(
+    kcfg = from_dict(
+        DataConfig,
         {
             "root": str(flickr_dir),
             "format": "karpathy",
             "split_file": "dataset_flickr8k.json",
             "images": "Flicker8k_Dataset",
             "restval_in_train": True,
-        }
+        },
+        "data",
     )
     assert [r.path.name for r in load_split(kcfg, "train")] == ["1.jpg", "3.jpg"]
     assert [r.path.name for r in load_split(kcfg, "test")] == ["4.jpg"]

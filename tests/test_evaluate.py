@@ -177,7 +177,7 @@ def test_unreadable_image_is_left_out_and_counted(
     root = write_coco_split(tmp_path / "other")
     (root / "pics" / "p2.jpg").write_bytes(b"not a jpeg")
     data = [f"data.root={root}", "data.test_annotations=caps.json", "data.test_images=pics"]
-    cache = [f"cache_dir={tmp_path / 'cache'}"] if cached else []
+    cache = [f"cache_dir={tmp_path / 'cache'}"] if cached else ["cache_features=false"]
     run = run_eval(tiny_checkpoint, tmp_path / "out", *data, *cache)
     assert run["metrics"]["num_images"] == 4 and run["metrics"]["skipped_images"] == 1
     assert sorted(r["image_id"] for r in run["results"]) == [100, 101, 103, 104]
