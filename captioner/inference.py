@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from captioner.data import (
 from captioner.decoding import DecodeConfig, Hypothesis, decode
 from captioner.metrics import bleu_from_text
 from captioner.model import CaptionModel
+from captioner.runtime import autocast, resolve_device
 from captioner.vocab import Vocab, detokenize
 
 
@@ -49,15 +50,27 @@ def generate(
     config: DecodeConfig,
     device: torch.device | str,
     features: bool = False,
+    *,
+    autocast_dtype: torch.dtype | None = None,
+    on_features: Callable[[dict[str, Any], torch.Tensor], None] | None = None,
 ) -> dict[int, list[Hypothesis]]:
     """Decode every batch (``inputs`` images, or encoder features when ``features``) ->
-    {dataset index: hypotheses}. The model must be in eval mode."""
+    {dataset index: hypotheses}. The model must be in eval mode.
+
+    ``on_features(batch, features)`` is called with each batch's encoder features [B, F] before
+    they are decoded (validation computes its teacher-forced loss there, on the same features).
+    """
+    device = torch.device(device)
     out: dict[int, list[Hypothesis]] = {}
     for batch in batches:
         if not len(batch["index"]):
             continue
         inputs = batch["inputs"].to(device, non_blocking=True)
-        feats = inputs if features else model.encode(inputs)
+        with autocast(device, autocast_dtype):
+            feats = inputs if features else model.encode(inputs)
+        feats = feats.float()
+        if on_features is not None:
+            on_features(batch, feats)
         hyps = decode_features(model, feats, vocab, config)
         out.update(zip(batch["index"].tolist(), hyps, strict=True))
     return out
@@ -126,7 +139,6 @@ class Captioner:
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "auto") -> Captioner:
         from captioner.checkpoint import load_checkpoint, model_from_checkpoint
-        from captioner.runtime import resolve_device
 
         dev = resolve_device(device)
         ckpt = load_checkpoint(path, map_location="cpu")

@@ -17,7 +17,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import logging
 import math
 from collections.abc import Sequence
@@ -27,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image
 
 from captioner.data import load_image
+from captioner.runlog import read_metrics
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -215,7 +215,7 @@ def write_report(
     entries = "\n".join(_entry(r, thumb_size) for r in shown)
     curves = ""
     if metrics_log is not None and Path(metrics_log).is_file():
-        svg = training_curves_svg(read_history(Path(metrics_log)))
+        svg = training_curves_svg(read_metrics(metrics_log))
         if svg:
             curves = f'<h2>Training curves</h2><div class="curves">{svg}</div>'
     title = f"captioner evaluation: {metrics.get('split', '?')} split"
@@ -241,19 +241,6 @@ def write_report(
     path = out_dir / "report.html"
     path.write_text(page, encoding="utf-8")
     return path
-
-
-def read_history(metrics_jsonl: Path) -> list[dict[str, Any]]:
-    """The per-epoch records of a training run's ``metrics.jsonl`` (blank/torn lines skipped)."""
-    history = []
-    for line in Path(metrics_jsonl).read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and "epoch" in record:
-            history.append(record)
-    return history
 
 
 def _series(history: Sequence[dict[str, Any]], key: str) -> list[tuple[float, float]]:
@@ -342,7 +329,7 @@ def plot_training_curves(metrics_jsonl: Path, out: Path) -> Path:
 
     The format follows the suffix of ``out`` (``.png``, ``.svg``, ``.pdf``, ...).
     """
-    fig = training_curves_figure(read_history(Path(metrics_jsonl)))
+    fig = training_curves_figure(read_metrics(metrics_jsonl))
     if fig is None:
         raise ValueError(f"{metrics_jsonl}: no epoch with train_loss, val_loss or val_bleu4")
     out = Path(out)

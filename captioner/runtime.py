@@ -1,14 +1,26 @@
-"""Where training and inference run: device selection and the torchrun/DDP process group."""
+"""Where training and inference run: device selection, the torchrun/DDP process group, mixed
+precision, random-number streams and the stop signal.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import random
+import signal
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from captioner.errors import UserError
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -62,3 +74,108 @@ def setup_runtime(device_name: str) -> Runtime:
 def teardown_runtime(rt: Runtime) -> None:
     if rt.distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def barrier(rt: Runtime) -> None:
+    if rt.distributed:
+        dist.barrier()
+
+
+# ---------------------------------------------------------------------------------------------
+# mixed precision
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``trainer.precision`` on ``device`` (None: full fp32)."""
+    if precision not in PRECISIONS:
+        raise UserError(
+            f"trainer.precision must be one of {', '.join(PRECISIONS)}, got {precision!r}"
+        )
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return None
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` on ``device`` with ``dtype``; a no-op context for None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# random-number streams (saved per rank, so that a resumed run continues the same streams)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_as_tuple(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(x: Any) -> Any:
+    """Python's RNG state comes back from a weights_only checkpoint with lists for tuples."""
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, list | tuple) else x
+
+
+def gather_rng_states(rt: Runtime) -> list[dict[str, Any]]:
+    """Every rank's RNG state, in rank order (a collective under DDP)."""
+    state = rng_state()
+    if not rt.distributed:
+        return [state]
+    states: list[Any] = [None] * rt.world_size
+    dist.all_gather_object(states, state)
+    return states
+
+
+# ---------------------------------------------------------------------------------------------
+# stopping on a signal
+
+
+class StopSignal:
+    """Turns the first SIGINT/SIGTERM into a flag that the loop checks after each step; a second
+    one interrupts at once."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignal:
+        with contextlib.suppress(ValueError):  # not the main thread: no handlers
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:  # a second signal: give up at once
+            raise KeyboardInterrupt
+        self.signum = signum
+        log.warning("got %s: saving last.pt after this step", signal.Signals(signum).name)
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def agreed(self, rt: Runtime) -> bool:
+        """Whether to stop now; under DDP every rank stops at the same step."""
+        if not rt.distributed:
+            return self.signum is not None
+        flag = torch.tensor([1.0 if self.signum is not None else 0.0], device=rt.device)
+        dist.all_reduce(flag)
+        return bool(flag.item())

@@ -95,3 +95,57 @@ def test_state_of_another_model_is_refused() -> None:
 def test_decay_outside_the_open_unit_interval_is_refused(decay: float) -> None:
     with pytest.raises(UserError, match=r"trainer\.ema_decay must be in \(0, 1\)"):
         ModelEMA(small_model(), decay=decay)
+
+
+def reference_average(avg: dict[str, torch.Tensor], model: nn.Module, weight: float) -> None:
+    """The textbook EMA: every floating-point tensor of the state, every step."""
+    for name, t in model.state_dict().items():
+        if name in avg:
+            avg[name].lerp_(t.detach(), weight)
+
+
+def test_frozen_tensors_are_skipped_and_unfreezing_mid_run_stays_exact() -> None:
+    """Averaging only what changes (trainable parameters, buffers of modules in training mode)
+    gives exactly the average over every tensor, also when a frozen part starts training."""
+    torch.manual_seed(0)
+    frozen, head = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)), nn.Linear(4, 2)
+    model = nn.Sequential(frozen, head)
+    frozen.requires_grad_(False)
+    model.train()
+    frozen.eval()
+    ema = ModelEMA(model, decay=0.9)
+    reference = {k: v.clone() for k, v in ema.averages.items()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def steps(n: int) -> None:
+        for _ in range(n):
+            model(torch.randn(8, 3)).pow(2).mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            ema.update(model)
+            reference_average(reference, model, 1 - ema.decay_at(ema.updates))
+
+    ema.track(model)
+    steps(3)
+    live = {id(t) for t in ema._live[0]}  # what the frozen phase folds in: the head only
+    assert live == {id(ema.averages["1.weight"]), id(ema.averages["1.bias"])}
+    frozen.requires_grad_(True)  # fine-tuning starts: parameters and BatchNorm statistics move
+    frozen.train()
+    ema.track(model)
+    steps(3)
+    assert not torch.equal(ema.averages["0.1.running_mean"], torch.zeros(4))
+    for name in reference:
+        torch.testing.assert_close(ema.averages[name], reference[name], rtol=0, atol=1e-7)
+
+
+def test_tied_weights_are_averaged_under_both_names() -> None:
+    embed = nn.Embedding(5, 4)
+    out = nn.Linear(4, 5)
+    out.weight = embed.weight
+    model = nn.ModuleDict({"embed": embed, "out": out})
+    ema = ModelEMA(model, decay=0.5)
+    set_weights(model, 3.0)
+    ema.update(model)
+    assert torch.equal(ema.averages["embed.weight"], ema.averages["out.weight"])
+    with ema.applied(model):
+        assert torch.equal(model["out"].weight, ema.averages["embed.weight"])

@@ -30,9 +30,9 @@ from captioner.model import (
     EncoderConfig,
     ModelConfig,
     build_model,
-    caption_loss,
     create_encoder,
 )
+from captioner.objectives import caption_loss
 from captioner.vocab import Vocab
 
 PAD = Vocab.pad_id

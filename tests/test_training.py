@@ -15,11 +15,13 @@ import pytest
 import torch
 from conftest import tiny_overrides
 
-from captioner import train as train_module
+from captioner import objectives
 from captioner.checkpoint import load_checkpoint, model_from_checkpoint
 from captioner.config import compose
 from captioner.errors import UserError
 from captioner.model import ModelConfig, create_encoder
+from captioner.runlog import read_metrics
+from captioner.runtime import seed_everything
 from captioner.train import Trainer, TrainingInterrupted, train
 from captioner.vocab import Vocab
 
@@ -79,7 +81,7 @@ def interrupt_at(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
     original = Trainer._should_stop
 
     def should_stop(self: Trainer, stop) -> bool:
-        if self.global_step == step and stop.signum is None:
+        if self.progress.global_step == step and stop.signum is None:
             signal.raise_signal(signal.SIGINT)
         return original(self, stop)
 
@@ -241,7 +243,7 @@ def test_resume_refuses_best_pt(make_cfg, reference: Path, tmp_path: Path) -> No
 
 def _initial_encoder(cfg) -> dict[str, torch.Tensor]:
     """The encoder a run starts from: the trainer seeds, then builds the encoder first."""
-    train_module.seed_everything(int(cfg.seed))
+    seed_everything(int(cfg.seed))
     from omegaconf import OmegaConf
 
     enc, _ = create_encoder(ModelConfig.from_dict(OmegaConf.to_container(cfg.model)).encoder)
@@ -310,7 +312,7 @@ def test_cached_and_in_loop_training_agree(
     make_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     losses: dict[str, list[float]] = {"auto": [], "false": []}
-    loss_fn = train_module.caption_loss
+    loss_fn = objectives.caption_loss
     base = ["model.encoder.freeze=true", "trainer.max_epochs=1", "model.decoder.dropout=0.0"]
     for mode, seen in losses.items():
 
@@ -319,7 +321,7 @@ def test_cached_and_in_loop_training_agree(
             seen.append(float(loss.detach()))
             return loss
 
-        monkeypatch.setattr(train_module, "caption_loss", recording_loss)
+        monkeypatch.setattr(objectives, "caption_loss", recording_loss)
         train(make_cfg(*base, f"trainer.cache_features={mode}"), tmp_path / mode)
     assert losses["auto"][0] == pytest.approx(losses["false"][0], rel=1e-3)  # float16 cache
     cached, in_loop = metrics(tmp_path / "auto")[0], metrics(tmp_path / "false")[0]
@@ -403,3 +405,43 @@ def test_sigint_saves_and_resumes(tiny_demo: Path, tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     assert [m["epoch"] for m in metrics(resumed)] == list(range(1, epochs + 1))
     assert load_checkpoint(resumed / "last.pt")["global_step"] == 3 * epochs
+
+
+@pytest.mark.slow
+def test_resume_after_kill_9_loses_at_most_the_current_epoch(
+    make_cfg, tiny_demo: Path, tmp_path: Path
+) -> None:
+    """SIGKILL leaves no chance to save: the run resumes from the last epoch's last.pt, a torn
+    metrics line (a crash mid-write) is dropped, and it ends as an uninterrupted run would."""
+    # a schedule that does not depend on max_epochs, which the killed run sets higher
+    overrides = [*tiny_overrides(tiny_demo, tmp_path / "cache"), *SCHEDULE, "trainer.patience=null"]
+    run, resumed = tmp_path / "run", tmp_path / "resumed"
+    cmd = [sys.executable, "-m", "captioner", "train", *overrides]
+    proc = subprocess.Popen(
+        [*cmd, "trainer.max_epochs=200", f"hydra.run.dir={run}"],
+        cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while len(read_metrics(run / "metrics.jsonl")) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, "no epochs finished"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        proc.kill()
+    with open(run / "metrics.jsonl", "a") as f:  # what a crash mid-write leaves behind
+        f.write('{"epoch": 99, "train_loss": 0.')
+    done_epochs = load_checkpoint(run / "last.pt")["epoch"]
+    assert done_epochs >= 1
+    epochs = done_epochs + 1
+
+    done = subprocess.run(
+        [*cmd, f"trainer.max_epochs={epochs}", f"resume={run}", f"hydra.run.dir={resumed}"],
+        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    reference = make_cfg(*SCHEDULE, "trainer.patience=null", f"trainer.max_epochs={epochs}")
+    train(reference, tmp_path / "ref")
+    assert_same_run_end(resumed, tmp_path / "ref")

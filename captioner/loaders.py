@@ -1,0 +1,141 @@
+"""The batches of a training run: per epoch, a train loader (sharded, shuffled, resumable
+mid-epoch) and a val loader, reading the frozen encoder's cached features or the images.
+
+The choice between the two follows the encoder's schedule: while the encoder is frozen and the
+transform deterministic (``trainer.cache_features=auto``), each split's features are computed
+once into the feature cache (rank 0 builds, the other ranks open it) and the CNN leaves the loop.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from captioner.annotations import CaptionRecord
+from captioner.config import DataConfig, TrainerConfig
+from captioner.data import (
+    CaptionTrainDataset,
+    Preprocessing,
+    ResumableSampler,
+    build_transform,
+    collate_captions,
+)
+from captioner.errors import UserError
+from captioner.features import (
+    CachedFeatures,
+    build_feature_cache,
+    encoder_fingerprint,
+    image_source,
+)
+from captioner.model import CaptionModel
+from captioner.runtime import Runtime, barrier
+from captioner.vocab import Vocab
+
+
+class RunLoaders:
+    def __init__(
+        self,
+        data: DataConfig,
+        trainer: TrainerConfig,
+        seed: int,
+        rt: Runtime,
+        model: CaptionModel,
+        preprocessing: Preprocessing,
+        vocab: Vocab,
+        records: dict[str, list[CaptionRecord]],
+    ):
+        self.data, self.trainer, self.seed, self.rt = data, trainer, seed, rt
+        self.model, self.preprocessing, self.vocab = model, preprocessing, vocab
+        self.records = records  # "train" and "val"
+        self._fingerprint: str | None = None
+        self._caches: dict[str, CachedFeatures] = {}
+
+    def use_cache(self, epoch: int) -> bool:
+        """Whether ``epoch`` (0-based) reads cached features instead of images."""
+        frozen = self.model.config.encoder.trainable_stages(epoch) == 0
+        mode = self.trainer.cache_features
+        if mode == "true" and (not frozen or self.data.augment):
+            raise UserError(
+                "trainer.cache_features=true needs a frozen encoder (model.encoder.freeze=true) "
+                "and a deterministic transform (data.augment=false)"
+            )
+        return mode == "true" or (mode == "auto" and frozen and not self.data.augment)
+
+    def cache(self, split: str) -> CachedFeatures:
+        if split not in self._caches:
+            if self._fingerprint is None:
+                self._fingerprint = encoder_fingerprint(self.model.encoder)
+            build = partial(
+                build_feature_cache,
+                self.model.encoder,
+                self.preprocessing,
+                [r.path for r in self.records[split]],
+                self.trainer.feature_cache_dir,
+                fingerprint=self._fingerprint,
+                device=self.rt.device,
+                batch_size=self.data.batch_size,
+                num_workers=self.data.num_workers,
+                desc=f"{split} images",
+            )
+            if self.rt.is_main:  # rank 0 computes; the others then open the finished cache
+                self._caches[split] = build()
+            barrier(self.rt)
+            if not self.rt.is_main:
+                self._caches[split] = build()
+        return self._caches[split]
+
+    def _images(self, split: str, epoch: int) -> tuple[Dataset, bool]:
+        cached = self.use_cache(epoch)
+        train = split == "train"
+        transform = build_transform(
+            self.preprocessing, train=train, augment=train and self.data.augment
+        )
+        paths: list[Path] = [r.path for r in self.records[split]]
+        return image_source(paths, transform, self.cache(split) if cached else None), cached
+
+    def _loader(self, dataset: Any, sampler: Any, cached: bool, epoch: int) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.data.batch_size,
+            sampler=sampler,
+            num_workers=0 if cached else self.data.num_workers,
+            collate_fn=partial(collate_captions, pad_id=self.vocab.pad_id),
+            pin_memory=self.rt.device.type == "cuda",
+            # own generator: worker seeds never consume the global RNG (exact resume)
+            generator=torch.Generator().manual_seed(self.seed * 100003 + epoch),
+        )
+
+    def train(self, epoch: int, start_batch: int = 0) -> tuple[DataLoader, bool]:
+        """This rank's training batches of ``epoch`` from batch ``start_batch`` on, and whether
+        they hold cached features."""
+        images, cached = self._images("train", epoch)
+        dataset = CaptionTrainDataset(
+            self.records["train"],
+            self.vocab,
+            self.data.max_caption_len,
+            images,
+            captions_per_image=self.data.captions_per_image,
+            seed=self.seed,
+        )
+        dataset.set_epoch(epoch)
+        sampler = ResumableSampler(
+            dataset, seed=self.seed, rank=self.rt.rank, world_size=self.rt.world_size
+        )
+        sampler.set_position(epoch, start_batch * self.data.batch_size)
+        return self._loader(dataset, sampler, cached, epoch), cached
+
+    def val(self, epoch: int) -> tuple[DataLoader, bool]:
+        """This rank's shard of the val images, each with all its reference captions."""
+        records = self.records["val"]
+        images, cached = self._images("val", epoch)
+        most = max(len(r.captions) for r in records)
+        dataset = CaptionTrainDataset(records, self.vocab, self.data.max_caption_len, images, most)
+        shard = Subset(dataset, range(self.rt.rank, len(dataset), self.rt.world_size))
+        return self._loader(shard, None, cached, epoch), cached
+
+
+__all__ = ["RunLoaders"]

@@ -1,0 +1,98 @@
+"""Per-batch training objectives: what one optimizer step minimises.
+
+The training loop (:class:`captioner.train.Trainer`) owns everything around a step (device
+placement, autocast, backward, clipping, the optimizer, the weight average, counters); an
+objective only turns a batch into a loss. Any callable with :class:`Objective`'s signature can
+replace teacher forcing without touching the loop.
+
+Batches are those of :func:`captioner.data.collate_captions`: ``inputs`` [B, 3, H, W] images or
+[B, F] cached features, ``captions`` [N, T], ``lengths`` [N] (CPU), ``image_of_caption`` [N].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class StepLoss:
+    """What an objective returns for one batch.
+
+    ``loss`` is what is back-propagated; ``weight`` is how much the batch counts in the epoch's
+    logged mean of ``loss`` (target tokens for teacher forcing); ``logs`` are extra per-batch
+    figures, averaged over the epoch with the same weights.
+    """
+
+    loss: Tensor
+    weight: int
+    logs: dict[str, float] = field(default_factory=dict)
+
+
+class Objective(Protocol):
+    """``objective(model, batch, features=...)`` -> :class:`StepLoss`.
+
+    ``model`` is the module to call (DDP-wrapped under torchrun): ``model(inputs, captions,
+    lengths, image_of_caption, features=features)`` gives teacher-forced logits.
+    ``features`` says whether ``batch["inputs"]`` holds encoder features (the cache) or images.
+    Tensors in ``batch`` are already on the model's device, except ``lengths`` (CPU).
+    """
+
+    def __call__(self, model: nn.Module, batch: dict[str, Any], *, features: bool) -> StepLoss: ...
+
+
+def caption_loss(
+    logits: Tensor, captions: Tensor, pad_id: int = 0, label_smoothing: float = 0.0
+) -> Tensor:
+    """Mean cross-entropy over real target tokens only (padding never reaches the loss).
+
+    logits [B, T-1, V], captions [B, T]; targets are captions[:, 1:].
+    """
+    targets = captions[:, 1:]
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(),
+        targets.reshape(-1),
+        ignore_index=pad_id,
+        label_smoothing=label_smoothing,
+    )
+
+
+def target_tokens(lengths: Tensor) -> int:
+    """How many tokens a batch predicts: every caption's length minus its ``<start>``."""
+    return int((lengths - 1).sum())
+
+
+@dataclass
+class TeacherForcing:
+    """Cross-entropy of the ground-truth next token given the ground-truth prefix (the XE
+    objective of Show and Tell), optionally label-smoothed."""
+
+    pad_id: int = 0
+    label_smoothing: float = 0.0
+
+    def __call__(self, model: nn.Module, batch: dict[str, Any], *, features: bool) -> StepLoss:
+        captions = batch["captions"]
+        logits = model(
+            batch["inputs"],
+            captions,
+            batch["lengths"],
+            batch["image_of_caption"],
+            features=features,
+        )  # [N, T-1, V]
+        loss = caption_loss(logits, captions, self.pad_id, self.label_smoothing)
+        return StepLoss(loss, target_tokens(batch["lengths"]))
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The batch's tensors on ``device`` (``lengths`` stays on the CPU, as packing needs it)."""
+    return {
+        k: v.to(device, non_blocking=True) if isinstance(v, Tensor) and k != "lengths" else v
+        for k, v in batch.items()
+    }
+
+
+__all__ = ["Objective", "StepLoss", "TeacherForcing", "caption_loss", "target_tokens", "to_device"]

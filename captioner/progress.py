@@ -1,0 +1,67 @@
+"""Where a training run stands: the counters that ``last.pt`` saves and a resume restores.
+
+One dataclass, saved and restored in one place (``state_dict`` / ``load_state_dict``), so that a
+new counter cannot be forgotten by one of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+
+@dataclass
+class Progress:
+    epoch: int = 0  # 0-based epoch being trained (== epochs completed)
+    batch_in_epoch: int = 0  # batches of this epoch already trained
+    global_step: int = 0
+    best_score: float = -1.0  # best val BLEU-4 so far
+    best_epoch: int = 0  # 1-based epoch of best.pt
+    bad_epochs: int = 0  # epochs since the last improvement (early stopping)
+    # the running sums of this epoch's objective, weighted (teacher forcing: per target token)
+    epoch_loss_sum: float = 0.0
+    epoch_tokens: int = 0
+    epoch_logs: dict[str, float] = field(default_factory=dict)
+    epoch_skipped: set[int] = field(default_factory=set)  # unreadable record indices
+
+    def add_batch(self, loss: float, weight: int, logs: dict[str, float]) -> None:
+        self.epoch_loss_sum += loss * weight
+        self.epoch_tokens += weight
+        for key, value in logs.items():
+            self.epoch_logs[key] = self.epoch_logs.get(key, 0.0) + value * weight
+
+    def epoch_means(self) -> dict[str, float]:
+        """This epoch's weighted means: ``train_loss`` and every extra log of the objective."""
+        n = max(self.epoch_tokens, 1)
+        return {
+            "train_loss": self.epoch_loss_sum / n,
+            **{k: v / n for k, v in self.epoch_logs.items()},
+        }
+
+    def record_score(self, score: float) -> bool:
+        """Count a validation score; True when it is a new best."""
+        if score > self.best_score:
+            self.best_score, self.best_epoch, self.bad_epochs = score, self.epoch + 1, 0
+            return True
+        self.bad_epochs += 1
+        return False
+
+    def next_epoch(self) -> None:
+        self.epoch += 1
+        self.batch_in_epoch, self.epoch_loss_sum, self.epoch_tokens = 0, 0.0, 0
+        self.epoch_logs, self.epoch_skipped = {}, set()
+
+    def state_dict(self) -> dict[str, Any]:
+        state = asdict(self)
+        state["epoch_skipped"] = sorted(self.epoch_skipped)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for f in fields(self):
+            if f.name in state:
+                setattr(self, f.name, state[f.name])
+        self.epoch_skipped = set(self.epoch_skipped)
+        self.epoch_logs = dict(self.epoch_logs)
+
+
+__all__ = ["Progress"]

@@ -1,0 +1,112 @@
+"""A training run's record: ``metrics.jsonl`` (one JSON object per epoch), the log lines, and
+TensorBoard scalars when asked for. Only rank 0 writes.
+
+``metrics.jsonl`` is appended to once per epoch. A process killed mid-write (``kill -9``, power
+loss) can leave a torn last line; :func:`read_metrics` skips it with a warning, so a resume or a
+report never fails on it, and a resume rewrites the file without it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from captioner.errors import UserError
+from captioner.files import atomic_write
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The epochs recorded in a ``metrics.jsonl``; a line that is not a JSON object (a torn
+    write) is skipped with a warning. A missing file has no epochs."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    rows = []
+    for number, line in enumerate(
+        path.read_text(encoding="utf-8", errors="replace").splitlines(), 1
+    ):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if not isinstance(row, dict) or "epoch" not in row:
+            log.warning("%s:%d: skipping a line that is not a complete record", path, number)
+            continue
+        rows.append(row)
+    return rows
+
+
+class RunLog:
+    def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool = False):
+        self.out_dir, self.enabled = out_dir, enabled
+        self.metrics_file = out_dir / METRICS_FILE
+        self._tensorboard = _open_tensorboard(out_dir) if enabled and tensorboard else None
+
+    def continue_from(self, old_dir: Path, epochs_done: int) -> None:
+        """On resume: keep the old run's records of the epochs ``last.pt`` holds (dropping a torn
+        line, and any epoch recorded after ``last.pt`` was written), and its ``best.pt``."""
+        if not self.enabled:
+            return
+        kept = [r for r in read_metrics(old_dir / METRICS_FILE) if r["epoch"] <= epochs_done]
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.metrics_file, "".join(json.dumps(r) + "\n" for r in kept))
+        same = old_dir.resolve() == self.out_dir.resolve()
+        if not same and (old_dir / "best.pt").is_file():
+            shutil.copy2(old_dir / "best.pt", self.out_dir / "best.pt")
+
+    def epoch(
+        self, metrics: dict[str, Any], improved: bool, samples: Sequence[tuple[str, str]]
+    ) -> None:
+        """Record one epoch: a line in ``metrics.jsonl`` (flushed to disk), a log line with a few
+        sample captions, and the TensorBoard scalars."""
+        if not self.enabled:
+            return
+        with open(self.metrics_file, "a", encoding="utf-8") as f:
+            f.write(json.dumps(metrics) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        log.info(
+            "epoch %d: train_loss %.4f val_loss %.4f val_bleu4 %.4f%s (%.0fs)",
+            metrics["epoch"],
+            metrics["train_loss"],
+            metrics["val_loss"],
+            metrics["val_bleu4"],
+            " *best*" if improved else "",
+            metrics["seconds"],
+        )
+        for name, text in samples:
+            log.info("  %s: %s", name, text)
+        if self._tensorboard is not None:
+            for key, value in metrics.items():
+                if key != "epoch" and isinstance(value, float | int) and math.isfinite(value):
+                    self._tensorboard.add_scalar(key, value, metrics["epoch"])
+
+    def close(self) -> None:
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+            self._tensorboard = None
+
+
+def _open_tensorboard(out_dir: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:
+        raise UserError(
+            "trainer.tensorboard=true needs tensorboard: pip install 'captioner[tensorboard]'"
+        ) from exc
+    return SummaryWriter(str(out_dir / "tensorboard"))
+
+
+__all__ = ["METRICS_FILE", "RunLog", "read_metrics"]

@@ -1,0 +1,95 @@
+"""Validation during training: teacher-forced val loss, and BLEU of FREE-RUNNING decoding.
+
+Captions are decoded by :func:`captioner.inference.generate`, the one inference path that
+``captioner evaluate`` and ``captioner caption`` use too, so that val BLEU is what an evaluation
+with the same decoding reports. Under DDP each rank decodes its shard; the captions are gathered
+and every rank scores the whole split.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from captioner.annotations import CaptionRecord
+from captioner.decoding import DecodeConfig
+from captioner.inference import corpus_scores, generate, hypothesis_text
+from captioner.model import CaptionModel
+from captioner.objectives import caption_loss, target_tokens
+from captioner.runtime import Runtime, autocast
+from captioner.vocab import Vocab
+
+
+@dataclass
+class Validation:
+    metrics: dict[str, float]  # val_loss, val_bleu1..4
+    captions: dict[int, str]  # record index -> decoded caption
+
+    def samples(self, records: Sequence[CaptionRecord], n: int = 3) -> list[tuple[str, str]]:
+        """(file name, caption) of the first ``n`` images, for the log."""
+        return [(records[i].path.name, self.captions[i]) for i in sorted(self.captions)[:n]]
+
+
+@torch.no_grad()
+def validate(
+    model: CaptionModel,
+    batches: Any,
+    records: Sequence[CaptionRecord],
+    vocab: Vocab,
+    decode: DecodeConfig,
+    rt: Runtime,
+    *,
+    features: bool,
+    autocast_dtype: torch.dtype | None = None,
+) -> Validation:
+    """Score ``model`` (put in eval mode here) on validation ``batches`` of
+    :func:`captioner.data.collate_captions` holding every reference caption of each image."""
+    model.eval()
+    totals = {"loss": 0.0, "tokens": 0}
+
+    def teacher_forced_loss(batch: dict[str, Any], feats: torch.Tensor) -> None:
+        captions = batch["captions"].to(rt.device)
+        with autocast(rt.device, autocast_dtype):
+            logits = model.decoder(
+                feats[batch["image_of_caption"].to(rt.device)], captions, batch["lengths"]
+            )
+        tokens = target_tokens(batch["lengths"])
+        totals["loss"] += float(caption_loss(logits, captions, vocab.pad_id)) * tokens
+        totals["tokens"] += tokens
+
+    hyps = generate(
+        model,
+        tqdm(
+            batches,
+            desc="validating",
+            unit="batch",
+            leave=False,
+            disable=None if rt.is_main else True,
+        ),
+        vocab,
+        decode,
+        rt.device,
+        features=features,
+        autocast_dtype=autocast_dtype,
+        on_features=teacher_forced_loss,
+    )
+    captions = {i: hypothesis_text(h[0], vocab) for i, h in hyps.items()}
+    loss_sum, tokens = totals["loss"], totals["tokens"]
+    if rt.distributed:
+        sums = torch.tensor([loss_sum, float(tokens)], dtype=torch.float64, device=rt.device)
+        dist.all_reduce(sums)
+        loss_sum, tokens = float(sums[0]), int(sums[1])
+        gathered: list[dict[int, str]] = [{} for _ in range(rt.world_size)]
+        dist.all_gather_object(gathered, captions)
+        captions = {k: v for part in gathered for k, v in part.items()}
+    scores = corpus_scores(captions, records)
+    metrics = {"val_loss": loss_sum / max(tokens, 1), **{f"val_{k}": v for k, v in scores.items()}}
+    return Validation(metrics, captions)
+
+
+__all__ = ["Validation", "validate"]
