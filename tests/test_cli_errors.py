@@ -198,3 +198,34 @@ def test_no_arguments_prints_usage(tmp_path: Path) -> None:
     res = cli(cwd=tmp_path)
     assert res.returncode == 0
     assert "usage:" in res.stdout and "train" in res.stdout
+
+
+BAD_VALUES = {
+    "batch_size": (["train", "data.batch_size=0"], "error: data.batch_size must be >= 1, got 0"),
+    "lr": (["train", "optim.lr=-1"], "error: optim: Invalid learning rate: -1"),
+    "split": (
+        ["evaluate", "split=bogus"],
+        "error: split must be one of train, val, test, got 'bogus'",
+    ),
+}
+
+
+@pytest.mark.slow
+def test_bad_values_fail_in_one_line_before_any_work(tmp_path: Path) -> None:
+    """Through the real CLI: one error line, exit 2, and nothing read or written first (the demo
+    dataset is not generated, no run directory appears)."""
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, "-m", "captioner", *args, f"hydra.run.dir={tmp_path / name}"],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name, (args, _) in BAD_VALUES.items()
+    }
+    for name, proc in procs.items():
+        _, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 2, stderr
+        assert stderr.strip() == BAD_VALUES[name][1]
+    assert not (tmp_path / "data").exists()  # train never got to generating the demo data
