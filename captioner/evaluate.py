@@ -1,9 +1,10 @@
 """``captioner evaluate``: corpus BLEU-1..4 (and the official COCO metrics when available).
 
 Every image of the split is decoded once with the configured strategy, and scored against ALL its
-references with the same tokenizer and BLEU code as training validation. With ``cache_dir`` the
-encoder's features come from the feature cache (training's, when it is the same folder), so
-sweeping decode settings encodes each image only once. The run directory gets
+references with the same tokenizer and BLEU code as training validation. The encoder's features
+come from the feature cache, by default the one the checkpoint's training used (keyed by the
+encoder's weights, so a hit is always what the encoder computes): sweeping decode settings
+encodes each image only once. The run directory gets
 ``metrics.json``, ``results.json`` (the COCO results format) and ``per_image.jsonl``.
 """
 
