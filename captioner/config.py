@@ -9,15 +9,17 @@ the ConfigStore entry ``decode_defaults`` (see :func:`register_configs`).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from captioner.decoding import DecodeConfig
 from captioner.errors import UserError, first_line
 from captioner.typed import from_dict, key
 
@@ -42,8 +44,6 @@ def register_configs() -> None:
     """Put the configs that Python defines into Hydra's ConfigStore (idempotent): the decoding
     defaults, read by ``train.yaml`` (``trainer.val_decode``) and ``evaluate.yaml`` (``decode``)."""
     from hydra.core.config_store import ConfigStore
-
-    from captioner.decoding import DecodeConfig
 
     ConfigStore.instance().store(name="decode_defaults", node=asdict(DecodeConfig()))
 
@@ -72,6 +72,18 @@ def default_cache_dir() -> Path:
 
 
 @dataclass
+class DemoConfig:
+    """``data.demo``: the embedded demo dataset, generated on first use (``captioner.synthetic``)."""
+
+    seed: int = 0
+    image_size: int = 64
+    splits: dict | None = None  # images per split; null: 3000 train / 300 val / 300 test
+
+    def __post_init__(self) -> None:
+        _at_least(self, "data.demo", image_size=16)
+
+
+@dataclass
 class DataConfig:
     """``data.*``: which dataset, how captions become targets, how batches are made."""
 
@@ -79,7 +91,7 @@ class DataConfig:
     format: str = "coco"  # coco | karpathy
     root: str = "data/demo"
     year: int | None = None  # COCO layout year (interpolated into the paths)
-    demo: dict | None = None  # generate the embedded demo dataset here on first use
+    demo: DemoConfig | None = None  # generate the embedded demo dataset here on first use
     train_annotations: str | None = None  # COCO format: relative to root
     train_images: str | None = None
     val_annotations: str | None = None
@@ -125,12 +137,11 @@ class TrainerConfig:
     cache_dir: str | None = None  # null: default_cache_dir()
     patience: int | None = 5  # epochs without a val BLEU-4 gain before stopping; null: never
     val_max_images: int | None = None
-    val_decode: Any = None  # a DecodeConfig (parsed in __post_init__)
+    val_decode: DecodeConfig = field(default_factory=DecodeConfig)
     ema_decay: float | None = None
     tensorboard: bool = False
 
     def __post_init__(self) -> None:
-        from captioner.decoding import DecodeConfig
         from captioner.runtime import PRECISIONS
 
         if isinstance(self.cache_features, bool):  # YAML true/false
@@ -148,8 +159,6 @@ class TrainerConfig:
             )
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise UserError(f"trainer.ema_decay must be in (0, 1) or null, got {self.ema_decay}")
-        if not isinstance(self.val_decode, DecodeConfig):
-            self.val_decode = DecodeConfig.from_dict(self.val_decode or {}, "trainer.val_decode")
 
     @property
     def feature_cache_dir(self) -> Path:
@@ -187,24 +196,29 @@ class EvaluateConfig:
     report: bool = False
     cache_features: bool = True  # read/build the feature cache (keyed by the encoder's weights)
     cache_dir: str | None = None  # null: the training run's trainer.cache_dir, else the default
-    decode: Any = None  # a DecodeConfig (parsed in __post_init__)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
     data: dict | None = None  # overrides of the checkpoint's training data config
 
     def __post_init__(self) -> None:
-        from captioner.decoding import DecodeConfig
-
         _one_of(self, "", split=SPLITS)
         _at_least(self, "", batch_size=1, num_workers=0)
         if self.max_images is not None:
             _at_least(self, "", max_images=1)
-        if not isinstance(self.decode, DecodeConfig):
-            self.decode = DecodeConfig.from_dict(self.decode or {}, "decode")
         self.data = {k: v for k, v in (self.data or {}).items() if v is not None}
+        known = {f.name for f in fields(DataConfig)}
+        unknown = sorted(set(self.data) - known)
+        if unknown:
+            raise UserError(
+                f"data.{unknown[0]}: unknown option (known: {', '.join(sorted(known))})"
+            )
 
     def feature_cache_dir(self, train_config: dict[str, Any] | None) -> Path:
-        """Where to look for (and put) the features: ``cache_dir``, else the training run's."""
+        """Where to look for (and put) the features: ``cache_dir``; else the folder the training
+        run cached in, when it exists here; else the default user cache."""
+        if self.cache_dir:
+            return Path(self.cache_dir)
         trained = ((train_config or {}).get("trainer") or {}).get("cache_dir")
-        return Path(self.cache_dir or trained) if self.cache_dir or trained else default_cache_dir()
+        return Path(trained) if trained and Path(trained).is_dir() else default_cache_dir()
 
 
 _TOP_LEVEL = {"data", "model", "trainer", "optim", "scheduler", "seed", "device", "resume"}
@@ -223,6 +237,7 @@ def parse_train_config(cfg: DictConfig) -> TrainConfig:
     model = ModelConfig.from_dict(resolved.get("model") or {})
     trainer = from_dict(TrainerConfig, resolved.get("trainer"), "trainer")
     check_optimizer(cfg.optim, cfg.scheduler)  # after trainer: the schedule reads max_epochs
+    _check_combination(data, model, trainer)
     return TrainConfig(
         data=data,
         model=model,
@@ -250,22 +265,49 @@ def _resolve(cfg: DictConfig) -> dict[str, Any]:
         raise UserError(f"config: {first_line(exc)}") from exc
 
 
+def _check_combination(data: DataConfig, model: Any, trainer: TrainerConfig) -> None:
+    """Settings that are fine alone and wrong together, caught before any work."""
+    enc = model.encoder
+    fine_tunes = not enc.freeze or (
+        enc.finetune_from_epoch is not None and enc.finetune_from_epoch <= trainer.max_epochs
+    )
+    if trainer.cache_features == "true" and (fine_tunes or data.augment):
+        raise UserError(
+            "trainer.cache_features=true needs a frozen encoder (model.encoder.freeze=true, no "
+            "finetune_from_epoch within max_epochs) and a deterministic transform "
+            "(data.augment=false)"
+        )
+    if trainer.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise UserError(
+            "trainer.tensorboard=true needs tensorboard: pip install 'captioner[tensorboard]'"
+        )
+
+
 def check_optimizer(optim: DictConfig, scheduler: DictConfig) -> None:
     """Build ``optim`` and ``scheduler`` once on a dummy parameter, so that a bad value
     (``optim.lr=-1``) is one line naming the group before any work, not Hydra's traceback."""
     import torch
     from hydra.utils import instantiate
 
+    for name, value in optim.items():
+        if name != "_target_" and isinstance(value, str):
+            raise UserError(f"optim.{name}: expected a number or true/false, got {value!r}")
     try:
         optimizer = instantiate(optim, params=[torch.nn.Parameter(torch.zeros(1))])
     except Exception as exc:  # noqa: BLE001 - whatever the optimizer refuses
-        raise UserError(f"optim: {_cause(exc)}") from exc
+        raise UserError(f"optim: {_cause(exc)} ({_settings('optim', optim)})") from exc
     try:
         with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()"
             warnings.simplefilter("ignore")
             instantiate(scheduler, optimizer=optimizer).step()  # a value used only when stepping
     except Exception as exc:  # noqa: BLE001
-        raise UserError(f"scheduler: {_cause(exc)}") from exc
+        raise UserError(f"scheduler: {_cause(exc)} ({_settings('scheduler', scheduler)})") from exc
+
+
+def _settings(where: str, node: DictConfig) -> str:
+    """``torch.optim.Adam with optim.lr=-1, optim.weight_decay=0.0``, for a message."""
+    items = ", ".join(f"{where}.{k}={v}" for k, v in node.items() if k != "_target_")
+    return f"{node.get('_target_', '?')} with {items}"
 
 
 def _cause(exc: BaseException) -> str:

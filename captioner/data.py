@@ -9,7 +9,6 @@ in the records.
 from __future__ import annotations
 
 import logging
-import math
 import random
 import warnings
 from collections.abc import Iterator, Sequence
@@ -46,7 +45,7 @@ def load_split(data: DataConfig, split: str) -> list[CaptionRecord]:
     if data.demo:
         from captioner.synthetic import ensure_demo_dataset
 
-        ensure_demo_dataset(root, **data.demo)
+        ensure_demo_dataset(root, **asdict(data.demo))
     if data.format == "karpathy":
         assert data.split_file is not None and data.images is not None  # DataConfig checks it
         return load_karpathy_split(
@@ -293,7 +292,3 @@ class ResumableSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return max(0, self.num_samples - self.start_index)
-
-
-def num_batches(num_items: int, batch_size: int) -> int:
-    return math.ceil(num_items / batch_size)

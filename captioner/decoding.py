@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from captioner.errors import UserError
+from captioner.typed import from_dict
 
 State = tuple[Tensor, ...]  # every tensor has the batch in dim 1, e.g. LSTM (h, c): [layers, B, H]
 STRATEGIES: tuple[str, ...] = ("greedy", "beam", "sample")
@@ -76,10 +76,7 @@ class DecodeConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str = "decode") -> DecodeConfig:
         """Build from a config node; a bad or unknown field is a ``UserError`` naming ``where``."""
-        try:
-            return cls(**data)
-        except (TypeError, ValueError) as exc:
-            raise UserError(f"{where}: {exc}") from exc
+        return from_dict(cls, data, where)
 
 
 @dataclass

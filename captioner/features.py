@@ -119,6 +119,8 @@ def build_feature_cache(
     except OSError as exc:  # a cache_dir that cannot be written is the user's setting
         raise UserError(f"feature cache: cannot create {directory}: {exc.strerror}") from exc
     meta_file.unlink(missing_ok=True)  # an incomplete cache never looks complete
+    for stale in directory.glob(".features.npy.*.tmp"):  # what a killed build left behind
+        stale.unlink(missing_ok=True)
     loader = DataLoader(
         ImageDataset(paths, build_transform(preprocessing)),
         batch_size=batch_size,

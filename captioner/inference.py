@@ -173,10 +173,13 @@ class Captioner:
                     res.error = str(exc)
                 batch_results.append(res)
             if tensors:
-                inputs = torch.stack([t for _, t in tensors]).to(self.device)
-                hyps = decode_features(self.model, self.model.encode(inputs), self.vocab, config)
-                for (res, _), image_hyps in zip(tensors, hyps, strict=True):
-                    res.hypotheses = [(hypothesis_text(h, self.vocab), h.score) for h in image_hyps]
+                batch = {
+                    "inputs": torch.stack([t for _, t in tensors]),
+                    "index": torch.arange(len(tensors)),
+                }
+                hyps = generate(self.model, [batch], self.vocab, config, self.device)
+                for i, (res, _) in enumerate(tensors):
+                    res.hypotheses = [(hypothesis_text(h, self.vocab), h.score) for h in hyps[i]]
                     res.caption, res.score = res.hypotheses[0]
             results.extend(batch_results)
         return results

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -103,10 +104,17 @@ def _vocab_and_model(
 
 class Trainer:
     """Set up a run (data, vocabulary, model, optimizer; or all of it from ``last.pt``), then
-    :meth:`fit`. ``objective`` is what each batch minimises (default: teacher forcing)."""
+    :meth:`fit`.
+
+    ``make_objective(trainer)`` builds what each batch minimises, once the trainer holds the
+    vocabulary, the records and the model (default: teacher forcing, ``TeacherForcing``)."""
 
     def __init__(
-        self, config: TrainConfig, out_dir: Path, rt: Runtime, objective: Objective | None = None
+        self,
+        config: TrainConfig,
+        out_dir: Path,
+        rt: Runtime,
+        make_objective: Callable[[Trainer], Objective] | None = None,
     ):
         self.config, self.out_dir, self.rt = config, out_dir, rt
         self.tcfg, self.dcfg = config.trainer, config.data
@@ -127,7 +135,11 @@ class Trainer:
         )
         self.model.to(rt.device)
 
-        self.objective = objective or TeacherForcing(self.vocab.pad_id, self.tcfg.label_smoothing)
+        self.objective: Objective = (
+            make_objective(self)
+            if make_objective is not None
+            else TeacherForcing(self.vocab.pad_id, self.tcfg.label_smoothing)
+        )
         self.optimizer = instantiate(
             config.optim, params=self.model.param_groups(), _convert_="all"
         )
@@ -263,9 +275,12 @@ class Trainer:
         return result.metrics, result.samples(self.val_records)
 
     def _payload(self) -> dict[str, Any]:
+        train_config: Any = OmegaConf.to_container(self.config.raw, resolve=True)
+        # the folder the features were cached in, absolute, so that evaluate finds it from anywhere
+        train_config["trainer"]["cache_dir"] = str(self.tcfg.feature_cache_dir.resolve())
         return {
             **model_payload(self.model, self.vocab, self.preprocessing),
-            "train_config": OmegaConf.to_container(self.config.raw, resolve=True),
+            "train_config": train_config,
         }
 
     def save_last(self) -> Path | None:
@@ -337,13 +352,15 @@ class Trainer:
 
 
 def train(
-    cfg: DictConfig | TrainConfig, out_dir: str | Path, objective: Objective | None = None
+    cfg: DictConfig | TrainConfig,
+    out_dir: str | Path,
+    make_objective: Callable[[Trainer], Objective] | None = None,
 ) -> dict[str, Any]:
     """Train as configured, writing the run to ``out_dir``; returns the final metrics."""
     config = cfg if isinstance(cfg, TrainConfig) else parse_train_config(cfg)
     rt = setup_runtime(config.device)
     try:
-        return Trainer(config, Path(out_dir), rt, objective).fit()
+        return Trainer(config, Path(out_dir), rt, make_objective).fit()
     finally:
         teardown_runtime(rt)
 

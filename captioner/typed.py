@@ -51,7 +51,10 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        for arg in (a for a in args if a is not type(None)):
+        choices = [a for a in args if a is not type(None)]
+        if len(choices) == 1:  # X | None: X's own message names the problem
+            return _coerce(value, choices[0], where)
+        for arg in choices:
             try:
                 return _coerce(value, arg, where)
             except UserError:
@@ -112,9 +115,4 @@ def from_dict(cls: type[T], data: Any, where: str) -> T:
         raise UserError(f"{where or 'config'}: {exc}") from exc
 
 
-def to_dict(obj: Any) -> dict[str, Any]:
-    """A dataclass as plain nested containers (what a checkpoint or JSON file holds)."""
-    return dataclasses.asdict(obj)
-
-
-__all__ = ["from_dict", "key", "to_dict"]
+__all__ = ["from_dict", "key"]

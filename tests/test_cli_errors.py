@@ -202,7 +202,11 @@ def test_no_arguments_prints_usage(tmp_path: Path) -> None:
 
 BAD_VALUES = {
     "batch_size": (["train", "data.batch_size=0"], "error: data.batch_size must be >= 1, got 0"),
-    "lr": (["train", "optim.lr=-1"], "error: optim: Invalid learning rate: -1"),
+    "lr": (
+        ["train", "optim.lr=-1"],
+        "error: optim: Invalid learning rate: -1 "
+        "(torch.optim.Adam with optim.lr=-1, optim.weight_decay=0.0)",
+    ),
     "split": (
         ["evaluate", "split=bogus"],
         "error: split must be one of train, val, test, got 'bogus'",

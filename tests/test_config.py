@@ -248,7 +248,7 @@ BAD_TRAIN_VALUES = [
     ("data.min_freq=0", r"^data\.min_freq must be >= 1"),
     ("data.captions_per_image=0", r"^data\.captions_per_image must be >= 1"),
     ("data.format=csv", r"^data\.format must be 'coco' or 'karpathy'"),
-    ("optim.lr=-1", r"^optim: Invalid learning rate: -1"),
+    ("optim.lr=-1", r"^optim: Invalid learning rate: -1 \(torch\.optim\.Adam with optim\.lr=-1,"),
     ("optim.weight_decay=-0.5", r"^optim: Invalid weight_decay value: -0\.5"),
     ("+optim.nonsense=1", r"^optim: .*nonsense"),
     ("scheduler.eta_min=abc", r"^scheduler: "),
@@ -260,7 +260,11 @@ BAD_TRAIN_VALUES = [
     ("trainer.cache_features=maybe", r"^trainer\.cache_features must be one of auto, true, false"),
     ("trainer.tensorboard=sometimes", r"^trainer\.tensorboard: expected true or false"),
     ("trainer.val_decode.top_p=0", r"^trainer\.val_decode: top_p must be in \(0, 1\]"),
-    ("+trainer.val_decode.beams=2", r"^trainer\.val_decode: .*beams"),
+    ("+trainer.val_decode.beams=2", r"^trainer\.val_decode\.beams: unknown option"),
+    ("trainer.val_decode.beam_size=abc", r"^trainer\.val_decode\.beam_size: expected an integer"),
+    ("+data.demo.colour=1", r"^data\.demo\.colour: unknown option"),
+    ("optim.lr=abc", r"^optim\.lr: expected a number or true/false, got 'abc'$"),
+    ("trainer.cache_features=true", r"^trainer\.cache_features=true needs a frozen encoder"),
     ("model.decoder.hidden_size=0", r"^model\.decoder\.hidden_size must be >= 1"),
     ("model.encoder.finetune_from_epoch=0", r"^model\.encoder\.finetune_from_epoch is 1-based"),
     ("model.encoder.lr=0", r"^model\.encoder\.lr must be > 0 or null"),
@@ -283,5 +287,15 @@ def test_parsed_train_config_is_typed() -> None:
     assert config.trainer.ema_decay == 0.999 and config.trainer.patience is None
     assert config.model.decoder.tie_weights and config.model.encoder.flip_average
     assert config.trainer.cache_features == "auto"
-    flag = parse_train_config(compose("train", ["trainer.cache_features=true"]))
+    flag = parse_train_config(
+        compose("train", ["trainer.cache_features=true", "model.encoder.freeze=true"])
+    )
     assert flag.trainer.cache_features == "true"  # YAML's boolean, normalised
+
+
+def test_tensorboard_missing_is_caught_before_any_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(UserError, match=r"captioner\[tensorboard\]"):
+        parse_train_config(compose("train", ["trainer.tensorboard=true"]))

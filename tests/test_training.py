@@ -445,3 +445,27 @@ def test_resume_after_kill_9_loses_at_most_the_current_epoch(
     reference = make_cfg(*SCHEDULE, "trainer.patience=null", f"trainer.max_epochs={epochs}")
     train(reference, tmp_path / "ref")
     assert_same_run_end(resumed, tmp_path / "ref")
+
+
+def test_another_objective_plugs_in_without_touching_the_loop(make_cfg, tmp_path: Path) -> None:
+    """make_objective(trainer) gets the built trainer; its loss is what is minimised and its
+    logs are averaged into metrics.jsonl."""
+    calls = {"n": 0}
+
+    class Halved:
+        def __init__(self, trainer: Trainer):
+            self.inner = objectives.TeacherForcing(trainer.vocab.pad_id)
+
+        def __call__(self, model, batch, *, features):
+            calls["n"] += 1
+            out = self.inner(model, batch, features=features)
+            return objectives.StepLoss(
+                out.loss / 2, out.weight, {"doubled": 2 * float(out.loss.detach())}
+            )
+
+    train(make_cfg("trainer.max_epochs=1"), tmp_path / "run", make_objective=Halved)
+    (record,) = metrics(tmp_path / "run")
+    assert calls["n"] == 3  # every training batch, and nothing else
+    assert record["doubled"] == pytest.approx(4 * record["train_loss"])
+    saved = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert Path(saved["train_config"]["trainer"]["cache_dir"]).is_absolute()
