@@ -39,11 +39,12 @@ class ModelEMA:
             raise UserError(f"trainer.ema_decay must be in (0, 1) or null, got {decay}")
         self.decay = float(decay)
         self.updates = 0
-        self.averages: dict[str, Tensor] = {
-            name: t.detach().clone()
-            for name, t in model.state_dict().items()
-            if t.is_floating_point()
-        }
+        # one average per tensor: a tied weight (one Parameter under two names) shares its average
+        copies: dict[int, Tensor] = {}
+        self.averages: dict[str, Tensor] = {}
+        for name, t in model.state_dict(keep_vars=True).items():
+            if t.is_floating_point():
+                self.averages[name] = copies.setdefault(id(t), t.detach().clone())
 
         self._live: tuple[list[Tensor], list[Tensor]] | None = None
 
@@ -57,9 +58,11 @@ class ModelEMA:
                     changing.add(prefix + name)
             if module.training:
                 changing.update(prefix + name for name, _ in module.named_buffers(recurse=False))
-        tensors = model.state_dict(keep_vars=True)  # tied weights appear under each name
-        names = [n for n in self.averages if n in changing]
-        self._live = ([self.averages[n] for n in names], [tensors[n].detach() for n in names])
+        tensors = model.state_dict(keep_vars=True)
+        live: dict[int, tuple[Tensor, Tensor]] = {}  # by average: a tied weight is folded in once
+        for name in (n for n in self.averages if n in changing):
+            live.setdefault(id(self.averages[name]), (self.averages[name], tensors[name].detach()))
+        self._live = ([a for a, _ in live.values()], [t for _, t in live.values()])
 
     def decay_at(self, update: int) -> float:
         return min(self.decay, (1 + update) / (10 + update))

@@ -53,6 +53,7 @@ class RunLoaders:
         self.records = records  # "train" and "val"
         self._fingerprint: str | None = None
         self._caches: dict[str, CachedFeatures] = {}
+        self._train_sets: dict[bool, CaptionTrainDataset] = {}
 
     def use_cache(self, epoch: int) -> bool:
         """Whether ``epoch`` (0-based) reads cached features instead of images."""
@@ -113,14 +114,17 @@ class RunLoaders:
         """This rank's training batches of ``epoch`` from batch ``start_batch`` on, and whether
         they hold cached features."""
         images, cached = self._images("train", epoch)
-        dataset = CaptionTrainDataset(
-            self.records["train"],
-            self.vocab,
-            self.data.max_caption_len,
-            images,
-            captions_per_image=self.data.captions_per_image,
-            seed=self.seed,
-        )
+        if cached not in self._train_sets:  # tokenised once, not every epoch
+            self._train_sets[cached] = CaptionTrainDataset(
+                self.records["train"],
+                self.vocab,
+                self.data.max_caption_len,
+                images,
+                captions_per_image=self.data.captions_per_image,
+                seed=self.seed,
+            )
+        dataset = self._train_sets[cached]
+        dataset.images = images  # the same source: the cache, or images with this epoch's transform
         dataset.set_epoch(epoch)
         sampler = ResumableSampler(
             dataset, seed=self.seed, rank=self.rt.rank, world_size=self.rt.world_size

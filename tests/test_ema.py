@@ -149,3 +149,17 @@ def test_tied_weights_are_averaged_under_both_names() -> None:
     assert torch.equal(ema.averages["embed.weight"], ema.averages["out.weight"])
     with ema.applied(model):
         assert torch.equal(model["out"].weight, ema.averages["embed.weight"])
+
+
+def test_a_tied_weight_is_averaged_once() -> None:
+    embed = nn.Embedding(5, 4)
+    out = nn.Linear(4, 5)
+    out.weight = embed.weight
+    model = nn.ModuleDict({"embed": embed, "out": out})
+    ema = ModelEMA(model, decay=0.5)
+    assert ema.averages["embed.weight"] is ema.averages["out.weight"]  # one copy
+    start = ema.averages["embed.weight"].clone()
+    set_weights(model, 3.0)
+    ema.update(model)
+    d = ema.decay_at(1)
+    torch.testing.assert_close(ema.averages["out.weight"], d * start + (1 - d) * 3.0)
