@@ -531,3 +531,32 @@ def test_atomic_save_keeps_previous_file_on_failure(saved, monkeypatch: pytest.M
     assert path.read_bytes() == before
     assert sorted(p.name for p in path.parent.iterdir()) == ["best.pt"]
     load_checkpoint(path)
+
+
+def test_teacher_forcing_equals_the_packed_lstm_in_loss_and_gradients() -> None:
+    """The decoder runs the LSTM on the padded batch (faster on a CPU): the loss and every
+    gradient are those of packing the sequences to their lengths."""
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    model = tiny_model(feature_mode="init_state", dropout=0.0)
+    dec = model.decoder
+    caps, lengths = padded(SEQS, width=9)
+    feats = torch.randn(3, FEAT)
+
+    def packed_logits() -> torch.Tensor:
+        x = dec.embed(caps[:, :-1])
+        seq = pack_padded_sequence(x, lengths - 1, batch_first=True, enforce_sorted=False)
+        out, _ = dec.lstm(seq, dec.init_state(feats))
+        out, _ = pad_packed_sequence(out, batch_first=True, total_length=caps.shape[1] - 1)
+        return dec.out(out)
+
+    grads = []
+    for logits in (lambda: dec(feats, caps, lengths), packed_logits):
+        dec.zero_grad()
+        loss = caption_loss(logits(), caps, PAD)
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad.clone() for n, p in dec.named_parameters()}))
+    (loss_a, grad_a), (loss_b, grad_b) = grads
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-6, atol=1e-7)
+    for name in grad_a:
+        torch.testing.assert_close(grad_a[name], grad_b[name], rtol=1e-5, atol=1e-7, msg=name)
