@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SCORE_KEYS = ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider")
+SCORE_KEYS = ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider", "cider_d")
 SCORE_NAMES = {
     "bleu1": "BLEU-1",
     "bleu2": "BLEU-2",
@@ -42,6 +42,7 @@ SCORE_NAMES = {
     "meteor": "METEOR",
     "rouge_l": "ROUGE-L",
     "cider": "CIDEr",
+    "cider_d": "CIDEr-D (no Java)",
 }
 # decode settings worth showing for each strategy (the others are ignored by it)
 DECODE_KEYS = {

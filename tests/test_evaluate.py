@@ -53,6 +53,7 @@ def test_metrics_json(default_run: dict) -> None:
     assert m["split"] == "test" and m["num_images"] == 8
     assert m["decode"]["strategy"] == "greedy" and m["decode"]["max_len"] == 20
     assert "cider" not in m  # coco_metrics=false
+    assert m["cider_d"] >= 0.0  # CIDEr-D needs no Java
 
 
 def test_per_image_rows_use_the_training_dataset(default_run: dict, tiny_demo: Path) -> None:
@@ -211,6 +212,8 @@ def test_official_coco_metrics_when_available(tiny_checkpoint: Path, tmp_path: P
     m = run_eval(tiny_checkpoint, tmp_path, "coco_metrics=true", "max_images=4")["metrics"]
     assert {"coco_bleu4", "rouge_l", "cider"} <= set(m)
     assert all(m[k] >= 0.0 for k in ("coco_bleu4", "rouge_l", "cider"))
+    # ours without Java: the official CIDEr-D (PTBTokenizer and ours split demo text alike)
+    assert m["cider_d"] == pytest.approx(m["cider"], abs=1e-6)
 
 
 # -- through the CLI ---------------------------------------------------------------------------
