@@ -114,7 +114,7 @@ def load_coco_captions(
 # ---------------------------------------------------------------------------------------------
 # Karpathy's split files
 
-KARPATHY_SPLITS = ("train", "val", "test")
+SPLITS = ("train", "val", "test")  # what a data config can load
 
 
 @dataclass(frozen=True)
@@ -152,7 +152,7 @@ def read_karpathy(path: str | Path, restval: str = "restval") -> list[KarpathyIm
         if not isinstance(img, dict) or not isinstance(img.get("filename"), str):
             raise UserError(f"{where} has no 'filename'")
         split = img.get("split")
-        if split not in (*KARPATHY_SPLITS, "restval"):
+        if split not in (*SPLITS, "restval"):
             raise UserError(f"{where} has split {split!r}, not train/val/test/restval")
         filepath = img.get("filepath")
         filepath = "" if filepath is None else filepath
@@ -191,8 +191,8 @@ def load_karpathy_split(
     ``restval`` images (COCO) join the training split when ``restval_in_train``.
     """
     split_file, image_root = Path(split_file), Path(image_root)
-    if split not in KARPATHY_SPLITS:
-        raise UserError(f"split must be one of {KARPATHY_SPLITS}, got {split!r}")
+    if split not in SPLITS:
+        raise UserError(f"split must be one of {SPLITS}, got {split!r}")
     records = []
     for entry in read_karpathy(split_file, restval="train" if restval_in_train else "restval"):
         if entry.split != split:

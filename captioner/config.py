@@ -19,11 +19,10 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from captioner.annotations import SPLITS
 from captioner.decoding import DecodeConfig
 from captioner.errors import UserError, first_line
 from captioner.typed import from_dict, key
-
-SPLITS = ("train", "val", "test")
 
 
 def config_dir() -> Path:
@@ -265,11 +264,12 @@ def _resolve(cfg: DictConfig) -> dict[str, Any]:
         raise UserError(f"config: {first_line(exc)}") from exc
 
 
-def _check_combination(data: DataConfig, model: Any, trainer: TrainerConfig) -> None:
-    """Settings that are fine alone and wrong together, caught before any work."""
-    enc = model.encoder
-    fine_tunes = not enc.freeze or (
-        enc.finetune_from_epoch is not None and enc.finetune_from_epoch <= trainer.max_epochs
+def check_cache_features(data: DataConfig, encoder: Any, trainer: TrainerConfig) -> None:
+    """``trainer.cache_features=true`` needs the encoder frozen in every epoch and a
+    deterministic transform (checked on the config, and on a resumed run's model config)."""
+    fine_tunes = not encoder.freeze or (
+        encoder.finetune_from_epoch is not None
+        and encoder.finetune_from_epoch <= trainer.max_epochs
     )
     if trainer.cache_features == "true" and (fine_tunes or data.augment):
         raise UserError(
@@ -277,6 +277,11 @@ def _check_combination(data: DataConfig, model: Any, trainer: TrainerConfig) -> 
             "finetune_from_epoch within max_epochs) and a deterministic transform "
             "(data.augment=false)"
         )
+
+
+def _check_combination(data: DataConfig, model: Any, trainer: TrainerConfig) -> None:
+    """Settings that are fine alone and wrong together, caught before any work."""
+    check_cache_features(data, model.encoder, trainer)
     if trainer.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise UserError(
             "trainer.tensorboard=true needs tensorboard: pip install 'captioner[tensorboard]'"
@@ -339,6 +344,7 @@ __all__ = [
     "EvaluateConfig",
     "TrainConfig",
     "TrainerConfig",
+    "check_cache_features",
     "check_optimizer",
     "compose",
     "config_dir",

@@ -24,7 +24,6 @@ from captioner.data import (
     build_transform,
     collate_captions,
 )
-from captioner.errors import UserError
 from captioner.features import (
     CachedFeatures,
     build_feature_cache,
@@ -58,12 +57,7 @@ class RunLoaders:
     def use_cache(self, epoch: int) -> bool:
         """Whether ``epoch`` (0-based) reads cached features instead of images."""
         frozen = self.model.config.encoder.trainable_stages(epoch) == 0
-        mode = self.trainer.cache_features
-        if mode == "true" and (not frozen or self.data.augment):
-            raise UserError(
-                "trainer.cache_features=true needs a frozen encoder (model.encoder.freeze=true) "
-                "and a deterministic transform (data.augment=false)"
-            )
+        mode = self.trainer.cache_features  # "true" was checked against the schedule up front
         return mode == "true" or (mode == "auto" and frozen and not self.data.augment)
 
     def cache(self, split: str) -> CachedFeatures:

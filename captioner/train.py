@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from captioner.checkpoint import load_checkpoint, model_payload, save_checkpoint
-from captioner.config import TrainConfig, parse_train_config
+from captioner.config import TrainConfig, check_cache_features, parse_train_config
 from captioner.data import Preprocessing, load_split
 from captioner.ema import ModelEMA
 from captioner.errors import UserError
@@ -126,6 +126,7 @@ class Trainer:
         self.vocab, self.model, self.preprocessing = _vocab_and_model(
             config, self.train_records, resume
         )
+        check_cache_features(self.dcfg, self.model.config.encoder, self.tcfg)  # resumed: its own
         log.info(
             "data: %d train images, %d val images; vocabulary: %d words (min_freq >= %d)",
             len(self.train_records),

@@ -15,6 +15,8 @@ import typing
 from collections.abc import Mapping
 from typing import Any, TypeVar, Union
 
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
 from captioner.errors import UserError
 
 T = TypeVar("T")
@@ -24,10 +26,6 @@ _TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str:
 
 def _plain(node: Any) -> Any:
     """An OmegaConf node as plain containers; anything else unchanged."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-    except ImportError:  # pragma: no cover - hydra-core is a dependency
-        return node
     if isinstance(node, DictConfig | ListConfig):
         return OmegaConf.to_container(node, resolve=True)
     return node
