@@ -104,6 +104,14 @@ class DecoderConfig:
             )
 
 
+# the fields that decide which weights a model has (what ``init_from=`` must agree on); the
+# others (dropout, preprocessing, the fine-tuning schedule) may differ between runs
+ARCHITECTURE_FIELDS = {
+    "encoder": ("source", "name"),
+    "decoder": ("embed_dim", "hidden_size", "num_layers", "feature_mode", "tie_weights"),
+}
+
+
 @dataclass
 class ModelConfig:
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
@@ -367,10 +375,12 @@ class Decoder(nn.Module):
         return self.out(self.dropout(out))  # [B, T-1, V]
 
     def step(self, tokens: Tensor, state: State) -> tuple[Tensor, State]:
-        """One decoding step: tokens [B] -> logits [B, V] and the next state."""
-        x = self.embed(tokens).unsqueeze(1)  # [B, 1, E]
+        """One decoding step: tokens [B] -> logits [B, V] and the next state. The same function as
+        one position of :meth:`forward`, dropout included in train mode (self-critical training
+        samples this way); in eval mode dropout is the identity."""
+        x = self.dropout(self.embed(tokens)).unsqueeze(1)  # [B, 1, E]
         out, state = self.lstm(x, state)  # [B, 1, H]
-        return self.out(out.squeeze(1)), state
+        return self.out(self.dropout(out.squeeze(1))), state
 
 
 # ---------------------------------------------------------------------------------------------

@@ -386,3 +386,15 @@ def test_decode_dispatch_and_empty_batch(lstm, feats):
 def test_config_validation(kwargs, field):
     with pytest.raises(ValueError, match=field):
         DecodeConfig(**kwargs)
+
+
+def test_draw_follows_the_probabilities_and_never_draws_a_zero() -> None:
+    """Inverse-CDF sampling, the sampler of ``sample``: multinomial's distribution."""
+    from captioner.decoding import draw
+
+    probs = torch.tensor([[0.0, 0.2, 0.0, 0.8], [0.5, 0.0, 0.5, 0.0], [0.0, 0.0, 0.0, 1.0]])
+    gen = torch.Generator().manual_seed(0)
+    drawn = torch.stack([draw(probs, gen) for _ in range(20000)])  # [n, 3]
+    freq = torch.stack([torch.bincount(drawn[:, r], minlength=4) for r in range(3)]) / 20000
+    assert (freq[probs == 0] == 0).all()
+    assert torch.allclose(freq, probs, atol=0.015)
