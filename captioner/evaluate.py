@@ -22,7 +22,6 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from captioner.checkpoint import find_checkpoint, load_checkpoint, model_from_checkpoint
-from captioner.cider import corpus_cider_d
 from captioner.config import DataConfig, EvaluateConfig
 from captioner.data import build_transform, collate_images, load_split
 from captioner.errors import UserError
@@ -110,11 +109,7 @@ def evaluate(cfg: DictConfig | EvaluateConfig, out_dir: str | Path) -> dict[str,
     if skipped:
         log.warning("%d unreadable images were left out of the scores", skipped)
 
-    scores = corpus_scores(captions, records)
-    order = sorted(captions)  # CIDEr-D without Java, df from this split's references
-    scores["cider_d"] = corpus_cider_d(
-        [captions[i] for i in order], [records[i].captions for i in order]
-    )
+    scores = corpus_scores(captions, records)  # BLEU, CIDEr-D without Java, distinct
     coco = None
     if cfg.coco_metrics:
         coco = coco_caption_metrics(

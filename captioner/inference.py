@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from captioner.cider import corpus_cider_d
 from captioner.data import (
     CaptionRecord,
     ImageLoadError,
@@ -82,9 +83,16 @@ def hypothesis_text(hyp: Hypothesis, vocab: Vocab) -> str:
 
 
 def corpus_scores(captions: dict[int, str], records: Sequence[CaptionRecord]) -> dict[str, float]:
-    """Corpus BLEU-1..4 of ``{record index: caption}`` against ALL references of each image."""
+    """Scores of ``{record index: caption}`` against ALL references of each image: corpus
+    BLEU-1..4, CIDEr-D (document frequencies from these references, as coco-caption computes
+    it) and ``distinct``, the number of different captions over the number of images."""
     order = sorted(captions)
-    return bleu_from_text([captions[i] for i in order], [records[i].captions for i in order])
+    hyps, refs = [captions[i] for i in order], [records[i].captions for i in order]
+    return {
+        **bleu_from_text(hyps, refs),
+        "cider_d": corpus_cider_d(hyps, refs),
+        "distinct": len(set(hyps)) / max(len(hyps), 1),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
