@@ -72,7 +72,7 @@ def _train_task(cfg: Any) -> None:
         raise SystemExit(130) from None
     if int(os.environ.get("RANK", "0")) == 0 and result:
         print(
-            f"best val BLEU-4 {result['best_val_bleu4']:.4f} (epoch {result['best_epoch']}); "
+            f"best {result['monitor']} {result['best_score']:.4f} (epoch {result['best_epoch']}); "
             f"checkpoint: {os.path.join(result['out_dir'], 'best.pt')}"
         )
 

@@ -124,6 +124,47 @@ class DataConfig:
         return ann, images
 
 
+MONITORS = ("val_bleu4", "val_cider_d")
+SCST_BASELINES = ("mean", "greedy")
+
+
+@dataclass
+class SCSTConfig:
+    """``trainer.scst.*``: self-critical sequence training (:mod:`captioner.scst`), the objective
+    of every epoch from ``start_epoch`` on (0-based: after that many teacher-forced epochs)."""
+
+    start_epoch: int | None = None  # null: teacher forcing only; 0: SCST from the start (init_from)
+    samples: int = 5  # K captions sampled per image
+    baseline: str = "mean"  # mean: of the image's OTHER K-1 samples | greedy: the greedy caption
+    batch_size: int | None = None  # images per batch; null: data.batch_size
+    lr: float | None = None  # null: keep the optimizer's rate; else every group's rate from here
+    max_len: int | None = None  # tokens per sample, <end> included; null: trainer.val_decode's
+    end_in_reward: bool = True  # <end> is a word of the sample and the references for CIDEr-D
+    dropout: bool = False  # sample and score with the decoder's dropout on (independent masks)
+
+    def __post_init__(self) -> None:
+        where = "trainer.scst"
+        _one_of(self, where, baseline=SCST_BASELINES)
+        _at_least(self, where, samples=1)
+        if self.baseline == "mean" and self.samples < 2:
+            raise UserError(
+                "trainer.scst.baseline=mean needs trainer.scst.samples >= 2 (the mean of the "
+                f"OTHER samples), got {self.samples}"
+            )
+        for name in ("start_epoch",):
+            if getattr(self, name) is not None:
+                _at_least(self, where, **{name: 0})
+        for name in ("batch_size", "max_len"):
+            if getattr(self, name) is not None:
+                _at_least(self, where, **{name: 1})
+        if self.lr is not None and not self.lr > 0:
+            raise UserError(f"trainer.scst.lr must be > 0 or null, got {self.lr}")
+
+    def active(self, epoch: int) -> bool:
+        """Whether ``epoch`` (0-based) trains with SCST."""
+        return self.start_epoch is not None and epoch >= self.start_epoch
+
+
 @dataclass
 class TrainerConfig:
     """``trainer.*``: the loop, validation, checkpoints and the feature cache."""
@@ -134,19 +175,33 @@ class TrainerConfig:
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     cache_features: str | bool = "auto"  # auto | true | false (normalised to a string)
     cache_dir: str | None = None  # null: default_cache_dir()
-    patience: int | None = 5  # epochs without a val BLEU-4 gain before stopping; null: never
+    patience: int | None = 5  # epochs without a gain of `monitor` before stopping; null: never
+    monitor: str = "val_bleu4"  # what selects best.pt and early-stops: val_bleu4 | val_cider_d
     val_max_images: int | None = None
     val_decode: DecodeConfig = field(default_factory=DecodeConfig)
     ema_decay: float | None = None
     tensorboard: bool = False
+    scst: SCSTConfig = field(default_factory=SCSTConfig)
 
     def __post_init__(self) -> None:
         from captioner.runtime import PRECISIONS
 
         if isinstance(self.cache_features, bool):  # YAML true/false
             self.cache_features = str(self.cache_features).lower()
-        _one_of(self, "trainer", cache_features=("auto", "true", "false"), precision=PRECISIONS)
+        _one_of(
+            self,
+            "trainer",
+            cache_features=("auto", "true", "false"),
+            precision=PRECISIONS,
+            monitor=MONITORS,
+        )
         _at_least(self, "trainer", max_epochs=1)
+        start = self.scst.start_epoch
+        if start is not None and start >= self.max_epochs:
+            raise UserError(
+                f"trainer.scst.start_epoch must be < trainer.max_epochs={self.max_epochs} "
+                f"(the epochs before it are teacher-forced), got {start}"
+            )
         for name in ("patience", "val_max_images"):
             if getattr(self, name) is not None:
                 _at_least(self, "trainer", **{name: 1})
@@ -179,6 +234,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     resume: str | None = None
+    init_from: str | None = None  # a checkpoint whose weights (only) start this run
 
 
 @dataclass
@@ -220,7 +276,17 @@ class EvaluateConfig:
         return Path(trained) if trained and Path(trained).is_dir() else default_cache_dir()
 
 
-_TOP_LEVEL = {"data", "model", "trainer", "optim", "scheduler", "seed", "device", "resume"}
+_TOP_LEVEL = {
+    "data",
+    "model",
+    "trainer",
+    "optim",
+    "scheduler",
+    "seed",
+    "device",
+    "resume",
+    "init_from",
+}
 
 
 def parse_train_config(cfg: DictConfig) -> TrainConfig:
@@ -230,13 +296,13 @@ def parse_train_config(cfg: DictConfig) -> TrainConfig:
     unknown = sorted(k for k in cfg if k not in _TOP_LEVEL and k != "hydra")
     if unknown:
         raise UserError(f"{unknown[0]}: unknown option (known: {', '.join(sorted(_TOP_LEVEL))})")
-    top = from_dict(_TopLevel, {k: cfg.get(k) for k in ("seed", "device", "resume")}, "")
+    top = from_dict(_TopLevel, {k: cfg.get(k) for k in _TOP_LEVEL_SCALARS}, "")
     resolved = _resolve(cfg)
     data = from_dict(DataConfig, resolved.get("data"), "data")
     model = ModelConfig.from_dict(resolved.get("model") or {})
     trainer = from_dict(TrainerConfig, resolved.get("trainer"), "trainer")
     check_optimizer(cfg.optim, cfg.scheduler)  # after trainer: the schedule reads max_epochs
-    _check_combination(data, model, trainer)
+    _check_combination(data, model, trainer, top.init_from)
     return TrainConfig(
         data=data,
         model=model,
@@ -247,6 +313,7 @@ def parse_train_config(cfg: DictConfig) -> TrainConfig:
         seed=top.seed,
         device=top.device,
         resume=top.resume,
+        init_from=top.init_from,
     )
 
 
@@ -255,6 +322,14 @@ class _TopLevel:
     seed: int = 0
     device: str = "auto"
     resume: str | None = None
+    init_from: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.init_from and self.resume is None and not Path(self.init_from).is_file():
+            raise UserError(f"init_from: {self.init_from}: checkpoint not found")
+
+
+_TOP_LEVEL_SCALARS = [f.name for f in fields(_TopLevel)]
 
 
 def _resolve(cfg: DictConfig) -> dict[str, Any]:
@@ -279,9 +354,16 @@ def check_cache_features(data: DataConfig, encoder: Any, trainer: TrainerConfig)
         )
 
 
-def _check_combination(data: DataConfig, model: Any, trainer: TrainerConfig) -> None:
+def _check_combination(
+    data: DataConfig, model: Any, trainer: TrainerConfig, init_from: str | None
+) -> None:
     """Settings that are fine alone and wrong together, caught before any work."""
     check_cache_features(data, model.encoder, trainer)
+    if trainer.scst.start_epoch == 0 and init_from is None:
+        raise UserError(
+            "trainer.scst.start_epoch=0 needs init_from=<checkpoint>: self-critical training "
+            "fine-tunes a model that teacher forcing trained first"
+        )
     if trainer.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise UserError(
             "trainer.tensorboard=true needs tensorboard: pip install 'captioner[tensorboard]'"
@@ -342,6 +424,7 @@ __all__ = [
     "SPLITS",
     "DataConfig",
     "EvaluateConfig",
+    "SCSTConfig",
     "TrainConfig",
     "TrainerConfig",
     "check_cache_features",

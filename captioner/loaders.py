@@ -52,7 +52,7 @@ class RunLoaders:
         self.records = records  # "train" and "val"
         self._fingerprint: str | None = None
         self._caches: dict[str, CachedFeatures] = {}
-        self._train_sets: dict[bool, CaptionTrainDataset] = {}
+        self._train_sets: dict[tuple[bool, bool], CaptionTrainDataset] = {}
 
     def use_cache(self, epoch: int) -> bool:
         """Whether ``epoch`` (0-based) reads cached features instead of images."""
@@ -92,10 +92,12 @@ class RunLoaders:
         paths: list[Path] = [r.path for r in self.records[split]]
         return image_source(paths, transform, self.cache(split) if cached else None), cached
 
-    def _loader(self, dataset: Any, sampler: Any, cached: bool, epoch: int) -> DataLoader:
+    def _loader(
+        self, dataset: Any, sampler: Any, cached: bool, epoch: int, batch_size: int | None = None
+    ) -> DataLoader:
         return DataLoader(
             dataset,
-            batch_size=self.data.batch_size,
+            batch_size=batch_size or self.data.batch_size,
             sampler=sampler,
             num_workers=0 if cached else self.data.num_workers,
             collate_fn=partial(collate_captions, pad_id=self.vocab.pad_id),
@@ -104,27 +106,37 @@ class RunLoaders:
             generator=torch.Generator().manual_seed(self.seed * 100003 + epoch),
         )
 
-    def train(self, epoch: int, start_batch: int = 0) -> tuple[DataLoader, bool]:
+    def train(
+        self,
+        epoch: int,
+        start_batch: int = 0,
+        *,
+        per_image: bool = False,
+        batch_size: int | None = None,
+    ) -> tuple[DataLoader, bool]:
         """This rank's training batches of ``epoch`` from batch ``start_batch`` on, and whether
-        they hold cached features."""
+        they hold cached features. ``per_image``: each image once per epoch (self-critical
+        training samples its own captions), ``batch_size`` images a batch (null:
+        ``data.batch_size``)."""
         images, cached = self._images("train", epoch)
-        if cached not in self._train_sets:  # tokenised once, not every epoch
-            self._train_sets[cached] = CaptionTrainDataset(
+        if (cached, per_image) not in self._train_sets:  # tokenised once, not every epoch
+            self._train_sets[cached, per_image] = CaptionTrainDataset(
                 self.records["train"],
                 self.vocab,
                 self.data.max_caption_len,
                 images,
-                captions_per_image=self.data.captions_per_image,
+                captions_per_image=1 if per_image else self.data.captions_per_image,
                 seed=self.seed,
             )
-        dataset = self._train_sets[cached]
+        dataset = self._train_sets[cached, per_image]
         dataset.images = images  # the same source: the cache, or images with this epoch's transform
         dataset.set_epoch(epoch)
         sampler = ResumableSampler(
             dataset, seed=self.seed, rank=self.rt.rank, world_size=self.rt.world_size
         )
-        sampler.set_position(epoch, start_batch * self.data.batch_size)
-        return self._loader(dataset, sampler, cached, epoch), cached
+        batch_size = batch_size or self.data.batch_size
+        sampler.set_position(epoch, start_batch * batch_size)
+        return self._loader(dataset, sampler, cached, epoch, batch_size), cached
 
     def val(self, epoch: int) -> tuple[DataLoader, bool]:
         """This rank's shard of the val images, each with all its reference captions."""

@@ -15,7 +15,7 @@ class Progress:
     epoch: int = 0  # 0-based epoch being trained (== epochs completed)
     batch_in_epoch: int = 0  # batches of this epoch already trained
     global_step: int = 0
-    best_score: float = -1.0  # best val BLEU-4 so far
+    best_score: float = -1.0  # best value of trainer.monitor so far (val BLEU-4 by default)
     best_epoch: int = 0  # 1-based epoch of best.pt
     bad_epochs: int = 0  # epochs since the last improvement (early stopping)
     # the running sums of this epoch's objective, weighted (teacher forcing: per target token)

@@ -31,9 +31,9 @@ from captioner.checkpoint import load_checkpoint, model_payload, save_checkpoint
 from captioner.config import TrainConfig, check_cache_features, parse_train_config
 from captioner.data import Preprocessing, load_split
 from captioner.ema import ModelEMA
-from captioner.errors import UserError
+from captioner.errors import UserError, first_line
 from captioner.loaders import RunLoaders
-from captioner.model import CaptionModel, ModelConfig, build_model
+from captioner.model import ARCHITECTURE_FIELDS, CaptionModel, ModelConfig, build_model
 from captioner.objectives import Objective, TeacherForcing, to_device
 from captioner.progress import Progress
 from captioner.runlog import RunLog
@@ -48,6 +48,7 @@ from captioner.runtime import (
     setup_runtime,
     teardown_runtime,
 )
+from captioner.scst import SelfCritical
 from captioner.validation import validate
 from captioner.vocab import Vocab
 
@@ -77,20 +78,59 @@ def _resume_checkpoint(resume: str | None) -> tuple[dict[str, Any] | None, Path]
     return ckpt, path
 
 
+def _init_weights(model: CaptionModel, vocab: Vocab, path: str) -> None:
+    """``init_from=``: load a checkpoint's model weights (not its optimizer or counters) into
+    this run's model; another vocabulary or architecture is one clear error."""
+    try:
+        ckpt = load_checkpoint(path, map_location="cpu")
+    except UserError as exc:
+        raise UserError(f"init_from: {exc}") from exc
+    if list(ckpt["vocab"]) != list(vocab.itos):
+        raise UserError(
+            f"init_from: {path} has a vocabulary of {len(ckpt['vocab'])} words, this run's data "
+            f"gives {len(vocab)} (or other words): train on the same data with the same "
+            "data.min_freq"
+        )
+    theirs, ours = ModelConfig.from_dict(ckpt["model_config"]), model.config
+    for part in ("encoder", "decoder"):
+        a, b = vars(getattr(theirs, part)), vars(getattr(ours, part))
+        for name in ARCHITECTURE_FIELDS[part]:
+            if a[name] != b[name]:
+                raise UserError(
+                    f"init_from: {path} has model.{part}.{name}={a[name]}, this run "
+                    f"model.{part}.{name}={b[name]}"
+                )
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:
+        raise UserError(f"init_from: {path} does not fit this model ({first_line(exc)})") from exc
+    scores = ckpt.get("metrics") or {}
+    log.info(
+        "weights from %s%s",
+        path,
+        f" (epoch {scores['epoch']} of its run, val BLEU-4 {scores['val_bleu4']:.4f})"
+        if "epoch" in scores and "val_bleu4" in scores
+        else "",
+    )
+
+
 def _vocab_and_model(
     config: TrainConfig, train_records: list, resume: dict[str, Any] | None
 ) -> tuple[Vocab, CaptionModel, Preprocessing]:
-    """A new run: the vocabulary of the TRAIN captions and a model with pretrained weights; a
-    resumed one: both as ``last.pt`` saved them (no download)."""
+    """A new run: the vocabulary of the TRAIN captions and a model with pretrained weights (or
+    those of ``init_from``); a resumed one: both as ``last.pt`` saved them (no download)."""
     if resume is not None:
         vocab, model_cfg = Vocab(resume["vocab"]), ModelConfig.from_dict(resume["model_config"])
     else:
         captions = (c for r in train_records for c in r.captions)
         vocab, model_cfg = Vocab.build(captions, min_freq=config.data.min_freq), config.model
-    model, preprocessing = build_model(model_cfg, len(vocab), pretrained=resume is None)
+    fresh = resume is None and config.init_from is None
+    model, preprocessing = build_model(model_cfg, len(vocab), pretrained=fresh)
     if resume is not None:
         model.load_state_dict(resume["model"])
         preprocessing = Preprocessing.from_dict(resume["preprocessing"])
+    elif config.init_from is not None:
+        _init_weights(model, vocab, config.init_from)
     log.info(
         "model: %s encoder (%d-d features, %.1fM params), decoder %.1fM params; preprocessing %s",
         model_cfg.encoder.name,
@@ -136,11 +176,23 @@ class Trainer:
         )
         self.model.to(rt.device)
 
-        self.objective: Objective = (
+        self.teacher_forcing: Objective = (
             make_objective(self)
             if make_objective is not None
             else TeacherForcing(self.vocab.pad_id, self.tcfg.label_smoothing)
         )
+        scst = self.tcfg.scst
+        self.self_critical = (
+            SelfCritical(
+                self.vocab,
+                self.train_records,
+                scst,
+                scst.max_len if scst.max_len is not None else self.tcfg.val_decode.max_len,
+            )
+            if scst.start_epoch is not None
+            else None
+        )
+        self.objective: Objective = self.teacher_forcing  # this epoch's (see start_epoch)
         self.optimizer = instantiate(
             config.optim, params=self.model.param_groups(), _convert_="all"
         )
@@ -205,12 +257,36 @@ class Trainer:
         """Make ``epoch``'s encoder schedule effective; -> (module to call, the rest of the
         epoch's batches, whether they hold cached features)."""
         module = self._forward_model(epoch)
-        loader, cached = self.loaders.train(epoch, self.progress.batch_in_epoch)
+        scst = self.tcfg.scst
+        if scst.active(epoch) and self.self_critical is not None:
+            self.objective = self.self_critical
+            if epoch == scst.start_epoch and self.progress.batch_in_epoch == 0:
+                self._switch_to_scst()
+            loader, cached = self.loaders.train(
+                epoch, self.progress.batch_in_epoch, per_image=True, batch_size=scst.batch_size
+            )
+        else:
+            self.objective = self.teacher_forcing
+            loader, cached = self.loaders.train(epoch, self.progress.batch_in_epoch)
         module.train()
         if self.ema is not None:
             self.ema.track(self.model)
         self._trainable = [p for p in self.model.parameters() if p.requires_grad]
         return module, loader, cached
+
+    def _switch_to_scst(self) -> None:
+        """The first SCST epoch, at its first batch (a resumed run restores what this set):
+        ``trainer.scst.lr`` becomes every group's rate, and the schedule continues from it.
+        Early stopping never ends a run before its SCST epochs (see :meth:`fit`)."""
+        lr = self.tcfg.scst.lr
+        log.info("epoch %d on: self-critical training", self.tcfg.scst.start_epoch + 1)
+        self.progress.bad_epochs = 0  # early stopping counts the new objective's epochs afresh
+        if lr is None:
+            return
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] = lr
+        if hasattr(self.scheduler, "base_lrs"):
+            self.scheduler.base_lrs = [lr for _ in self.optimizer.param_groups]
 
     def train_step(self, module: torch.nn.Module, batch: dict[str, Any], cached: bool) -> float:
         """One optimizer step on ``batch`` with the objective; returns its loss."""
@@ -309,8 +385,11 @@ class Trainer:
         last: dict[str, Any] = {}
         with StopSignal() as stop:
             while p.epoch < self.tcfg.max_epochs:
-                if patience is not None and p.bad_epochs >= patience:
-                    log.info("early stopping: no val BLEU-4 gain in %d epochs", p.bad_epochs)
+                scst_ahead = (self.tcfg.scst.start_epoch or 0) > p.epoch
+                if patience is not None and p.bad_epochs >= patience and not scst_ahead:
+                    log.info(
+                        "early stopping: no %s gain in %d epochs", self.tcfg.monitor, p.bad_epochs
+                    )
                     break
                 start = time.perf_counter()
                 self.train_epoch(p.epoch, stop)
@@ -323,7 +402,8 @@ class Trainer:
         self.runlog.close()
         return {
             **last,
-            "best_val_bleu4": p.best_score,
+            "monitor": self.tcfg.monitor,
+            "best_score": p.best_score,
             "best_epoch": p.best_epoch,
             "out_dir": str(self.out_dir),
         }
@@ -342,7 +422,7 @@ class Trainer:
         }
         if p.epoch_skipped:
             log.warning("epoch %d: skipped %d unreadable images", p.epoch + 1, len(p.epoch_skipped))
-        improved = p.record_score(metrics["val_bleu4"])
+        improved = p.record_score(metrics[self.tcfg.monitor])
         self.runlog.epoch(metrics, improved, samples)
         if improved:
             with self.averaged_weights():

@@ -56,6 +56,18 @@ def tiny_overrides(root: Path, cache_dir: Path, **extra: object) -> list[str]:
     return [f"{k}={v}" for k, v in base.items()]
 
 
+@pytest.fixture(scope="module")
+def make_cfg(tiny_demo: Path, tmp_path_factory: pytest.TempPathFactory):
+    """Compose a tiny run's config (2 epochs of 3 batches, dropout 0.2, constant lr), one feature
+    cache per test module."""
+    cache = tmp_path_factory.mktemp("cache")
+
+    def make(*extra: str):
+        return compose("train", [*tiny_overrides(tiny_demo, cache), *extra])
+
+    return make
+
+
 @pytest.fixture
 def tiny_cfg(tiny_demo: Path, tmp_path: Path):
     """Compose the training config of a tiny run; call with extra overrides as keyword-free

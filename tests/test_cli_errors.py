@@ -207,6 +207,11 @@ BAD_VALUES = {
         "error: optim: Invalid learning rate: -1 "
         "(torch.optim.Adam with optim.lr=-1, optim.weight_decay=0.0)",
     ),
+    "scst": (
+        ["train", "trainer.scst.start_epoch=0"],
+        "error: trainer.scst.start_epoch=0 needs init_from=<checkpoint>: self-critical training "
+        "fine-tunes a model that teacher forcing trained first",
+    ),
     "split": (
         ["evaluate", "split=bogus"],
         "error: split must be one of train, val, test, got 'bogus'",

@@ -21,7 +21,7 @@ from captioner.model import ModelConfig
 
 GROUPS = {
     "data": ["coco", "demo", "flickr8k", "karpathy"],
-    "experiment": ["coco_resnet50", "flickr8k"],
+    "experiment": ["coco_resnet50", "flickr8k", "flickr8k_scst"],
     "model": ["demo", "resnet50", "timm"],
     "optim": ["adam", "adamw"],
     "scheduler": ["constant", "cosine", "step"],
@@ -269,6 +269,21 @@ BAD_TRAIN_VALUES = [
     ("model.encoder.finetune_from_epoch=0", r"^model\.encoder\.finetune_from_epoch is 1-based"),
     ("model.encoder.lr=0", r"^model\.encoder\.lr must be > 0 or null"),
     ("seed=abc", r"^seed: expected an integer, got 'abc'$"),
+    ("trainer.monitor=val_loss", r"^trainer\.monitor must be one of val_bleu4, val_cider_d"),
+    ("trainer.scst.samples=0", r"^trainer\.scst\.samples must be >= 1, got 0$"),
+    ("trainer.scst.samples=1", r"^trainer\.scst\.baseline=mean needs trainer\.scst\.samples >= 2"),
+    ("trainer.scst.baseline=max", r"^trainer\.scst\.baseline must be one of mean, greedy"),
+    ("trainer.scst.start_epoch=-1", r"^trainer\.scst\.start_epoch must be >= 0, got -1$"),
+    (
+        "trainer.scst.start_epoch=20",
+        r"^trainer\.scst\.start_epoch must be < trainer\.max_epochs=20",
+    ),
+    ("trainer.scst.start_epoch=0", r"^trainer\.scst\.start_epoch=0 needs init_from=<checkpoint>"),
+    ("trainer.scst.lr=0", r"^trainer\.scst\.lr must be > 0 or null, got 0"),
+    ("trainer.scst.batch_size=0", r"^trainer\.scst\.batch_size must be >= 1, got 0$"),
+    ("trainer.scst.max_len=abc", r"^trainer\.scst\.max_len: expected an integer"),
+    ("init_from=/nonexistent/best.pt", r"^init_from: /nonexistent/best\.pt: checkpoint not found$"),
+    ("experiment=flickr8k_scst", r"^trainer\.scst\.start_epoch=0 needs init_from=<checkpoint>"),
 ]
 
 

@@ -32,7 +32,7 @@ def test_notebook_executes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
-    assert "bleu4" in text and "best val BLEU-4" in text
+    assert "bleu4" in text and "best val_bleu4" in text
     images = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(images) == 2  # the caption grid and the training curves
     assert (tmp_path / "outputs" / "notebook" / "evaluate" / "metrics.json").is_file()
