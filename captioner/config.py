@@ -151,9 +151,8 @@ class SCSTConfig:
                 "trainer.scst.baseline=mean needs trainer.scst.samples >= 2 (the mean of the "
                 f"OTHER samples), got {self.samples}"
             )
-        for name in ("start_epoch",):
-            if getattr(self, name) is not None:
-                _at_least(self, where, **{name: 0})
+        if self.start_epoch is not None:
+            _at_least(self, where, start_epoch=0)
         for name in ("batch_size", "max_len"):
             if getattr(self, name) is not None:
                 _at_least(self, where, **{name: 1})
@@ -276,19 +275,6 @@ class EvaluateConfig:
         return Path(trained) if trained and Path(trained).is_dir() else default_cache_dir()
 
 
-_TOP_LEVEL = {
-    "data",
-    "model",
-    "trainer",
-    "optim",
-    "scheduler",
-    "seed",
-    "device",
-    "resume",
-    "init_from",
-}
-
-
 def parse_train_config(cfg: DictConfig) -> TrainConfig:
     """The composed ``train`` config, validated and typed; raises a one-line ``UserError``."""
     from captioner.model import ModelConfig
@@ -330,6 +316,7 @@ class _TopLevel:
 
 
 _TOP_LEVEL_SCALARS = [f.name for f in fields(_TopLevel)]
+_TOP_LEVEL = {"data", "model", "trainer", "optim", "scheduler", *_TOP_LEVEL_SCALARS}
 
 
 def _resolve(cfg: DictConfig) -> dict[str, Any]:

@@ -232,18 +232,26 @@ class CaptionTrainDataset(Dataset):
         return image, chosen, r_idx
 
 
+def pad_captions(
+    captions: Sequence[Sequence[int]], pad_id: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Id lists -> (captions [N, T] padded with ``pad_id`` to the longest, lengths [N])."""
+    lengths = torch.tensor([len(ids) for ids in captions], dtype=torch.long)
+    width = int(lengths.max()) if len(captions) else 0
+    padded = torch.full((len(captions), width), pad_id, dtype=torch.long)
+    for i, ids in enumerate(captions):
+        padded[i, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
+    return padded, lengths
+
+
 def collate_captions(batch: Sequence[tuple], pad_id: int = 0) -> dict[str, Any]:
     """Stack images, flatten their captions, pad to the batch's longest, keep lengths (CPU).
 
     Items whose image could not be read are dropped and counted in ``skipped``.
     """
     kept = [b for b in batch if b[0] is not None]
-    caps = [ids for b in kept for ids in b[1]]
     owner = [i for i, b in enumerate(kept) for _ in b[1]]
-    lengths = torch.tensor([len(ids) for ids in caps], dtype=torch.long)
-    captions = torch.full((len(caps), int(lengths.max()) if caps else 0), pad_id, dtype=torch.long)
-    for i, ids in enumerate(caps):
-        captions[i, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
+    captions, lengths = pad_captions([ids for b in kept for ids in b[1]], pad_id)
     inputs = torch.stack([torch.as_tensor(b[0]) for b in kept]) if kept else torch.empty(0)
     return {
         "inputs": inputs,  # [B, 3, H, W] images or [B, F] cached features

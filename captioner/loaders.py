@@ -93,11 +93,11 @@ class RunLoaders:
         return image_source(paths, transform, self.cache(split) if cached else None), cached
 
     def _loader(
-        self, dataset: Any, sampler: Any, cached: bool, epoch: int, batch_size: int | None = None
+        self, dataset: Any, sampler: Any, cached: bool, epoch: int, batch_size: int
     ) -> DataLoader:
         return DataLoader(
             dataset,
-            batch_size=batch_size or self.data.batch_size,
+            batch_size=batch_size,
             sampler=sampler,
             num_workers=0 if cached else self.data.num_workers,
             collate_fn=partial(collate_captions, pad_id=self.vocab.pad_id),
@@ -145,7 +145,7 @@ class RunLoaders:
         most = max(len(r.captions) for r in records)
         dataset = CaptionTrainDataset(records, self.vocab, self.data.max_caption_len, images, most)
         shard = Subset(dataset, range(self.rt.rank, len(dataset), self.rt.world_size))
-        return self._loader(shard, None, cached, epoch), cached
+        return self._loader(shard, None, cached, epoch, self.data.batch_size), cached
 
 
 __all__ = ["RunLoaders"]

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -40,7 +41,8 @@ from captioner.annotations import CaptionRecord
 from captioner.checkpoint import unwrap
 from captioner.cider import CiderD
 from captioner.config import SCSTConfig
-from captioner.decoding import DecodeConfig, Hypothesis, banned_ids, greedy, mask_logits, sample
+from captioner.data import pad_captions
+from captioner.decoding import DecodeConfig, Hypothesis, banned_ids, decode, mask_logits
 from captioner.model import CaptionModel
 from captioner.objectives import StepLoss
 from captioner.vocab import Vocab, tokenize
@@ -87,17 +89,20 @@ class SelfCritical:
         config: SCSTConfig,
         max_len: int,
     ):
-        self.vocab, self.config, self.max_len = vocab, config, max_len
+        self.vocab, self.config = vocab, config
+        # the sampler's settings; the log-prob pass masks the ids this config bans
+        self.sampling = DecodeConfig(strategy="sample", max_len=max_len)
+        self.greedy = DecodeConfig(strategy="greedy", max_len=max_len)
         end = [END_WORD] if config.end_in_reward else []
         self.references = [[tuple(tokenize(c) + end) for c in r.captions] for r in records]
         self.cider = CiderD(self.references)  # df from the training references, once
 
     # -- sampling and rewards -------------------------------------------------------------------
-    def _decode(self, fn: Any, decoder: nn.Module, features: Tensor, seed: int | None) -> list:
-        strategy = "sample" if fn is sample else "greedy"
-        config = DecodeConfig(strategy=strategy, max_len=self.max_len, seed=seed)
+    def _decode(self, config: DecodeConfig, decoder: nn.Module, features: Tensor) -> list:
         v = self.vocab
-        hyps = fn(decoder, features, config, start_id=v.start_id, end_id=v.end_id, pad_id=v.pad_id)
+        hyps = decode(
+            decoder, features, config, start_id=v.start_id, end_id=v.end_id, pad_id=v.pad_id
+        )
         return [h[0] for h in hyps]
 
     def words(self, hyp: Hypothesis) -> tuple[str, ...]:
@@ -121,11 +126,7 @@ class SelfCritical:
         """Samples as a teacher-forcing batch: ``<start>`` tokens [``<end>``], padded; lengths."""
         v = self.vocab
         rows = [[v.start_id, *h.tokens, *([v.end_id] if h.finished else [])] for h in hyps]
-        lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
-        captions = torch.full((len(rows), int(lengths.max())), v.pad_id, dtype=torch.long)
-        for i, row in enumerate(rows):
-            captions[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        return captions, lengths
+        return pad_captions(rows, v.pad_id)
 
     @staticmethod
     def _encode_for_sampling(core: CaptionModel, images: Tensor) -> Tensor:
@@ -148,14 +149,14 @@ class SelfCritical:
             with torch.no_grad():
                 feats = (inputs if features else self._encode_for_sampling(core, inputs)).float()
                 # the seed comes from the global RNG, so that a resumed run draws the same samples
-                seed = int(torch.randint(0, 2**62, (1,)))
-                hyps = self._decode(sample, core.decoder, feats.repeat_interleave(K, 0), seed)
+                seeded = replace(self.sampling, seed=int(torch.randint(0, 2**62, (1,))))
+                hyps = self._decode(seeded, core.decoder, feats.repeat_interleave(K, 0))
             owners = [i for i in images for _ in range(K)]
             rewards = self.rewards(hyps, owners).view(B, K)
             logs: dict[str, float] = {}
             if self.config.baseline == "greedy":
                 with torch.no_grad(), training_mode(core.decoder, False):
-                    best = self._decode(greedy, core.decoder, feats, None)
+                    best = self._decode(self.greedy, core.decoder, feats)
                 greedy_reward = self.rewards(best, images)
                 baseline = greedy_reward[:, None].expand(B, K)
                 logs["scst_greedy_reward"] = float(greedy_reward.mean())
@@ -163,19 +164,20 @@ class SelfCritical:
                 baseline = mean_of_others(rewards)
 
             captions, lengths = self._captions(hyps)
+            captions = captions.to(device)
             image_of_caption = torch.arange(B, device=device).repeat_interleave(K)
             # a frozen encoder's features are those of the sampling pass: no second CNN pass
             frozen = features or core.encoder_frozen
             logits = model(
                 feats if frozen else inputs,
-                captions.to(device),
+                captions,
                 lengths,
                 image_of_caption,
                 features=frozen,
             )
         v = self.vocab
-        banned = banned_ids(DecodeConfig(), v.start_id, v.end_id, None, v.pad_id, device)
-        seq_logp = sequence_log_probs(logits, captions.to(device), banned, v.pad_id)  # [B*K]
+        banned = banned_ids(self.sampling, v.start_id, v.end_id, None, v.pad_id, device)
+        seq_logp = sequence_log_probs(logits, captions, banned, v.pad_id)  # [B*K]
         advantage = (rewards - baseline).reshape(-1).to(device)
         loss = -(advantage * seq_logp).mean()
         distinct = sum(len({tuple(h.tokens) for h in hyps[i * K : (i + 1) * K]}) for i in range(B))

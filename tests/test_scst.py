@@ -61,11 +61,21 @@ def batch_of(images: list[int]) -> dict:
     }
 
 
-def scripted(monkeypatch: pytest.MonkeyPatch, samples: list, greedy: list | None = None) -> None:
-    """Make the sampler (and greedy decoding) return these hypotheses."""
-    monkeypatch.setattr(scst_module, "sample", lambda *a, **k: [[h] for h in samples])
-    if greedy is not None:
-        monkeypatch.setattr(scst_module, "greedy", lambda *a, **k: [[h] for h in greedy])
+def scripted(
+    monkeypatch: pytest.MonkeyPatch, samples: list, greedy: list | None = None, modes=None
+) -> None:
+    """Make the sampler (and greedy decoding) return these hypotheses; ``modes`` collects the
+    decoder's training flag at each greedy decoding."""
+
+    def decode(decoder, features, config, **ids):
+        if config.strategy == "sample":
+            return [[h] for h in samples]
+        assert config.strategy == "greedy" and greedy is not None
+        if modes is not None:
+            modes.append(decoder.training)
+        return [[h] for h in greedy]
+
+    monkeypatch.setattr(scst_module, "decode", decode)
 
 
 def log_probs(
@@ -140,14 +150,8 @@ def test_loss_is_minus_advantage_times_sample_log_prob(
     samples = [hyp(vocab, "the red car"), hyp(vocab, "a red car is parked"),  # image 2
                hyp(vocab, "a brown dog runs"), hyp(vocab, "a dog runs on the grass")]  # image 0  # fmt: skip
     greedy = [hyp(vocab, "a red car"), hyp(vocab, "a dog")]
-    modes = []
-
-    def greedy_decode(decoder, *args, **kwargs):
-        modes.append(decoder.training)
-        return [[h] for h in greedy]
-
-    scripted(monkeypatch, samples)
-    monkeypatch.setattr(scst_module, "greedy", greedy_decode)
+    modes: list[bool] = []
+    scripted(monkeypatch, samples, greedy, modes)
     batch = batch_of([2, 0])
     out = objective(model, batch, features=True)
     loss = float(out.loss.detach())
@@ -179,16 +183,18 @@ def test_without_dropout_the_loss_scores_what_the_sampler_drew(
     model = tiny_model(vocab, dropout=0.5)
     objective = SelfCritical(vocab, records, SCSTConfig(samples=3), max_len=8)
     drawn = []
-    real = scst_module.sample
+    real = scst_module.decode
 
-    def recording_sample(*args, **kwargs):
-        hyps = real(*args, **kwargs)
-        drawn.extend(h[0] for h in hyps)
+    def recording_decode(decoder, features, config, **ids):
+        hyps = real(decoder, features, config, **ids)
+        if config.strategy == "sample":
+            drawn.extend(h[0] for h in hyps)
         return hyps
 
-    monkeypatch.setattr(scst_module, "sample", recording_sample)
+    monkeypatch.setattr(scst_module, "decode", recording_decode)
     batch = batch_of([0, 1])
     objective(model, batch, features=True)
+    assert len(drawn) == 6  # 2 images x 3 samples, drawn through decoding.decode
     model.eval()
     logp = log_probs(model, objective, batch["inputs"], drawn, owners=[0, 0, 0, 1, 1, 1])
     assert logp.tolist() == pytest.approx([h.score for h in drawn], abs=1e-4)
