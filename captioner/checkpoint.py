@@ -95,7 +95,12 @@ def model_from_checkpoint(
     config = ModelConfig.from_dict(ckpt["model_config"])
     vocab = Vocab(ckpt["vocab"])
     model, _ = build_model(config, len(vocab), pretrained=False)
-    model.load_state_dict(ckpt["model"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:
+        raise UserError(
+            f"checkpoint: its weights do not fit its model config ({first_line(exc)})"
+        ) from exc
     return model.to(device).eval(), vocab, Preprocessing.from_dict(ckpt["preprocessing"])
 
 

@@ -1,9 +1,12 @@
 """On-disk cache of frozen-encoder features.
 
 When the encoder is frozen and the training transform is deterministic, each image's pooled
-feature is computed once (batched, with a progress bar) and stored as a float16 memory-mapped
-array. The cache is keyed by a fingerprint of the encoder's actual weights, the preprocessing and
-the list of images, so a cache built by another encoder or transform is never reused.
+feature [F] (or, for a decoder that attends, its grid [P, F]) is computed once (batched, with a
+progress bar) and stored as a float16 memory-mapped array. The cache is keyed by a fingerprint of
+the encoder's actual weights and output (pooled, or the grid size), the preprocessing and the
+list of images, so a cache built by another encoder, grid or transform is never reused. Its size
+is logged before it is built, and a cache that would not fit the disk is refused before anything
+is written.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,12 +35,13 @@ CACHE_VERSION = 1
 
 
 def encoder_fingerprint(encoder: Encoder) -> str:
-    """sha1 over the encoder's architecture, ``flip_average`` and every tensor of its state
-    (weights and buffers)."""
-    # "|flip" only when set, so the caches of encoders without it keep their keys
-    h = hashlib.sha1(
-        (type(encoder.backbone).__name__ + ("|flip" if encoder.flip_average else "")).encode()
-    )
+    """sha1 over the encoder's architecture, ``flip_average``, its output (pooled, or a grid of
+    which size) and every tensor of its state (weights and buffers)."""
+    # "|flip" and "|grid" only when set, so the caches of pooled encoders keep their keys
+    tag = type(encoder.backbone).__name__ + ("|flip" if encoder.flip_average else "")
+    if encoder.spatial:
+        tag += f"|grid{encoder.grid if encoder.grid is not None else 'native'}"
+    h = hashlib.sha1(tag.encode())
     for name, tensor in encoder.state_dict().items():
         t = tensor.detach().cpu().contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
@@ -53,13 +58,13 @@ def cache_key(fingerprint: str, preprocessing: Preprocessing, paths: Sequence[Pa
 
 
 class CachedFeatures:
-    """Read-only view of a complete cache: ``cache[i]`` is a float32 tensor [F] or None when the
-    image could not be read when the cache was built."""
+    """Read-only view of a complete cache: ``cache[i]`` is a float32 tensor [F] (a grid: [P, F])
+    or None when the image could not be read when the cache was built."""
 
     def __init__(self, directory: Path):
         self.directory = directory
         self.meta = json.loads((directory / "meta.json").read_text())
-        self.array = np.load(directory / "features.npy", mmap_mode="r")  # [N, F] float16
+        self.array = np.load(directory / "features.npy", mmap_mode="r")  # [N, (P,) F] float16
         self.valid = np.load(directory / "valid.npy")  # [N] bool
 
     def __len__(self) -> int:
@@ -67,7 +72,7 @@ class CachedFeatures:
 
     @property
     def dim(self) -> int:
-        return int(self.array.shape[1])
+        return int(self.array.shape[-1])
 
     def __getitem__(self, index: int) -> torch.Tensor | None:
         if not self.valid[index]:
@@ -136,11 +141,11 @@ def build_feature_cache(
         for batch in tqdm(loader, desc=f"caching {desc}", unit="batch", leave=False):
             if not len(batch["index"]):
                 continue
-            feats = encoder(batch["inputs"].to(device)).float().cpu().numpy()  # [B, F]
+            feats = encoder(batch["inputs"].to(device)).float().cpu().numpy()  # [B, (P,) F]
             if array is None:
-                array = np.lib.format.open_memmap(
-                    tmp, mode="w+", dtype=np.float16, shape=(len(paths), feats.shape[1])
-                )
+                shape = (len(paths), *feats.shape[1:])
+                _check_room(shape, directory, desc)
+                array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=shape)
             idx = batch["index"].numpy()
             array[idx] = feats.astype(np.float16)
             valid[idx] = True
@@ -165,6 +170,28 @@ def build_feature_cache(
     atomic_write(meta_file, json.dumps(meta, indent=1))  # written last: the cache is complete
     log.info("cached %d %s in %s", len(paths), desc, directory)
     return CachedFeatures(directory)
+
+
+def _check_room(shape: tuple[int, ...], directory: Path, desc: str) -> None:
+    """Log the cache's size; refuse one that would not fit the disk, before writing it."""
+    need = 2 * int(np.prod(shape))  # float16
+    free = shutil.disk_usage(directory).free
+    dims = " x ".join(str(d) for d in shape[1:])
+    log.info(
+        "feature cache: %d %s x %s float16 = %s in %s", shape[0], desc, dims, _gb(need), directory
+    )
+    if need > free:
+        raise UserError(
+            f"feature cache: {shape[0]} {desc} x {dims} float16 need {_gb(need)} but "
+            f"{directory} has {_gb(free)} free: set a smaller model.encoder.grid, or "
+            "trainer.cache_dir on a larger disk, or trainer.cache_features=false"
+        )
+
+
+def _gb(n: int) -> str:
+    if n >= 1e8:
+        return f"{n / 1e9:.2f} GB"
+    return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
 
 
 def image_source(

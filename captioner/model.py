@@ -1,7 +1,12 @@
-"""The captioning model: a pretrained CNN encoder and an LSTM decoder, built from a typed config.
+"""The captioning model: a pretrained CNN encoder and a recurrent decoder, built from a typed
+config.
 
-Shapes: B batch, T caption length (with <start>/<end>), F encoder feature size, E embedding size,
-H LSTM hidden size, L LSTM layers, V vocabulary size.
+The decoder's cell is an LSTM, a GRU or a vanilla (tanh) RNN (``model.decoder.cell``); the image
+initialises its state. With ``model.decoder.attention=soft`` ("Show, Attend and Tell", Xu et al.
+2015) the encoder keeps its spatial grid and every step attends over it.
+
+Shapes: B batch, T caption length (with <start>/<end>), F encoder feature size, P grid positions
+(h x w), A attention size, E embedding size, H hidden size, L layers, V vocabulary size.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from captioner.data import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
@@ -20,7 +26,12 @@ from captioner.typed import from_dict
 
 log = logging.getLogger(__name__)
 
-State = tuple[Tensor, Tensor]  # LSTM (h, c), each [L, B, H]
+# the decoder's state, every tensor with the batch in dim 1 (what beam search reorders): the
+# cell's (h, c) for an LSTM or (h,) for a GRU / RNN, each [L, B, H]; with attention then also
+# the image grid [P, B, F] and its attention projection [P, B, A]
+State = tuple[Tensor, ...]
+CELLS = ("lstm", "gru", "rnn")
+ATTENTION = ("none", "soft")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -47,8 +58,13 @@ class EncoderConfig:
     # features = mean over the image and its mirror image: a flip-invariant summary, for the
     # feature cache, evaluation and captioning alike (costs a second encoder pass)
     flip_average: bool = False
+    # with model.decoder.attention=soft: adaptive-average-pool the CNN's spatial grid to
+    # grid x grid positions (null: the grid the CNN gives, e.g. 9 x 9 at 260 px)
+    grid: int | None = None
 
     def __post_init__(self) -> None:
+        if self.grid is not None and self.grid < 1:
+            raise UserError(f"model.encoder.grid must be >= 1 or null, got {self.grid}")
         if self.source not in ("torchvision", "timm"):
             raise UserError(
                 f"model.encoder.source must be 'torchvision' or 'timm', got {self.source!r}"
@@ -85,8 +101,25 @@ class DecoderConfig:
     feature_mode: str = "init_state"  # init_state (h0/c0 from features) | first_input
     # the output layer reuses the word embeddings (Press & Wolf 2017): needs embed_dim == hidden_size
     tie_weights: bool = False
+    cell: str = "lstm"  # lstm | gru | rnn (vanilla tanh RNN); GRU and RNN have no c0
+    attention: str = "none"  # none (pooled features) | soft (attend over the image grid)
+    attention_dim: int = 512  # A: size of the additive attention's hidden layer
+    # lambda of the doubly stochastic regulariser, lambda * sum_p (1 - sum_t alpha_tp)^2
+    attention_penalty: float = 1.0
 
     def __post_init__(self) -> None:
+        if self.cell not in CELLS:
+            raise UserError(f"model.decoder.cell must be one of {list(CELLS)}, got {self.cell!r}")
+        if self.attention not in ATTENTION:
+            raise UserError(
+                f"model.decoder.attention must be one of {list(ATTENTION)}, got {self.attention!r}"
+            )
+        if self.attention_dim < 1:
+            raise UserError(f"model.decoder.attention_dim must be >= 1, got {self.attention_dim}")
+        if not self.attention_penalty >= 0:
+            raise UserError(
+                f"model.decoder.attention_penalty must be >= 0, got {self.attention_penalty}"
+            )
         if self.feature_mode not in ("init_state", "first_input"):
             raise UserError(
                 "model.decoder.feature_mode must be 'init_state' or 'first_input', "
@@ -108,7 +141,16 @@ class DecoderConfig:
 # others (dropout, preprocessing, the fine-tuning schedule) may differ between runs
 ARCHITECTURE_FIELDS = {
     "encoder": ("source", "name"),
-    "decoder": ("embed_dim", "hidden_size", "num_layers", "feature_mode", "tie_weights"),
+    "decoder": (
+        "cell",
+        "attention",
+        "attention_dim",
+        "embed_dim",
+        "hidden_size",
+        "num_layers",
+        "feature_mode",
+        "tie_weights",
+    ),
 }
 
 
@@ -138,20 +180,61 @@ class ModelConfig:
 
 
 class Encoder(nn.Module):
-    """Backbone without its classifier: images [B, 3, H, W] -> pooled features [B, F]; with
-    ``flip_average`` the mean of the features of the images and of their mirror images."""
+    """Backbone without its classifier: images [B, 3, H, W] -> pooled features [B, F], or with
+    ``spatial`` its last feature map as a grid of positions [B, P, F] (adaptive-average-pooled to
+    ``grid`` x ``grid`` when set). With ``flip_average`` the mean of the features of the images
+    and of their mirror images (a mirrored grid is flipped back, so positions stay aligned)."""
 
-    def __init__(self, backbone: nn.Module, feature_dim: int, flip_average: bool = False):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        feature_dim: int,
+        flip_average: bool = False,
+        *,
+        spatial: bool = False,
+        grid: int | None = None,
+    ):
         super().__init__()
         self.backbone = backbone
         self.feature_dim = feature_dim
         self.flip_average = flip_average
+        self.spatial = spatial
+        self.grid = grid
+        self.grid_shape: tuple[int, int] | None = None  # (h, w) of the grid; set by the first call
 
     def forward(self, images: Tensor) -> Tensor:
-        features = self.backbone(images).flatten(1)
+        if not self.spatial:
+            features = self.backbone(images).flatten(1)
+            if self.flip_average:
+                features = (features + self.backbone(images.flip(-1)).flatten(1)) / 2
+            return features
+        maps = self.feature_map(images)  # [B, F, h, w]
+        if maps.dim() != 4:
+            raise UserError(
+                "model.decoder.attention=soft: the encoder gives no spatial grid (its feature "
+                f"map has shape {tuple(maps.shape)})"
+            )
         if self.flip_average:
-            features = (features + self.backbone(images.flip(-1)).flatten(1)) / 2
-        return features
+            maps = (maps + self.feature_map(images.flip(-1)).flip(-1)) / 2
+        if self.grid is not None:
+            maps = F.adaptive_avg_pool2d(maps, self.grid)
+        self.grid_shape = (int(maps.shape[2]), int(maps.shape[3]))
+        return maps.flatten(2).transpose(1, 2)  # [B, P, F]
+
+    def feature_map(self, images: Tensor) -> Tensor:
+        """The backbone's last spatial feature map [B, F, h, w] (before global pooling)."""
+        b = self.backbone
+        if hasattr(b, "forward_features"):  # timm
+            return b.forward_features(images)
+        if isinstance(getattr(b, "features", None), nn.Module):  # efficientnet, mobilenet, vgg...
+            out = b.features(images)
+            return F.relu(out) if type(b).__name__ == "DenseNet" else out
+        if hasattr(b, "layer4"):  # resnet, resnext, wide resnet
+            x = b.maxpool(b.relu(b.bn1(b.conv1(images))))
+            return b.layer4(b.layer3(b.layer2(b.layer1(x))))
+        raise UserError(
+            f"model.decoder.attention=soft: no spatial feature map known for {type(b).__name__}"
+        )
 
     def stages(self) -> list[nn.Module]:
         """Top-level blocks in forward order (a Sequential 'features'/'blocks'/'layers' is opened),
@@ -283,10 +366,13 @@ def _timm_backbone(cfg: EncoderConfig, pretrained: bool) -> tuple[nn.Module, Pre
     return model, pre
 
 
-def create_encoder(cfg: EncoderConfig, pretrained: bool = True) -> tuple[Encoder, Preprocessing]:
+def create_encoder(
+    cfg: EncoderConfig, pretrained: bool = True, spatial: bool = False
+) -> tuple[Encoder, Preprocessing]:
     """Build the encoder and resolve its preprocessing (weights metadata, then config overrides).
 
-    ``pretrained=False`` builds the bare architecture (used when a checkpoint provides weights).
+    ``pretrained=False`` builds the bare architecture (used when a checkpoint provides weights);
+    ``spatial`` makes it give the image grid [B, P, F] that attention reads.
     """
     build = _timm_backbone if cfg.source == "timm" else _torchvision_backbone
     backbone, pre = build(cfg, pretrained)
@@ -309,17 +395,53 @@ def create_encoder(cfg: EncoderConfig, pretrained: bool = True) -> tuple[Encoder
         except ValueError as exc:
             raise UserError(f"model.encoder: bad preprocessing override ({exc})") from exc
     backbone.eval()
+    encoder = Encoder(backbone, 0, cfg.flip_average, spatial=spatial, grid=cfg.grid)
+    zeros = torch.zeros(1, 3, pre.crop, pre.crop)
     with torch.no_grad():
-        feature_dim = backbone(torch.zeros(1, 3, pre.crop, pre.crop)).flatten(1).shape[1]
-    return Encoder(backbone, int(feature_dim), flip_average=cfg.flip_average), pre
+        if spatial:
+            maps = encoder.feature_map(zeros)  # [1, F, h, w]
+            if maps.dim() != 4:
+                raise UserError(
+                    f"model.decoder.attention=soft: {cfg.name} gives no spatial grid (its "
+                    f"feature map has shape {tuple(maps.shape)})"
+                )
+            encoder.grid_shape = (cfg.grid, cfg.grid) if cfg.grid else tuple(maps.shape[2:])
+            encoder.feature_dim = int(maps.shape[1])
+        else:
+            encoder.feature_dim = int(backbone(zeros).flatten(1).shape[1])
+    return encoder, pre
 
 
 # ---------------------------------------------------------------------------------------------
 # decoder
 
 
+class SoftAttention(nn.Module):
+    """Additive attention over the image grid (Bahdanau; Xu et al. 2015, eq. 4-5):
+    e_p = w . tanh(W_f f_p + W_h h), alpha = softmax_p(e), context = sum_p alpha_p f_p."""
+
+    def __init__(self, feature_dim: int, hidden_size: int, attention_dim: int):
+        super().__init__()
+        self.feature_proj = nn.Linear(feature_dim, attention_dim)
+        self.hidden_proj = nn.Linear(hidden_size, attention_dim)
+        self.score = nn.Linear(attention_dim, 1)
+
+    def forward(self, grid: Tensor, projected: Tensor, query: Tensor) -> tuple[Tensor, Tensor]:
+        """grid [P, B, F], projected = feature_proj(grid) [P, B, A] (computed once per image),
+        query [B, H] -> context [B, F], weights alpha [B, P] (summing to 1 over positions)."""
+        scores = self.score(torch.tanh(projected + self.hidden_proj(query))).squeeze(-1)  # [P, B]
+        alpha = scores.softmax(dim=0)
+        return torch.einsum("pb,pbf->bf", alpha, grid), alpha.t()
+
+
 class Decoder(nn.Module):
-    """Word embedding -> LSTM -> vocabulary logits, its state initialised from image features.
+    """Word embedding -> recurrent cell (LSTM, GRU or vanilla RNN) -> vocabulary logits, its
+    state initialised from image features (pooled [B, F], or the grid [B, P, F] with attention,
+    whose mean initialises the state as the pooled features do).
+
+    With soft attention each step's input is [embedding of the previous word; beta * context],
+    the context attended over the grid from the top layer's previous hidden state, gated by the
+    scalar beta = sigmoid(W_beta h) (Xu et al. 2015, section 4.2.1).
 
     Implements the ``StepDecoder`` protocol of :mod:`captioner.decoding` (``init_state``/``step``).
     """
@@ -328,9 +450,17 @@ class Decoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         L, H, E = cfg.num_layers, cfg.hidden_size, cfg.embed_dim
+        self.attends = cfg.attention == "soft"
+        self.cell_tensors = 2 if cfg.cell == "lstm" else 1  # (h, c) or (h,)
         self.embed = nn.Embedding(vocab_size, E, padding_idx=pad_id)
-        self.lstm = nn.LSTM(
-            E, H, num_layers=L, batch_first=True, dropout=cfg.dropout if L > 1 else 0.0
+        rnn_kwargs: dict[str, Any] = {"nonlinearity": "tanh"} if cfg.cell == "rnn" else {}
+        self.rnn: nn.RNNBase = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}[cfg.cell](
+            E + (feature_dim if self.attends else 0),
+            H,
+            num_layers=L,
+            batch_first=True,
+            dropout=cfg.dropout if L > 1 else 0.0,
+            **rnn_kwargs,
         )
         self.dropout = nn.Dropout(cfg.dropout)
         self.out = nn.Linear(H, vocab_size)
@@ -343,44 +473,111 @@ class Decoder(nn.Module):
             self.out.weight = self.embed.weight
         if cfg.feature_mode == "init_state":
             self.init_h = nn.Linear(feature_dim, L * H)
-            self.init_c = nn.Linear(feature_dim, L * H)
+            if cfg.cell == "lstm":
+                self.init_c = nn.Linear(feature_dim, L * H)
         else:
             self.feature_embed = nn.Linear(feature_dim, E)
+        if self.attends:
+            self.attention = SoftAttention(feature_dim, H, cfg.attention_dim)
+            self.gate = nn.Linear(H, 1)  # beta
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        # checkpoints from before the cell was configurable call the LSTM "lstm"
+        for key in [k for k in state_dict if k.startswith(prefix + "lstm.")]:
+            state_dict[prefix + "rnn." + key[len(prefix) + 5 :]] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+    # -- state ----------------------------------------------------------------------------------
+    def _cell_state(self, state: State) -> Tensor | tuple[Tensor, Tensor]:
+        """What ``self.rnn`` takes: (h, c) for an LSTM, h for a GRU / RNN."""
+        return (state[0], state[1]) if self.cell_tensors == 2 else state[0]
+
+    def _with_cell(self, state: State, cell: Tensor | tuple[Tensor, ...]) -> State:
+        cell = cell if isinstance(cell, tuple) else (cell,)
+        return (*cell, *state[self.cell_tensors :])
 
     def init_state(self, features: Tensor) -> State:
-        """features [B, F] -> (h0, c0), each [L, B, H]."""
+        """features [B, F] (or the grid [B, P, F] with attention) -> the initial state."""
         B, L, H = features.shape[0], self.cfg.num_layers, self.cfg.hidden_size
-        features = self.dropout(features)
+        memory: tuple[Tensor, ...] = ()
+        pooled = features
+        if self.attends:
+            grid = features.transpose(0, 1)  # [P, B, F]: the batch in dim 1, as beams reorder it
+            memory = (grid, self.attention.feature_proj(grid))  # [P, B, F], [P, B, A]
+            pooled = features.mean(dim=1)  # [B, F]
+        pooled = self.dropout(pooled)
         if self.cfg.feature_mode == "init_state":
-            h = torch.tanh(self.init_h(features)).view(B, L, H).transpose(0, 1).contiguous()
-            c = self.init_c(features).view(B, L, H).transpose(0, 1).contiguous()
-            return h, c
-        # first_input: the image is the LSTM's input at t = -1, from a zero state
-        x = self.feature_embed(features).unsqueeze(1)  # [B, 1, E]
-        _, state = self.lstm(x)
+            h = torch.tanh(self.init_h(pooled)).view(B, L, H).transpose(0, 1).contiguous()
+            if self.cell_tensors == 1:
+                return (h, *memory)
+            c = self.init_c(pooled).view(B, L, H).transpose(0, 1).contiguous()
+            return (h, c, *memory)
+        # first_input: the image is the cell's input at t = -1, from a zero state
+        zeros = pooled.new_zeros(L, B, H)
+        state = ((zeros,) * self.cell_tensors) + memory
+        _, state, _ = self._advance(self.feature_embed(pooled), state)
         return state
 
-    def forward(self, features: Tensor, captions: Tensor, lengths: Tensor) -> Tensor:
-        """Teacher forcing. features [B, F], captions [B, T] (<start> .. <end> <pad>..), lengths [B]
-        (part of the decoder interface; this LSTM does not need them, see below)
-        -> logits [B, T-1, V] predicting captions[:, 1:] (padded positions are meaningless)."""
+    # -- one step -------------------------------------------------------------------------------
+    def _advance(self, x: Tensor, state: State) -> tuple[Tensor, State, Tensor | None]:
+        """One time step: input x [B, E] -> (top hidden state [B, H], new state, attention
+        weights [B, P] or None). The one step function of both teacher forcing and decoding."""
+        alpha = None
+        if self.attends:
+            query = state[0][-1]  # the top layer's h_{t-1} [B, H]
+            context, alpha = self.attention(state[-2], state[-1], query)  # [B, F], [B, P]
+            x = torch.cat([x, torch.sigmoid(self.gate(query)) * context], dim=-1)
+        out, cell = self.rnn(x.unsqueeze(1), self._cell_state(state))  # [B, 1, H]
+        return out.squeeze(1), self._with_cell(state, cell), alpha
+
+    def forward(
+        self,
+        features: Tensor,
+        captions: Tensor,
+        lengths: Tensor,
+        return_attention: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor | None]:
+        """Teacher forcing. features [B, F] (grid [B, P, F] with attention), captions [B, T]
+        (<start> .. <end> <pad>..), lengths [B] -> logits [B, T-1, V] predicting captions[:, 1:]
+        (padded positions are meaningless). ``return_attention``: (logits, alpha [B, T-1, P]
+        with the weights of padded steps zeroed; None without attention)."""
         state = self.init_state(features)
         inputs = captions[:, :-1]  # [B, T-1]: <start> w1 .. wn (and pads)
         x = self.dropout(self.embed(inputs))  # [B, T-1, E]
-        # The padded batch goes through the LSTM as it is, without pack_padded_sequence: the LSTM
-        # runs forward in time and captions are padded at the end, so a real position never sees
-        # a pad, and what the pads produce is masked out of the loss. Same outputs and gradients
-        # as packing, and on a CPU about 1.3x faster a step (benchmarks/README.md).
-        out, _ = self.lstm(x, state)  # [B, T-1, H]
-        return self.out(self.dropout(out))  # [B, T-1, V]
+        alpha = None
+        if not self.attends:
+            # The padded batch goes through the cell as it is, without pack_padded_sequence: the
+            # cell runs forward in time and captions are padded at the end, so a real position
+            # never sees a pad, and what the pads produce is masked out of the loss. Same outputs
+            # and gradients as packing, and on a CPU about 1.3x faster a step
+            # (benchmarks/README.md).
+            out, _ = self.rnn(x, self._cell_state(state))  # [B, T-1, H]
+        else:  # the input of each step depends on the previous one's state: step by step
+            outs, alphas = [], []
+            for t in range(x.shape[1]):
+                o, state, a = self._advance(x[:, t], state)
+                outs.append(o)
+                alphas.append(a)
+            out = torch.stack(outs, dim=1)  # [B, T-1, H]
+            if return_attention:
+                steps = torch.arange(x.shape[1], device=x.device)
+                real = steps[None, :] < (lengths.to(x.device)[:, None] - 1)  # [B, T-1]
+                alpha = torch.stack(alphas, dim=1) * real[:, :, None]  # [B, T-1, P]
+        logits = self.out(self.dropout(out))  # [B, T-1, V]
+        return (logits, alpha) if return_attention else logits
 
     def step(self, tokens: Tensor, state: State) -> tuple[Tensor, State]:
         """One decoding step: tokens [B] -> logits [B, V] and the next state. The same function as
         one position of :meth:`forward`, dropout included in train mode (self-critical training
         samples this way); in eval mode dropout is the identity."""
-        x = self.dropout(self.embed(tokens)).unsqueeze(1)  # [B, 1, E]
-        out, state = self.lstm(x, state)  # [B, 1, H]
-        return self.out(self.dropout(out.squeeze(1))), state
+        out, state, _ = self._advance(self.dropout(self.embed(tokens)), state)
+        return self.out(self.dropout(out)), state
+
+
+def attention_penalty(alpha: Tensor) -> Tensor:
+    """The doubly stochastic regulariser of Xu et al. (2015, eq. 14) per caption, averaged over
+    the batch: sum_p (1 - sum_t alpha_tp)^2, for alpha [B, T, P] whose padded steps are zero."""
+    return ((1.0 - alpha.sum(dim=1)) ** 2).sum(dim=1).mean()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -438,8 +635,13 @@ class CaptionModel(nn.Module):
         return [{"params": list(self.decoder.parameters()), "name": "decoder"}, encoder]
 
     # -- forward ------------------------------------------------------------------------------
+    @property
+    def attends(self) -> bool:
+        return self.decoder.attends
+
     def encode(self, images: Tensor) -> Tensor:
-        """images [B, 3, H, W] -> features [B, F] (no graph when the encoder is frozen)."""
+        """images [B, 3, H, W] -> features [B, F], or the grid [B, P, F] when the decoder
+        attends (no graph when the encoder is frozen)."""
         if self.encoder_frozen:
             with torch.no_grad():
                 return self.encoder(images)
@@ -452,22 +654,38 @@ class CaptionModel(nn.Module):
         lengths: Tensor,
         image_of_caption: Tensor | None = None,
         features: bool = False,
-    ) -> Tensor:
-        """Teacher-forced logits [N, T-1, V] for captions [N, T].
+        return_attention: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor | None]:
+        """Teacher-forced logits [N, T-1, V] for captions [N, T]; with ``return_attention``
+        (logits, attention weights [N, T-1, P] or None), see :meth:`Decoder.forward`.
 
-        inputs: images [B, 3, H, W], or encoder features [B, F] when ``features``;
+        inputs: images [B, 3, H, W], or encoder features ([B, F] / [B, P, F]) when ``features``;
         image_of_caption [N] maps each caption to its row of inputs (None: row i is caption i).
         """
-        feats = inputs if features else self.encode(inputs)  # [B, F]
+        feats = inputs if features else self.encode(inputs)  # [B, F] or [B, P, F]
         if image_of_caption is not None:
-            feats = feats[image_of_caption]  # [N, F]
-        return self.decoder(feats.float(), captions, lengths)
+            feats = feats[image_of_caption]  # [N, ...]
+        return self.decoder(feats.float(), captions, lengths, return_attention=return_attention)
+
+    @torch.no_grad()
+    def attention_maps(self, features: Tensor, captions: Tensor, lengths: Tensor) -> list[Tensor]:
+        """Where the decoder looked for each word of given captions: features [B, P, F],
+        captions [B, T] (<start> w1 .. wn <end> <pad>..) -> per caption [n, h, w], the weights
+        of the step that predicted each of its n words. Decoding is deterministic in eval mode,
+        so for a decoded caption these are the weights the decoding steps used."""
+        if not self.attends or self.encoder.grid_shape is None:
+            raise UserError("this model has no attention (model.decoder.attention=none)")
+        h, w = self.encoder.grid_shape
+        _, alpha = self.decoder(features.float(), captions, lengths, return_attention=True)
+        assert alpha is not None
+        return [alpha[i, : int(n) - 2].reshape(-1, h, w).cpu() for i, n in enumerate(lengths)]
 
 
 def build_model(
     config: ModelConfig, vocab_size: int, pretrained: bool = True
 ) -> tuple[CaptionModel, Preprocessing]:
     """Build the captioner from its typed config; ``pretrained=False`` skips weight loading."""
-    encoder, pre = create_encoder(config.encoder, pretrained=pretrained)
+    spatial = config.decoder.attention == "soft"
+    encoder, pre = create_encoder(config.encoder, pretrained=pretrained, spatial=spatial)
     decoder = Decoder(encoder.feature_dim, vocab_size, config.decoder)
     return CaptionModel(encoder, decoder, config), pre

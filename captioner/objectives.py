@@ -6,7 +6,7 @@ objective only turns a batch into a loss. Any callable with :class:`Objective`'s
 replace teacher forcing without touching the loop.
 
 Batches are those of :func:`captioner.data.collate_captions`: ``inputs`` [B, 3, H, W] images or
-[B, F] cached features, ``captions`` [N, T], ``lengths`` [N] (CPU), ``image_of_caption`` [N].
+[B, F] cached features ([B, P, F] grids for a decoder that attends), ``captions`` [N, T], ``lengths`` [N] (CPU), ``image_of_caption`` [N].
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from captioner.model import attention_penalty
 
 
 @dataclass
@@ -69,22 +71,32 @@ def target_tokens(lengths: Tensor) -> int:
 @dataclass
 class TeacherForcing:
     """Cross-entropy of the ground-truth next token given the ground-truth prefix (the XE
-    objective of Show and Tell), optionally label-smoothed."""
+    objective of Show and Tell), optionally label-smoothed. For a decoder that attends,
+    ``attention_penalty`` > 0 adds lambda times the doubly stochastic regulariser of Show, Attend
+    and Tell (:func:`captioner.model.attention_penalty`), logged as ``attention_penalty``."""
 
     pad_id: int = 0
     label_smoothing: float = 0.0
+    attention_penalty: float = 0.0
 
     def __call__(self, model: nn.Module, batch: dict[str, Any], *, features: bool) -> StepLoss:
         captions = batch["captions"]
-        logits = model(
+        out = model(
             batch["inputs"],
             captions,
             batch["lengths"],
             batch["image_of_caption"],
             features=features,
-        )  # [N, T-1, V]
+            return_attention=self.attention_penalty > 0,
+        )
+        logits, alpha = out if isinstance(out, tuple) else (out, None)  # [N, T-1, V]
         loss = caption_loss(logits, captions, self.pad_id, self.label_smoothing)
-        return StepLoss(loss, target_tokens(batch["lengths"]))
+        logs = {}
+        if alpha is not None:
+            penalty = attention_penalty(alpha.float())
+            loss = loss + self.attention_penalty * penalty
+            logs["attention_penalty"] = float(penalty.detach())
+        return StepLoss(loss, target_tokens(batch["lengths"]), logs)
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:

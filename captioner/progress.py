@@ -22,6 +22,7 @@ class Progress:
     epoch_loss_sum: float = 0.0
     epoch_tokens: int = 0
     epoch_logs: dict[str, float] = field(default_factory=dict)
+    epoch_log_weights: dict[str, int] = field(default_factory=dict)  # a log may skip batches
     epoch_skipped: set[int] = field(default_factory=set)  # unreadable record indices
 
     def add_batch(self, loss: float, weight: int, logs: dict[str, float]) -> None:
@@ -29,13 +30,15 @@ class Progress:
         self.epoch_tokens += weight
         for key, value in logs.items():
             self.epoch_logs[key] = self.epoch_logs.get(key, 0.0) + value * weight
+            self.epoch_log_weights[key] = self.epoch_log_weights.get(key, 0) + weight
 
     def epoch_means(self) -> dict[str, float]:
         """This epoch's weighted means: ``train_loss`` and every extra log of the objective."""
         n = max(self.epoch_tokens, 1)
+        weights = self.epoch_log_weights
         return {
             "train_loss": self.epoch_loss_sum / n,
-            **{k: v / n for k, v in self.epoch_logs.items()},
+            **{k: v / max(weights.get(k, n), 1) for k, v in self.epoch_logs.items()},
         }
 
     def record_score(self, score: float) -> bool:
@@ -49,7 +52,7 @@ class Progress:
     def next_epoch(self) -> None:
         self.epoch += 1
         self.batch_in_epoch, self.epoch_loss_sum, self.epoch_tokens = 0, 0.0, 0
-        self.epoch_logs, self.epoch_skipped = {}, set()
+        self.epoch_logs, self.epoch_log_weights, self.epoch_skipped = {}, {}, set()
 
     def state_dict(self) -> dict[str, Any]:
         state = asdict(self)
@@ -62,6 +65,7 @@ class Progress:
                 setattr(self, f.name, state[f.name])
         self.epoch_skipped = set(self.epoch_skipped)
         self.epoch_logs = dict(self.epoch_logs)
+        self.epoch_log_weights = dict(self.epoch_log_weights)
 
 
 __all__ = ["Progress"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -62,6 +63,18 @@ class TrainingInterrupted(Exception):
         self.checkpoint = checkpoint
         where = f"; resume with resume={checkpoint}" if checkpoint else ""
         super().__init__(f"training interrupted{where}")
+
+
+def gradient_norm(params: list[torch.nn.Parameter]) -> float:
+    """The L2 norm of all gradients together (what ``clip_grad_norm_`` compares with its
+    limit); logged per step, so ``metrics.jsonl`` shows exploding gradients with or without
+    clipping. inf or nan when a gradient is."""
+    grads = [p.grad.detach() for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    return float(
+        torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    )
 
 
 def _resume_checkpoint(resume: str | None) -> tuple[dict[str, Any] | None, Path]:
@@ -176,10 +189,15 @@ class Trainer:
         )
         self.model.to(rt.device)
 
+        decoder = self.model.config.decoder
         self.teacher_forcing: Objective = (
             make_objective(self)
             if make_objective is not None
-            else TeacherForcing(self.vocab.pad_id, self.tcfg.label_smoothing)
+            else TeacherForcing(
+                self.vocab.pad_id,
+                self.tcfg.label_smoothing,
+                decoder.attention_penalty if decoder.attention == "soft" else 0.0,
+            )
         )
         scst = self.tcfg.scst
         self.self_critical = (
@@ -293,8 +311,14 @@ class Trainer:
         with autocast(self.rt.device, self.autocast_dtype):
             out = self.objective(module, to_device(batch, self.rt.device), features=cached)
         self.scaler.scale(out.loss).backward()
+        self.scaler.unscale_(self.optimizer)  # no-op without a float16 scaler
+        norm = gradient_norm(self._trainable)  # before clipping
+        # the epoch's mean norm over the steps with finite gradients, and the fraction without
+        # (a float16 scaler skips those steps; in float32 they are what explodes)
+        out.logs["grad_nonfinite"] = float(not math.isfinite(norm))
+        if math.isfinite(norm):
+            out.logs["grad_norm"] = norm
         if self.tcfg.grad_clip:
-            self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self._trainable, self.tcfg.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()

@@ -546,7 +546,7 @@ def test_teacher_forcing_equals_the_packed_lstm_in_loss_and_gradients() -> None:
     def packed_logits() -> torch.Tensor:
         x = dec.embed(caps[:, :-1])
         seq = pack_padded_sequence(x, lengths - 1, batch_first=True, enforce_sorted=False)
-        out, _ = dec.lstm(seq, dec.init_state(feats))
+        out, _ = dec.rnn(seq, dec.init_state(feats))
         out, _ = pad_packed_sequence(out, batch_first=True, total_length=caps.shape[1] - 1)
         return dec.out(out)
 

@@ -339,7 +339,21 @@ def _env() -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_gloo(tiny_demo: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "variant",
+    [
+        [],
+        # a GRU attending over the trainable encoder's 2 x 2 grid
+        [
+            "model.decoder.cell=gru",
+            "model.decoder.attention=soft",
+            "model.encoder.resize=64",
+            "model.encoder.crop=64",
+        ],
+    ],  # fmt: skip
+    ids=["lstm", "gru-attention"],
+)
+def test_ddp_two_processes_gloo(tiny_demo: Path, tmp_path: Path, variant: list[str]) -> None:
     run = tmp_path / "run"
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
@@ -348,7 +362,7 @@ def test_ddp_two_processes_gloo(tiny_demo: Path, tmp_path: Path) -> None:
         # epoch 2 self-critical: each rank samples for its own shard of the images
         *tiny_overrides(tiny_demo, tmp_path / "cache", **{"trainer.max_epochs": 2}),
         "trainer.scst.start_epoch=1", "trainer.scst.samples=2", "trainer.scst.max_len=6",
-        f"hydra.run.dir={run}",
+        *variant, f"hydra.run.dir={run}",
     ]  # fmt: skip
     proc = subprocess.run(
         cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=180
