@@ -12,11 +12,15 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from captioner.checkpoint import DEFAULT_RUNS, find_checkpoint
 from captioner.data import IMAGE_EXTENSIONS
 from captioner.decoding import DecodeConfig
 from captioner.errors import UserError
+
+if TYPE_CHECKING:
+    from captioner.inference import Captioner, CaptionResult
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,6 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument(
+        "--attention-map",
+        type=Path,
+        metavar="DIR",
+        help="write DIR/<image>.png per image: the image and, for every word, where the model "
+        "looked (a model with model.decoder.attention=soft)",
+    )
     return p
 
 
@@ -131,17 +142,49 @@ def run(argv: Sequence[str]) -> int:
     from captioner.inference import Captioner
 
     captioner = Captioner.from_checkpoint(checkpoint, device=args.device)
+    maps = args.attention_map
+    if maps is not None:
+        if not captioner.model.attends:
+            raise UserError(
+                f"--attention-map: {checkpoint} does not attend (model.decoder.attention=none): "
+                "train with model.decoder.attention=soft for attention maps"
+            )
+        try:
+            maps.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"--attention-map: cannot create {maps}: {exc.strerror}") from exc
     failed = len(errors)
-    for res in captioner.caption(paths, config, batch_size=args.batch_size):
+    results = captioner.caption(
+        paths, config, batch_size=args.batch_size, attention=maps is not None
+    )
+    names: set[str] = set()
+    for res in results:
+        record = res.to_dict()
+        if maps is not None and res.error is None:
+            record["attention_map"] = str(_write_map(maps, res, captioner, names))
         if res.error is not None:
             failed += 1
             print(f"error: {res.error}", file=sys.stderr)
             if args.json:
-                print(json.dumps(res.to_dict()), flush=True)
+                print(json.dumps(record), flush=True)
         elif args.json:
-            print(json.dumps(res.to_dict()), flush=True)
+            print(json.dumps(record), flush=True)
         else:
             for text, score in res.hypotheses if args.n_best > 1 else [(res.caption, res.score)]:
                 extra = f"\t{score:.3f}" if args.n_best > 1 else ""
                 print(f"{res.source}\t{text}{extra}", flush=True)
     return 1 if failed else 0
+
+
+def _write_map(directory: Path, res: CaptionResult, captioner: Captioner, names: set[str]) -> Path:
+    """DIR/<image stem>.png (-2, -3 ... when two images share a name)."""
+    from captioner.attention_maps import save_attention_figure
+    from captioner.data import load_image, model_view
+
+    stem, n = Path(res.source).stem, 1
+    while (name := stem if n == 1 else f"{stem}-{n}") in names:
+        n += 1
+    names.add(name)
+    assert res.attention is not None
+    view = model_view(load_image(res.source), captioner.preprocessing)
+    return save_attention_figure(directory / f"{name}.png", view, res.words, res.attention)

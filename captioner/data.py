@@ -138,11 +138,19 @@ def build_transform(pre: Preprocessing, train: bool = False, augment: bool = Fal
             T.RandomResizedCrop(pre.crop, scale=(0.6, 1.0), interpolation=interp, antialias=True)
         ]
     else:
-        geometry = [
-            T.Resize(pre.resize, interpolation=interp, antialias=True),
-            T.CenterCrop(pre.crop),
-        ]
+        geometry = _eval_geometry(pre)
     return T.Compose([*geometry, T.ToTensor(), T.Normalize(pre.mean, pre.std)])
+
+
+def _eval_geometry(pre: Preprocessing) -> list[Any]:
+    interp = T.InterpolationMode(pre.interpolation)
+    return [T.Resize(pre.resize, interpolation=interp, antialias=True), T.CenterCrop(pre.crop)]
+
+
+def model_view(image: Image.Image, pre: Preprocessing) -> Image.Image:
+    """The part of ``image`` the model sees, at its input size: resized and center-cropped as
+    the eval transform does, not normalised (what an attention map is drawn over)."""
+    return T.Compose(_eval_geometry(pre))(to_rgb(image))
 
 
 # ---------------------------------------------------------------------------------------------

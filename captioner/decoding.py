@@ -86,6 +86,9 @@ class Hypothesis:
     tokens: list[int]  # generated ids, without <start>, <end> and <pad>
     score: float  # total log-probability of the generated tokens (<end> included if produced)
     finished: bool  # True if <end> was produced
+    # where a decoder that attends looked for each token, [len(tokens), h, w]; filled on request
+    # by captioner.inference.generate(..., attention=True)
+    attention: Tensor | None = None
 
 
 def length_penalty(length: int | Tensor, alpha: float) -> float | Tensor:

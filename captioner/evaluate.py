@@ -21,9 +21,19 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from captioner.attention_maps import attention_panels
 from captioner.checkpoint import find_checkpoint, load_checkpoint, model_from_checkpoint
 from captioner.config import DataConfig, EvaluateConfig
-from captioner.data import build_transform, collate_images, load_split
+from captioner.data import (
+    ImageLoadError,
+    Preprocessing,
+    build_transform,
+    collate_images,
+    load_image,
+    load_split,
+    model_view,
+)
+from captioner.decoding import Hypothesis
 from captioner.errors import UserError
 from captioner.features import build_feature_cache, image_source
 from captioner.inference import corpus_scores, generate, hypothesis_text
@@ -31,6 +41,7 @@ from captioner.metrics import coco_caption_metrics, sentence_bleu_from_text
 from captioner.report import SCORE_KEYS, write_report
 from captioner.runtime import resolve_device
 from captioner.typed import from_dict
+from captioner.vocab import Vocab
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +111,7 @@ def evaluate(cfg: DictConfig | EvaluateConfig, out_dir: str | Path) -> dict[str,
         decode_cfg,
         device,
         features=cache is not None,
+        attention=cfg.report and model.attends,  # the report shows where each word looked
     )
     seconds = time.perf_counter() - start
     captions = {i: hypothesis_text(h[0], vocab) for i, h in hyps.items()}
@@ -144,13 +156,36 @@ def evaluate(cfg: DictConfig | EvaluateConfig, out_dir: str | Path) -> dict[str,
     with open(out_dir / "per_image.jsonl", "w", encoding="utf-8") as f:
         f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     if cfg.report:
+        attention = None
+        if model.attends:
+            attention = {
+                records[i].image_id: _attention_panels(records[i].path, h[0], vocab, pre)
+                for i, h in hyps.items()
+            }
         report = write_report(
-            out_dir, metrics, rows, metrics_log=ckpt_path.parent / "metrics.jsonl"
+            out_dir,
+            metrics,
+            rows,
+            metrics_log=ckpt_path.parent / "metrics.jsonl",
+            attention=attention,
         )
         metrics["report"] = str(report)
         log.info("report: %s", report)
     metrics["out_dir"] = str(out_dir)
     return metrics
+
+
+def _attention_panels(
+    path: Path, hyp: Hypothesis, vocab: Vocab, pre: Preprocessing
+) -> list[tuple[str, bytes]]:
+    """(word, JPEG of its attention map) per word of the caption, for the report."""
+    assert hyp.attention is not None
+    try:
+        view = model_view(load_image(path), pre)
+    except ImageLoadError as exc:  # decoded from the feature cache; the file is gone since
+        log.warning("report: no attention maps for %s (%s)", path, exc)
+        return []
+    return list(zip(vocab.decode(hyp.tokens), attention_panels(view, hyp.attention), strict=True))
 
 
 def format_table(metrics: dict[str, Any]) -> str:

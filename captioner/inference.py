@@ -18,9 +18,11 @@ from captioner.data import (
     Preprocessing,
     build_transform,
     load_image,
+    pad_captions,
     to_rgb,
 )
 from captioner.decoding import DecodeConfig, Hypothesis, decode
+from captioner.errors import UserError
 from captioner.metrics import bleu_from_text
 from captioner.model import CaptionModel
 from captioner.runtime import autocast, resolve_device
@@ -54,13 +56,17 @@ def generate(
     *,
     autocast_dtype: torch.dtype | None = None,
     on_features: Callable[[dict[str, Any], torch.Tensor], None] | None = None,
+    attention: bool = False,
 ) -> dict[int, list[Hypothesis]]:
     """Decode every batch (``inputs`` images, or encoder features when ``features``) ->
     {dataset index: hypotheses}. The model must be in eval mode.
 
     ``on_features(batch, features)`` is called with each batch's encoder features [B, F] before
     they are decoded (validation computes its teacher-forced loss there, on the same features).
+    ``attention``: set every hypothesis's ``attention`` maps (a model that attends only).
     """
+    if attention and not model.attends:
+        raise UserError("attention maps need a model with model.decoder.attention=soft")
     device = torch.device(device)
     out: dict[int, list[Hypothesis]] = {}
     for batch in batches:
@@ -73,8 +79,27 @@ def generate(
         if on_features is not None:
             on_features(batch, feats)
         hyps = decode_features(model, feats, vocab, config)
+        if attention:
+            attach_attention(model, feats, hyps, vocab)
         out.update(zip(batch["index"].tolist(), hyps, strict=True))
     return out
+
+
+def attach_attention(
+    model: CaptionModel, features: torch.Tensor, hyps: list[list[Hypothesis]], vocab: Vocab
+) -> None:
+    """Set ``hyp.attention`` [n words, h, w] of every hypothesis of every image of the batch:
+    its caption teacher-forced once more (deterministic in eval mode: the decoding's weights)."""
+    flat = [(row, h) for row, image_hyps in enumerate(hyps) for h in image_hyps]
+    if not flat:
+        return
+    captions, lengths = pad_captions(
+        [[vocab.start_id, *h.tokens, vocab.end_id] for _, h in flat], vocab.pad_id
+    )
+    rows = torch.tensor([row for row, _ in flat], device=features.device)
+    maps = model.attention_maps(features[rows], captions.to(features.device), lengths)
+    for (_, h), m in zip(flat, maps, strict=True):
+        h.attention = m
 
 
 def hypothesis_text(hyp: Hypothesis, vocab: Vocab) -> str:
@@ -110,6 +135,10 @@ class CaptionResult:
         default_factory=list
     )  # (text, log-prob), best first
     error: str | None = None
+    words: list[str] = field(default_factory=list)  # the tokens of ``caption``
+    # with Captioner.caption(..., attention=True): where the model looked for each of
+    # ``words``, [len(words), h, w] over the model's view of the image (data.model_view)
+    attention: torch.Tensor | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"image": self.source}
@@ -163,10 +192,14 @@ class Captioner:
         images: Sequence[str | Path | Image.Image],
         config: DecodeConfig | None = None,
         batch_size: int = 32,
+        attention: bool = False,
     ) -> list[CaptionResult]:
         """One :class:`CaptionResult` per input, in order; an unreadable image gets ``error``
-        set and does not stop the others."""
+        set and does not stop the others. ``attention``: also each caption's attention maps (a
+        model that attends only; else a ``UserError``)."""
         config = config or DecodeConfig()
+        if attention and not self.model.attends:
+            raise UserError("attention maps need a model with model.decoder.attention=soft")
         results: list[CaptionResult] = []
         for start in range(0, len(images), batch_size):
             chunk = images[start : start + batch_size]
@@ -185,9 +218,13 @@ class Captioner:
                     "inputs": torch.stack([t for _, t in tensors]),
                     "index": torch.arange(len(tensors)),
                 }
-                hyps = generate(self.model, [batch], self.vocab, config, self.device)
+                hyps = generate(
+                    self.model, [batch], self.vocab, config, self.device, attention=attention
+                )
                 for i, (res, _) in enumerate(tensors):
                     res.hypotheses = [(hypothesis_text(h, self.vocab), h.score) for h in hyps[i]]
                     res.caption, res.score = res.hypotheses[0]
+                    res.words = self.vocab.decode(hyps[i][0].tokens)
+                    res.attention = hyps[i][0].attention
             results.extend(batch_results)
         return results

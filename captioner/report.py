@@ -88,7 +88,22 @@ def _id_key(image_id: Any) -> tuple[int, float, str]:
         return (1, 0.0, str(image_id))
 
 
-def _entry(row: dict[str, Any], thumb_size: int) -> str:
+def _attention_strip(panels: Sequence[tuple[str, bytes]]) -> str:
+    """A folded strip of (word, JPEG of its attention map) panels."""
+    figures = "".join(
+        f'<figure><img src="data:image/jpeg;base64,{base64.b64encode(jpeg).decode("ascii")}" '
+        f'alt="attention for {esc(word)}"><figcaption>{esc(word)}</figcaption></figure>'
+        for word, jpeg in panels
+    )
+    return (
+        f'<details class="attention"><summary>attention, {len(panels)} words</summary>'
+        f'<div class="strip">{figures}</div></details>'
+    )
+
+
+def _entry(
+    row: dict[str, Any], thumb_size: int, attention: Sequence[tuple[str, bytes]] | None = None
+) -> str:
     bleu = _bleu(row)
     uri = thumbnail_uri(row.get("file"), thumb_size)
     name = Path(str(row.get("file") or "")).name
@@ -108,6 +123,7 @@ def _entry(row: dict[str, Any], thumb_size: int) -> str:
         f"{esc(name)}</span></div>"
         f'<p class="caption">{esc(row.get("caption", ""))}</p>'
         f'<ol class="refs">{refs}</ol>'
+        f"{_attention_strip(attention) if attention else ''}"
         f"</figcaption></figure>"
     )
 
@@ -166,6 +182,12 @@ font-variant-numeric:tabular-nums}
 .id{color:var(--muted);overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
 .caption{font-weight:600;margin:8px 0 6px;font-size:14.5px}
 .refs{margin:0;padding-left:18px;color:var(--muted);font-size:12.5px}
+.attention{margin-top:8px;font-size:12.5px;color:var(--muted)}
+.attention summary{cursor:pointer}
+.attention .strip{display:flex;flex-wrap:wrap;gap:4px;margin-top:6px}
+.attention figure{margin:0;text-align:center}
+.attention img{display:block;width:72px}
+.attention figcaption{padding:0;font-size:11px}
 """
 
 # Sorts the cards in place (entries carry data-bleu4 and data-image-id); the URL's #worst, #best or
@@ -203,17 +225,21 @@ def write_report(
     thumb_size: int = 160,
     max_images: int | None = None,
     metrics_log: Path | None = None,
+    attention: dict[Any, Sequence[tuple[str, bytes]]] | None = None,
 ) -> Path:
     """Write ``out_dir/report.html`` and return its path.
 
     ``rows`` are ``per_image.jsonl`` records (image_id, file, caption, references, bleu4); they
     are shown worst sentence BLEU-4 first (``max_images`` keeps the worst N). ``metrics_log``, a
     training run's ``metrics.jsonl``, adds its loss/BLEU curves when the file exists.
+    ``attention``: per image id, (word, JPEG of its attention map) panels shown with the entry
+    (:func:`captioner.attention_maps.attention_panels`).
     """
     out_dir = Path(out_dir)
     ordered = sorted(rows, key=lambda r: (_bleu(r), _id_key(r.get("image_id"))))
     shown = ordered if max_images is None else ordered[: max(0, int(max_images))]
-    entries = "\n".join(_entry(r, thumb_size) for r in shown)
+    maps = attention or {}
+    entries = "\n".join(_entry(r, thumb_size, maps.get(r.get("image_id"))) for r in shown)
     curves = ""
     if metrics_log is not None and Path(metrics_log).is_file():
         svg = training_curves_svg(read_metrics(metrics_log))

@@ -24,6 +24,7 @@ from PIL import Image
 
 from captioner.cli import main
 from captioner.decoding import DecodeConfig
+from captioner.errors import UserError
 from captioner.inference import Captioner
 
 # -- image files -------------------------------------------------------------------------------
@@ -302,6 +303,70 @@ def test_cli_bad_options_are_one_line(
     assert code not in (0, None)
     assert out == []
     assert len(err) == 1 and err[0].startswith("error:") and needle in err[0], err
+
+
+# -- the CLI: attention maps -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def attention_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained ResNet-18 (64 px: a 2 x 2 grid) + GRU with soft attention."""
+    from captioner.checkpoint import model_payload, save_checkpoint
+    from captioner.model import DecoderConfig, EncoderConfig, ModelConfig, build_model
+    from captioner.vocab import Vocab
+
+    torch.manual_seed(0)
+    vocab = Vocab.build(["a dog runs on the grass", "a red ball"])
+    config = ModelConfig(
+        EncoderConfig(name="resnet18", weights=None, resize=64, crop=64),
+        DecoderConfig(embed_dim=8, hidden_size=12, cell="gru", attention="soft"),
+    )
+    model, pre = build_model(config, len(vocab), pretrained=False)
+    path = tmp_path_factory.mktemp("attention") / "best.pt"
+    return save_checkpoint(model_payload(model, vocab, pre), path)
+
+
+def test_cli_attention_map_writes_one_png_per_image_with_a_panel_per_word(
+    capsys, attention_checkpoint: Path, images: list[Path], tmp_path: Path
+) -> None:
+    maps = tmp_path / "maps"
+    dup = tmp_path / "other" / images[0].name  # two inputs with one file name
+    dup.parent.mkdir()
+    dup.write_bytes(images[0].read_bytes())
+    args = [images[0], images[1], dup, "-c", attention_checkpoint, "--max-len", "7"]
+    code, out, _ = caption_cli(capsys, *args, "--attention-map", maps, "--json")
+    assert code == 0
+    rows = [json.loads(line) for line in out]
+    stem = images[0].stem
+    assert [Path(r["attention_map"]).name for r in rows] == [
+        f"{stem}.png",
+        f"{images[1].stem}.png",
+        f"{stem}-2.png",
+    ]
+    for row in rows:
+        words = row["caption"].split()
+        assert words, row
+        with Image.open(row["attention_map"]) as png:
+            png.load()
+            # the image, then one panel per word, 5 panels a row of 230 px (2.3 in at 100 dpi)
+            assert png.height == 230 * -(-(len(words) + 1) // 5), (png.size, words)
+    api = Captioner.from_checkpoint(attention_checkpoint, device="cpu")
+    (res,) = api.caption([images[0]], DecodeConfig(max_len=7), attention=True)
+    assert res.attention is not None and res.attention.shape == (len(res.words), 2, 2)
+    torch.testing.assert_close(res.attention.sum(dim=(1, 2)), torch.ones(len(res.words)))
+
+
+def test_cli_attention_map_of_a_pooled_model_is_one_error_line(
+    capsys, tiny_checkpoint: Path, images: list[Path], tmp_path: Path
+) -> None:
+    maps = tmp_path / "maps"
+    code, out, err = caption_cli(capsys, images[0], "-c", tiny_checkpoint, "--attention-map", maps)
+    assert code not in (0, None) and out == []
+    assert len(err) == 1 and "--attention-map" in err[0] and "attention=none" in err[0], err
+    assert not maps.exists()
+    api = Captioner.from_checkpoint(tiny_checkpoint, device="cpu")
+    with pytest.raises(UserError, match="attention=soft"):
+        api.caption([images[0]], attention=True)
 
 
 # -- the CLI: bad images -----------------------------------------------------------------------

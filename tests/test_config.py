@@ -21,7 +21,7 @@ from captioner.model import ModelConfig
 
 GROUPS = {
     "data": ["coco", "demo", "flickr8k", "karpathy"],
-    "experiment": ["coco_resnet50", "flickr8k", "flickr8k_scst"],
+    "experiment": ["coco_resnet50", "flickr8k", "flickr8k_attention", "flickr8k_scst"],
     "model": ["demo", "resnet50", "timm"],
     "optim": ["adam", "adamw"],
     "scheduler": ["constant", "cosine", "step"],

@@ -1,0 +1,466 @@
+"""Soft attention and the recurrent cells (LSTM, GRU, vanilla RNN): shapes of every variant, the
+attention weights and the doubly stochastic regulariser, a tiny attention model that learns to
+look at a planted shape, checkpoints of every variant, the grid feature cache, attention maps."""
+
+from __future__ import annotations
+
+import html
+import itertools
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from captioner.attention_maps import attention_figure, heat_overlay, save_attention_figure
+from captioner.checkpoint import (
+    load_checkpoint,
+    model_from_checkpoint,
+    model_payload,
+    save_checkpoint,
+)
+from captioner.data import Preprocessing, pad_captions
+from captioner.decoding import DecodeConfig
+from captioner.errors import UserError
+from captioner.features import build_feature_cache
+from captioner.inference import decode_features
+from captioner.model import (
+    CaptionModel,
+    Decoder,
+    DecoderConfig,
+    Encoder,
+    EncoderConfig,
+    ModelConfig,
+    attention_penalty,
+)
+from captioner.objectives import TeacherForcing, caption_loss
+from captioner.train import _init_weights
+from captioner.vocab import Vocab, tokenize
+
+V, FEAT, PAD, START, END = 12, 8, Vocab.pad_id, Vocab.start_id, Vocab.end_id
+VOCAB = Vocab(["<pad>", "<start>", "<end>", "<unk>", *(f"w{i}" for i in range(4, V))])
+CELLS = ["lstm", "gru", "rnn"]
+ATTENTION = ["none", "soft"]
+SEQS = [[START, 4, 5, 6, 7, END], [START, 8, END], [START, 9, 10, 4, END]]
+
+
+class GridBackbone(nn.Module):
+    """A timm-like CNN: ``forward_features`` gives a feature map [B, F, H/4, W/4], ``forward``
+    its global average."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, FEAT, 4, stride=4), nn.BatchNorm2d(FEAT), nn.ReLU())
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(x).mean(dim=(2, 3))
+
+
+def tiny_model(
+    cell: str = "lstm",
+    attention: str = "soft",
+    feature_mode: str = "init_state",
+    num_layers: int = 1,
+    grid: int | None = None,
+    **decoder: object,
+) -> CaptionModel:
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        EncoderConfig(name="grid", weights=None, grid=grid),
+        DecoderConfig(
+            **{
+                "embed_dim": 6,
+                "hidden_size": 10,
+                "dropout": 0.0,
+                "cell": cell,
+                "attention": attention,
+                "attention_dim": 7,
+                "feature_mode": feature_mode,
+                "num_layers": num_layers,
+                **decoder,
+            }
+        ),
+    )
+    encoder = Encoder(GridBackbone(), FEAT, spatial=attention == "soft", grid=grid)
+    return CaptionModel(encoder, Decoder(FEAT, V, cfg.decoder), cfg).eval()
+
+
+def padded(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    return pad_captions(seqs, PAD)
+
+
+# -- shapes ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("cell", "attention", "feature_mode", "layers"),
+    list(itertools.product(CELLS, ATTENTION, ["init_state", "first_input"], [1, 2])),
+)
+def test_shapes_of_every_variant(cell: str, attention: str, feature_mode: str, layers: int) -> None:
+    model = tiny_model(cell, attention, feature_mode, layers)
+    images = torch.randn(3, 3, 16, 16)  # a 4 x 4 grid
+    caps, lengths = padded(SEQS)
+    feats = model.encode(images)
+    assert feats.shape == ((3, 16, FEAT) if attention == "soft" else (3, FEAT))
+    state = model.decoder.init_state(feats)
+    assert len(state) == (2 if cell == "lstm" else 1) + (2 if attention == "soft" else 0)
+    for h in state[: 2 if cell == "lstm" else 1]:
+        assert h.shape == (layers, 3, 10)
+    if attention == "soft":
+        assert state[-2].shape == (16, 3, FEAT) and state[-1].shape == (16, 3, 7)
+    logits, alpha = model(images, caps, lengths, return_attention=True)
+    assert logits.shape == (3, 5, V)
+    assert alpha is None if attention == "none" else alpha.shape == (3, 5, 16)
+    step_logits, _ = model.decoder.step(caps[:, 0], state)
+    assert step_logits.shape == (3, V)
+    if cell != "lstm":  # GRU and RNN have no c0, so no init_c
+        assert not hasattr(model.decoder, "init_c")
+
+
+@pytest.mark.parametrize(("cell", "attention"), list(itertools.product(CELLS, ATTENTION)))
+@pytest.mark.parametrize("feature_mode", ["init_state", "first_input"])
+def test_stepping_equals_teacher_forcing(cell: str, attention: str, feature_mode: str) -> None:
+    """Decoding's step function is teacher forcing's, one position at a time."""
+    model = tiny_model(cell, attention, feature_mode, num_layers=2)
+    feats = model.encode(torch.randn(3, 3, 16, 16))
+    caps, lengths = padded(SEQS)
+    with torch.no_grad():
+        logits = model.decoder(feats, caps, lengths)
+        state, steps = model.decoder.init_state(feats), []
+        for t in range(caps.shape[1] - 1):
+            out, state = model.decoder.step(caps[:, t], state)
+            steps.append(out)
+    torch.testing.assert_close(torch.stack(steps, dim=1), logits, atol=1e-5, rtol=1e-5)
+
+
+def test_bad_cell_and_attention_are_user_errors() -> None:
+    with pytest.raises(UserError, match=r"model\.decoder\.cell must be one of"):
+        DecoderConfig(cell="transformer")
+    with pytest.raises(UserError, match=r"model\.decoder\.attention must be one of"):
+        DecoderConfig(attention="hard")
+    with pytest.raises(UserError, match=r"model\.encoder\.grid must be >= 1"):
+        EncoderConfig(grid=0)
+    with pytest.raises(UserError, match=r"model\.decoder\.attention_penalty must be >= 0"):
+        DecoderConfig(attention_penalty=-1.0)
+
+
+def test_encoder_without_a_spatial_map_is_a_user_error() -> None:
+    encoder = Encoder(nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, FEAT)), FEAT, spatial=True)
+    with pytest.raises(UserError, match="no spatial feature map known for Sequential"):
+        encoder(torch.randn(1, 3, 4, 4))
+
+
+# -- the attention weights ---------------------------------------------------------------------
+
+
+def test_weights_sum_to_one_over_positions_and_padded_steps_are_zero() -> None:
+    model = tiny_model("gru")
+    feats = model.encode(torch.randn(3, 3, 16, 16))
+    caps, lengths = padded(SEQS)
+    _, alpha = model.decoder(feats, caps, lengths, return_attention=True)
+    for i, n in enumerate(lengths.tolist()):
+        real, pads = alpha[i, : n - 1], alpha[i, n - 1 :]
+        torch.testing.assert_close(real.sum(dim=-1), torch.ones(n - 1))
+        assert (real > 0).all() and (pads == 0).all()
+    # each caption attends over its own image only: alone in a batch, the same weights
+    for i, seq in enumerate(SEQS):
+        one, n = padded([seq])
+        _, alone = model.decoder(feats[i : i + 1], one, n, return_attention=True)
+        torch.testing.assert_close(alone[0], alpha[i, : len(seq) - 1])
+
+
+def test_regulariser_is_zero_when_every_position_gets_total_weight_one() -> None:
+    P = 4
+    one_each = torch.eye(P)[None]  # step t looks only at position t: every position sums to 1
+    assert float(attention_penalty(one_each)) == 0.0
+    spread = torch.full((1, P, P), 1.0 / P)  # P steps of uniform weights: also 1 per position
+    assert float(attention_penalty(spread)) == pytest.approx(0.0, abs=1e-12)
+    stuck = torch.zeros(1, P, P)
+    stuck[0, :, 0] = 1.0  # every step on position 0: (1 - 4)^2 + 3 * (1 - 0)^2
+    assert float(attention_penalty(stuck)) == pytest.approx(12.0)
+    # the mean over captions; a padded (all-zero) step adds nothing
+    padded_step = torch.cat([stuck, torch.zeros(1, 1, P)], dim=1)
+    assert float(attention_penalty(torch.cat([one_each, padded_step[:, :P]]))) == 6.0
+
+
+def test_teacher_forcing_adds_the_weighted_regulariser() -> None:
+    model = tiny_model("lstm").train()
+    caps, lengths = padded(SEQS)
+    batch = {
+        "inputs": model.encode(torch.randn(3, 3, 16, 16)),
+        "captions": caps,
+        "lengths": lengths,
+        "image_of_caption": torch.arange(3),
+    }
+    plain = TeacherForcing(PAD)(model, batch, features=True)
+    out = TeacherForcing(PAD, attention_penalty=0.5)(model, batch, features=True)
+    logits, alpha = model(batch["inputs"], caps, lengths, features=True, return_attention=True)
+    expected = caption_loss(logits, caps, PAD) + 0.5 * attention_penalty(alpha)
+    torch.testing.assert_close(out.loss, expected)
+    assert out.logs["attention_penalty"] == pytest.approx(float(attention_penalty(alpha.detach())))
+    assert "attention_penalty" not in plain.logs
+    out.loss.backward()
+    assert model.decoder.attention.score.weight.grad.abs().sum() > 0
+    assert model.decoder.gate.weight.grad.abs().sum() > 0
+
+
+# -- a tiny attention model learns where to look -------------------------------------------------
+
+SHAPES = {"square": 10, "cross": 11}  # word ids of the two shapes
+
+
+def planted(shape: str, corner: int, size: int = 16) -> torch.Tensor:
+    """A black image with a white square or cross of 8 x 8 pixels in one of its four corners."""
+    img = torch.zeros(3, size, size)
+    r, c = divmod(corner, 2)
+    y, x = r * (size // 2), c * (size // 2)
+    patch = torch.zeros(8, 8)
+    if shape == "square":
+        patch[1:7, 1:7] = 1
+    else:
+        patch[3:5, :] = 1
+        patch[:, 3:5] = 1
+    img[:, y : y + 8, x : x + 8] = patch
+    return img
+
+
+def corner_cells(corner: int) -> list[int]:
+    """The 2 x 2 cells of a 4 x 4 grid that cover ``corner``."""
+    r, c = divmod(corner, 2)
+    return [(2 * r + i) * 4 + 2 * c + j for i in (0, 1) for j in (0, 1)]
+
+
+def test_tiny_attention_model_looks_at_the_planted_shape() -> None:
+    """Captions "a <shape>": to name the shape, the trained model's map for that word puts most
+    of its weight on the corner where the shape is."""
+    model = tiny_model("lstm", hidden_size=16, embed_dim=8, attention_dim=16)
+    cases = [(s, k) for s in SHAPES for k in range(4)]
+    images = torch.stack([planted(s, k) for s, k in cases])
+    with torch.no_grad():
+        feats = model.encode(images)  # frozen random conv features, 4 x 4 grid
+    caps, lengths = padded([[START, 4, SHAPES[s], END] for s, _ in cases])
+    optimizer = torch.optim.Adam(model.decoder.parameters(), lr=0.02)
+    model.train()
+    for _ in range(150):
+        loss = caption_loss(model.decoder(feats, caps, lengths), caps, PAD)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    hyps = decode_features(model, feats, VOCAB, DecodeConfig())
+    assert [h[0].tokens for h in hyps] == [[4, SHAPES[s]] for s, _ in cases]  # overfit
+    maps = model.attention_maps(feats, caps, lengths)
+    for (_, corner), m in zip(cases, maps, strict=True):
+        weights = m[1].flatten()  # the step that names the shape
+        assert weights[corner_cells(corner)].sum() > 0.5
+        assert int(weights.argmax()) in corner_cells(corner)
+
+
+# -- checkpoints ---------------------------------------------------------------------------------
+
+
+def spatial_config(cell: str, attention: str) -> ModelConfig:
+    return ModelConfig(
+        EncoderConfig(name="resnet18", weights=None, resize=64, crop=64, grid=None),
+        DecoderConfig(embed_dim=8, hidden_size=12, cell=cell, attention=attention),
+    )
+
+
+@pytest.mark.parametrize(("cell", "attention"), list(itertools.product(CELLS, ATTENTION)))
+def test_checkpoints_of_every_variant_round_trip(cell: str, attention: str, tmp_path: Path) -> None:
+    from captioner.model import build_model
+
+    vocab = Vocab.build(["a red circle", "a blue square"])
+    torch.manual_seed(0)
+    model, pre = build_model(spatial_config(cell, attention), len(vocab), pretrained=False)
+    path = save_checkpoint(model_payload(model, vocab, pre), tmp_path / "best.pt")
+    torch.manual_seed(1)
+    loaded, _, _ = model_from_checkpoint(load_checkpoint(path))
+    assert loaded.config == model.config
+    assert loaded.encoder.grid_shape == ((2, 2) if attention == "soft" else None)
+    images = torch.randn(2, 3, 64, 64)
+    caps, lengths = padded([vocab.encode("a red circle"), vocab.encode("a blue square")])
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(images, caps, lengths), model(images, caps, lengths))
+
+
+def test_checkpoint_of_one_variant_refuses_to_load_as_another(tmp_path: Path) -> None:
+    vocab = VOCAB
+    gru = tiny_model("gru", "soft")
+    path = save_checkpoint(model_payload(gru, vocab, Preprocessing(16, 16)), tmp_path / "gru.pt")
+    for other, field in (
+        (tiny_model("lstm", "soft"), "cell"),
+        (tiny_model("gru", "none"), "attention"),
+    ):
+        with pytest.raises(UserError) as info:
+            _init_weights(other, vocab, str(path))
+        message = str(info.value)
+        assert f"model.decoder.{field}=" in message and "\n" not in message, message
+    # a checkpoint whose weights contradict its own config: one line, not a state_dict dump
+    ckpt = load_checkpoint(path)
+    ckpt["model_config"]["decoder"]["cell"] = "lstm"
+    ckpt["model_config"]["encoder"] = spatial_config("lstm", "soft").encoder.__dict__
+    with pytest.raises(UserError, match="weights do not fit its model config") as info:
+        model_from_checkpoint(ckpt)
+    assert "\n" not in str(info.value)
+
+
+def test_checkpoints_from_before_the_cell_option_still_load() -> None:
+    """Their LSTM weights are under ``decoder.lstm.*``; now ``decoder.rnn.*``."""
+    model = tiny_model("lstm", "none")
+    state = {
+        k.replace("decoder.rnn.", "decoder.lstm."): v.clone() + 1.0
+        for k, v in model.state_dict().items()
+    }
+    assert any(k.startswith("decoder.lstm.") for k in state)
+    model.load_state_dict(state)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k.replace("decoder.rnn.", "decoder.lstm.")]), k
+
+
+# -- the grid feature cache ----------------------------------------------------------------------
+
+
+def _images(tmp_path: Path, n: int = 3) -> list[Path]:
+    paths = []
+    for i in range(n):
+        arr = np.random.default_rng(i).integers(0, 256, (20, 20, 3), dtype=np.uint8)
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(arr).save(paths[-1])
+    return paths
+
+
+def test_grid_cache_has_the_grid_shape_in_its_key(tmp_path: Path) -> None:
+    paths, pre, root = _images(tmp_path), Preprocessing(16, 16), tmp_path / "cache"
+    caches = {}
+    for grid in (None, 2, 1):
+        model = tiny_model(attention="soft", grid=grid)
+        caches[grid] = build_feature_cache(model.encoder, pre, paths, root)
+    pooled = build_feature_cache(tiny_model(attention="none").encoder, pre, paths, root)
+    assert caches[None].array.shape == (3, 16, FEAT)  # the native 4 x 4 grid
+    assert caches[2].array.shape == (3, 4, FEAT)
+    assert caches[1].array.shape == (3, 1, FEAT)
+    assert pooled.array.shape == (3, FEAT)
+    assert len({c.directory for c in [*caches.values(), pooled]}) == 4
+    # the same grid again is a hit: same folder, nothing recomputed
+    encoder = tiny_model(attention="soft", grid=2).encoder
+    encoder.forward = lambda images: pytest.fail("a cache hit ran the encoder")  # type: ignore[method-assign]
+    again = build_feature_cache(encoder, pre, paths, root)
+    assert again.directory == caches[2].directory
+    # the mean of a cached grid over its positions is the pooled feature (float16 apart)
+    grids = torch.from_numpy(np.asarray(caches[None].array, dtype=np.float32))
+    torch.testing.assert_close(
+        grids.mean(dim=1),
+        torch.from_numpy(np.asarray(pooled.array, dtype=np.float32)),
+        atol=2e-3,
+        rtol=2e-3,
+    )
+
+
+def test_cache_too_large_for_the_disk_is_refused_before_writing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import shutil
+
+    from captioner import features
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(features.shutil, "disk_usage", lambda _: usage._replace(free=100))
+    paths, root = _images(tmp_path), tmp_path / "cache"
+    with caplog.at_level("INFO", logger="captioner.features"), pytest.raises(UserError) as info:
+        build_feature_cache(
+            tiny_model(attention="soft").encoder, Preprocessing(16, 16), paths, root
+        )
+    message = str(info.value)
+    assert "3 features x 16 x 8 float16 need 0.8 kB" in message, message  # 768 bytes
+    assert "model.encoder.grid" in message and "100 B" not in message
+    assert "\n" not in message
+    assert any("x 16 x 8 float16 =" in r.message for r in caplog.records)  # logged first
+    assert not any(root.glob("*/*.npy")) and not any(root.glob("*/.*.tmp"))
+
+
+# -- attention maps ------------------------------------------------------------------------------
+
+
+def test_heat_overlay_is_hottest_where_the_weight_is() -> None:
+    view = Image.new("RGB", (40, 40), (128, 128, 128))
+    weights = torch.zeros(2, 2)
+    weights[1, 0] = 1.0  # bottom left
+    heat = np.asarray(heat_overlay(view, weights)).astype(int)
+    assert heat.shape == (40, 40, 3)
+    red_minus_blue = heat[..., 0] - heat[..., 2]
+    assert red_minus_blue[35, 5] > 50 and red_minus_blue[5, 35] < -50  # jet: hot red, cold blue
+
+
+def test_attention_figure_has_the_image_and_one_panel_per_word(tmp_path: Path) -> None:
+    view = Image.new("RGB", (32, 32))
+    words = ["a", "dog", "runs", "on", "the", "grass"]
+    maps = torch.rand(len(words), 3, 3)
+    fig = attention_figure(view, words, maps)
+    assert len(fig.axes) == 1 + len(words)
+    assert [ax.get_title() for ax in fig.axes[1:]] == words
+    path = save_attention_figure(tmp_path / "a.png", view, words, maps)
+    with Image.open(path) as png:
+        png.verify()
+    with pytest.raises(ValueError, match="6 words but 2 attention maps"):
+        attention_figure(view, words, maps[:2])
+
+
+# -- a training run, SCST and the evaluation report --------------------------------------------
+
+
+@pytest.mark.slow
+def test_attention_run_trains_from_the_grid_cache_with_scst_and_reports_maps(
+    make_cfg, tmp_path: Path
+) -> None:
+    """A frozen encoder's grids are cached and trained on, the regulariser and the gradient norm
+    (without clipping) are logged, an SCST epoch samples from the attending GRU, and the
+    evaluation report shows each entry's maps."""
+    from captioner.config import compose
+    from captioner.evaluate import evaluate
+    from captioner.runlog import read_metrics
+    from captioner.train import train
+
+    run = tmp_path / "run"
+    overrides = [
+        "model.encoder.freeze=true",
+        "model.encoder.resize=64",
+        "model.encoder.crop=64",  # ResNet-18: a 2 x 2 grid
+        "model.decoder.cell=gru",
+        "model.decoder.attention=soft",
+        "model.decoder.attention_dim=16",
+        "trainer.grad_clip=null",
+        "trainer.scst.start_epoch=1",
+        "trainer.scst.samples=2",
+        "trainer.scst.max_len=6",
+    ]
+    train(make_cfg(*overrides), run)
+    first, second = read_metrics(run / "metrics.jsonl")
+    assert first["attention_penalty"] > 0 and first["grad_norm"] > 0
+    assert first["grad_nonfinite"] == 0.0
+    assert "scst_reward" in second and second["grad_norm"] > 0
+    ckpt = load_checkpoint(run / "best.pt")
+    cache = Path(ckpt["train_config"]["trainer"]["cache_dir"])
+    shapes = sorted(np.load(f, mmap_mode="r").shape for f in cache.glob("*/features.npy"))
+    assert (8, 4, 512) in shapes and (24, 4, 512) in shapes  # val and train grids, 2 x 2
+
+    out = tmp_path / "eval"
+    evaluate(compose("evaluate", [f"checkpoint={run / 'best.pt'}", "split=val", "report=true",
+                                  "coco_metrics=false", "decode.max_len=6"]), out)  # fmt: skip
+    page = (out / "report.html").read_text()
+    rows = [json.loads(line) for line in (out / "per_image.jsonl").read_text().splitlines()]
+    assert page.count('<details class="attention">') == len(rows) == 8
+    # one panel per word of every caption, named by its word
+    panels = re.findall(r'alt="attention for ([^"]*)"', page)
+    assert Counter(html.unescape(w) for w in panels) == Counter(
+        w for row in rows for w in tokenize(row["caption"])
+    )
