@@ -73,7 +73,8 @@ class TeacherForcing:
     """Cross-entropy of the ground-truth next token given the ground-truth prefix (the XE
     objective of Show and Tell), optionally label-smoothed. For a decoder that attends,
     ``attention_penalty`` > 0 adds lambda times the doubly stochastic regulariser of Show, Attend
-    and Tell (:func:`captioner.model.attention_penalty`), logged as ``attention_penalty``."""
+    and Tell (:func:`captioner.model.attention_penalty`), logged as ``attention_penalty``, and
+    the cross-entropy alone as ``xe_loss`` (``train_loss`` is their sum, what is minimised)."""
 
     pad_id: int = 0
     label_smoothing: float = 0.0
@@ -94,8 +95,9 @@ class TeacherForcing:
         logs = {}
         if alpha is not None:
             penalty = attention_penalty(alpha.float())
-            loss = loss + self.attention_penalty * penalty
+            logs["xe_loss"] = float(loss.detach())
             logs["attention_penalty"] = float(penalty.detach())
+            loss = loss + self.attention_penalty * penalty
         return StepLoss(loss, target_tokens(batch["lengths"]), logs)
 
 

@@ -206,6 +206,7 @@ def test_teacher_forcing_adds_the_weighted_regulariser() -> None:
     expected = caption_loss(logits, caps, PAD) + 0.5 * attention_penalty(alpha)
     torch.testing.assert_close(out.loss, expected)
     assert out.logs["attention_penalty"] == pytest.approx(float(attention_penalty(alpha.detach())))
+    assert out.logs["xe_loss"] == pytest.approx(float(caption_loss(logits.detach(), caps, PAD)))
     assert "attention_penalty" not in plain.logs
     out.loss.backward()
     assert model.decoder.attention.score.weight.grad.abs().sum() > 0
