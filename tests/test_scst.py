@@ -42,9 +42,11 @@ def records() -> list[CaptionRecord]:
     return [CaptionRecord(i, Path(f"{i}.jpg"), caps) for i, caps in enumerate(CAPTIONS)]
 
 
-def tiny_model(vocab: Vocab, dropout: float = 0.0) -> CaptionModel:
+def tiny_model(vocab: Vocab, dropout: float = 0.0, **decoder: str) -> CaptionModel:
     torch.manual_seed(0)
-    cfg = ModelConfig(decoder=DecoderConfig(embed_dim=8, hidden_size=16, dropout=dropout))
+    cfg = ModelConfig(
+        decoder=DecoderConfig(embed_dim=8, hidden_size=16, dropout=dropout, **decoder)
+    )
     encoder = Encoder(nn.Flatten(), FEATURES)  # unused: the batches hold features
     return CaptionModel(encoder, Decoder(FEATURES, len(vocab), cfg.decoder), cfg)
 
@@ -53,10 +55,12 @@ def hyp(vocab: Vocab, text: str, finished: bool = True) -> Hypothesis:
     return Hypothesis([vocab.stoi[w] for w in text.split()], 0.0, finished)
 
 
-def batch_of(images: list[int]) -> dict:
+def batch_of(images: list[int], grid: bool = False) -> dict:
+    """Cached features of ``images``: pooled [B, F], or grids of 4 positions [B, 4, F]."""
     gen = torch.Generator().manual_seed(1)
+    shape = (len(images), 4, FEATURES) if grid else (len(images), FEATURES)
     return {
-        "inputs": torch.randn(len(images), FEATURES, generator=gen),
+        "inputs": torch.randn(shape, generator=gen),
         "index": torch.tensor(images),
     }
 
@@ -175,12 +179,15 @@ def test_loss_is_minus_advantage_times_sample_log_prob(
         assert out.logs["scst_greedy_reward"] == pytest.approx(float(base[:, 0].mean()))
 
 
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("attention", ["none", "soft"])
 def test_without_dropout_the_loss_scores_what_the_sampler_drew(
-    vocab: Vocab, records, monkeypatch: pytest.MonkeyPatch
+    vocab: Vocab, records, monkeypatch: pytest.MonkeyPatch, cell: str, attention: str
 ) -> None:
     """dropout=false: the log-prob pass gives each sample the log-probability the sampler drew
-    it with, although the model has dropout and the trainer put it in train mode."""
-    model = tiny_model(vocab, dropout=0.5)
+    it with, although the model has dropout and the trainer put it in train mode; for every
+    cell, pooled or attending (and then the loss reaches the attention's weights)."""
+    model = tiny_model(vocab, dropout=0.5, cell=cell, attention=attention)
     objective = SelfCritical(vocab, records, SCSTConfig(samples=3), max_len=8)
     drawn = []
     real = scst_module.decode
@@ -192,9 +199,12 @@ def test_without_dropout_the_loss_scores_what_the_sampler_drew(
         return hyps
 
     monkeypatch.setattr(scst_module, "decode", recording_decode)
-    batch = batch_of([0, 1])
-    objective(model, batch, features=True)
+    batch = batch_of([0, 1], grid=attention == "soft")
+    out = objective(model, batch, features=True)
     assert len(drawn) == 6  # 2 images x 3 samples, drawn through decoding.decode
+    out.loss.backward()
+    if attention == "soft":
+        assert model.decoder.attention.score.weight.grad.abs().sum() > 0
     model.eval()
     logp = log_probs(model, objective, batch["inputs"], drawn, owners=[0, 0, 0, 1, 1, 1])
     assert logp.tolist() == pytest.approx([h.score for h in drawn], abs=1e-4)
