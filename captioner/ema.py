@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from captioner.errors import UserError
+from captioner.model import rename_legacy_keys
 
 
 class ModelEMA:
@@ -96,6 +97,7 @@ class ModelEMA:
         return {"decay": self.decay, "updates": self.updates, "averages": dict(self.averages)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        rename_legacy_keys(state["averages"])  # a last.pt from before configurable cells
         if state["averages"].keys() != self.averages.keys():
             raise UserError("resume: the checkpoint's weight average is for a different model")
         self.updates = int(state["updates"])

@@ -5,8 +5,8 @@ feature [F] (or, for a decoder that attends, its grid [P, F]) is computed once (
 progress bar) and stored as a float16 memory-mapped array. The cache is keyed by a fingerprint of
 the encoder's actual weights and output (pooled, or the grid size), the preprocessing and the
 list of images, so a cache built by another encoder, grid or transform is never reused. Its size
-is logged before it is built, and a cache that would not fit the disk is refused before anything
-is written.
+is logged once the first batch gives the shape of a feature, and a cache that would not fit the
+disk is refused then, before anything is written.
 """
 
 from __future__ import annotations

@@ -33,7 +33,8 @@ from captioner.vocab import Vocab, detokenize
 def decode_features(
     model: CaptionModel, features: torch.Tensor, vocab: Vocab, config: DecodeConfig
 ) -> list[list[Hypothesis]]:
-    """features [B, F] -> per image, its hypotheses (best first)."""
+    """features [B, F] (grids [B, P, F] for a model that attends) -> per image, its hypotheses
+    (best first)."""
     return decode(
         model.decoder,
         features.float(),
@@ -61,7 +62,8 @@ def generate(
     """Decode every batch (``inputs`` images, or encoder features when ``features``) ->
     {dataset index: hypotheses}. The model must be in eval mode.
 
-    ``on_features(batch, features)`` is called with each batch's encoder features [B, F] before
+    ``on_features(batch, features)`` is called with each batch's encoder features (as
+    :meth:`CaptionModel.encode` gives them) before
     they are decoded (validation computes its teacher-forced loss there, on the same features).
     ``attention``: set every hypothesis's ``attention`` maps (a model that attends only).
     """

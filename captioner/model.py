@@ -98,7 +98,9 @@ class DecoderConfig:
     hidden_size: int = 512
     num_layers: int = 1
     dropout: float = 0.5
-    feature_mode: str = "init_state"  # init_state (h0/c0 from features) | first_input
+    feature_mode: str = (
+        "init_state"  # init_state (h0, and an LSTM's c0, from features) | first_input
+    )
     # the output layer reuses the word embeddings (Press & Wolf 2017): needs embed_dim == hidden_size
     tie_weights: bool = False
     cell: str = "lstm"  # lstm | gru | rnn (vanilla tanh RNN); GRU and RNN have no c0
@@ -201,6 +203,7 @@ class Encoder(nn.Module):
         self.spatial = spatial
         self.grid = grid
         self.grid_shape: tuple[int, int] | None = None  # (h, w) of the grid; set by the first call
+        self.channels_last = False  # the backbone's map is [B, h, w, F] (Swin)
 
     def forward(self, images: Tensor) -> Tensor:
         if not self.spatial:
@@ -208,21 +211,27 @@ class Encoder(nn.Module):
             if self.flip_average:
                 features = (features + self.backbone(images.flip(-1)).flatten(1)) / 2
             return features
-        maps = self.feature_map(images)  # [B, F, h, w]
-        if maps.dim() != 4:
-            raise UserError(
-                "model.decoder.attention=soft: the encoder gives no spatial grid (its feature "
-                f"map has shape {tuple(maps.shape)})"
-            )
-        if self.flip_average:
-            maps = (maps + self.feature_map(images.flip(-1)).flip(-1)) / 2
+        maps = self._channels_first(self.feature_map(images))  # [B, F, h, w]
+        if self.flip_average:  # the mirror image's map, mirrored back: positions stay aligned
+            maps = (maps + self._channels_first(self.feature_map(images.flip(-1))).flip(-1)) / 2
         if self.grid is not None:
             maps = F.adaptive_avg_pool2d(maps, self.grid)
         self.grid_shape = (int(maps.shape[2]), int(maps.shape[3]))
         return maps.flatten(2).transpose(1, 2)  # [B, P, F]
 
+    def _channels_first(self, maps: Tensor) -> Tensor:
+        if self.channels_last:
+            maps = maps.permute(0, 3, 1, 2)
+        if maps.dim() != 4:
+            raise UserError(
+                "model.decoder.attention=soft: the encoder gives no spatial grid (its feature "
+                f"map has shape {tuple(maps.shape)})"
+            )
+        return maps
+
     def feature_map(self, images: Tensor) -> Tensor:
-        """The backbone's last spatial feature map [B, F, h, w] (before global pooling)."""
+        """The backbone's last spatial feature map (before global pooling): [B, F, h, w], or
+        [B, h, w, F] for a backbone with ``channels_last`` (Swin)."""
         b = self.backbone
         if hasattr(b, "forward_features"):  # timm
             return b.forward_features(images)
@@ -398,22 +407,33 @@ def create_encoder(
     encoder = Encoder(backbone, 0, cfg.flip_average, spatial=spatial, grid=cfg.grid)
     zeros = torch.zeros(1, 3, pre.crop, pre.crop)
     with torch.no_grad():
+        encoder.feature_dim = int(backbone(zeros).flatten(1).shape[1])
         if spatial:
-            maps = encoder.feature_map(zeros)  # [1, F, h, w]
-            if maps.dim() != 4:
+            maps = encoder.feature_map(zeros)
+            if maps.dim() == 4 and maps.shape[1] != encoder.feature_dim:
+                # Swin-style maps come channels last, [1, h, w, F]
+                encoder.channels_last = maps.shape[-1] == encoder.feature_dim
+                maps = maps.permute(0, 3, 1, 2)
+            if maps.dim() != 4 or maps.shape[1] != encoder.feature_dim:
                 raise UserError(
-                    f"model.decoder.attention=soft: {cfg.name} gives no spatial grid (its "
-                    f"feature map has shape {tuple(maps.shape)})"
+                    f"model.decoder.attention=soft: {cfg.name} gives no spatial grid of its "
+                    f"{encoder.feature_dim}-d features (its feature map has shape "
+                    f"{tuple(maps.shape)})"
                 )
             encoder.grid_shape = (cfg.grid, cfg.grid) if cfg.grid else tuple(maps.shape[2:])
-            encoder.feature_dim = int(maps.shape[1])
-        else:
-            encoder.feature_dim = int(backbone(zeros).flatten(1).shape[1])
     return encoder, pre
 
 
 # ---------------------------------------------------------------------------------------------
 # decoder
+
+
+def rename_legacy_keys(state: dict[str, Any], prefix: str = "decoder.") -> dict[str, Any]:
+    """Checkpoints from before the cell was configurable name the decoder's LSTM ``lstm``, now
+    ``rnn``: rename ``{prefix}lstm.*`` keys in place (model weights and weight averages alike)."""
+    for key in [k for k in state if k.startswith(prefix + "lstm.")]:
+        state[prefix + "rnn." + key[len(prefix) + 5 :]] = state.pop(key)
+    return state
 
 
 class SoftAttention(nn.Module):
@@ -430,7 +450,7 @@ class SoftAttention(nn.Module):
         """grid [P, B, F], projected = feature_proj(grid) [P, B, A] (computed once per image),
         query [B, H] -> context [B, F], weights alpha [B, P] (summing to 1 over positions)."""
         scores = self.score(torch.tanh(projected + self.hidden_proj(query))).squeeze(-1)  # [P, B]
-        alpha = scores.softmax(dim=0)
+        alpha = scores.softmax(dim=0, dtype=torch.float32).to(grid.dtype)  # float32 under autocast
         return torch.einsum("pb,pbf->bf", alpha, grid), alpha.t()
 
 
@@ -482,9 +502,7 @@ class Decoder(nn.Module):
             self.gate = nn.Linear(H, 1)  # beta
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-        # checkpoints from before the cell was configurable call the LSTM "lstm"
-        for key in [k for k in state_dict if k.startswith(prefix + "lstm.")]:
-            state_dict[prefix + "rnn." + key[len(prefix) + 5 :]] = state_dict.pop(key)
+        rename_legacy_keys(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args)
 
     # -- state ----------------------------------------------------------------------------------
@@ -673,8 +691,10 @@ class CaptionModel(nn.Module):
         captions [B, T] (<start> w1 .. wn <end> <pad>..) -> per caption [n, h, w], the weights
         of the step that predicted each of its n words. Decoding is deterministic in eval mode,
         so for a decoded caption these are the weights the decoding steps used."""
-        if not self.attends or self.encoder.grid_shape is None:
+        if not self.attends:
             raise UserError("this model has no attention (model.decoder.attention=none)")
+        if self.encoder.grid_shape is None:
+            raise ValueError("the encoder's grid shape is unknown: encode an image first")
         h, w = self.encoder.grid_shape
         _, alpha = self.decoder(features.float(), captions, lengths, return_attention=True)
         assert alpha is not None

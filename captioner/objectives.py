@@ -6,7 +6,8 @@ objective only turns a batch into a loss. Any callable with :class:`Objective`'s
 replace teacher forcing without touching the loop.
 
 Batches are those of :func:`captioner.data.collate_captions`: ``inputs`` [B, 3, H, W] images or
-[B, F] cached features ([B, P, F] grids for a decoder that attends), ``captions`` [N, T], ``lengths`` [N] (CPU), ``image_of_caption`` [N].
+[B, F] cached features ([B, P, F] grids for a decoder that attends), ``captions`` [N, T],
+``lengths`` [N] (CPU), ``image_of_caption`` [N].
 """
 
 from __future__ import annotations

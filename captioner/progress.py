@@ -65,7 +65,11 @@ class Progress:
                 setattr(self, f.name, state[f.name])
         self.epoch_skipped = set(self.epoch_skipped)
         self.epoch_logs = dict(self.epoch_logs)
-        self.epoch_log_weights = dict(self.epoch_log_weights)
+        # a last.pt from before per-log weights: every log had been counted with every batch
+        saved = state.get("epoch_log_weights")
+        self.epoch_log_weights = (
+            dict(saved) if saved is not None else dict.fromkeys(self.epoch_logs, self.epoch_tokens)
+        )
 
 
 __all__ = ["Progress"]

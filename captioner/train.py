@@ -1,4 +1,4 @@
-"""Training: an LSTM decoder on CNN features, a replaceable per-batch objective (teacher forcing
+"""Training: a recurrent decoder on CNN features, a replaceable per-batch objective (teacher forcing
 by default), validated by free-running BLEU-4.
 
 ``train(cfg, out_dir)`` is what ``captioner train`` runs (and what tests call): it parses the
@@ -108,6 +108,8 @@ def _init_weights(model: CaptionModel, vocab: Vocab, path: str) -> None:
     for part in ("encoder", "decoder"):
         a, b = vars(getattr(theirs, part)), vars(getattr(ours, part))
         for name in ARCHITECTURE_FIELDS[part]:
+            if name == "attention_dim" and a["attention"] == b["attention"] == "none":
+                continue  # no attention, no attention weights
             if a[name] != b[name]:
                 raise UserError(
                     f"init_from: {path} has model.{part}.{name}={a[name]}, this run "
@@ -268,7 +270,12 @@ class Trainer:
             self._ddp = None
             if self.rt.distributed:
                 ids = [self.rt.device.index] if self.rt.device.type == "cuda" else None
-                self._ddp = DistributedDataParallel(self.model, device_ids=ids)
+                # a grid is read before the backbone's pooled head, whose weights (timm's
+                # conv_head of a MobileNetV3, say) then get no gradient while they train
+                unused = self.model.attends and stages != 0
+                self._ddp = DistributedDataParallel(
+                    self.model, device_ids=ids, find_unused_parameters=unused
+                )
         return self._ddp if self._ddp is not None else self.model
 
     def start_epoch(self, epoch: int) -> tuple[torch.nn.Module, DataLoader, bool]:
@@ -312,14 +319,15 @@ class Trainer:
             out = self.objective(module, to_device(batch, self.rt.device), features=cached)
         self.scaler.scale(out.loss).backward()
         self.scaler.unscale_(self.optimizer)  # no-op without a float16 scaler
-        norm = gradient_norm(self._trainable)  # before clipping
-        # the epoch's mean norm over the steps with finite gradients, and the fraction without
-        # (a float16 scaler skips those steps; in float32 they are what explodes)
+        if self.tcfg.grad_clip:  # the norm before clipping
+            norm = float(torch.nn.utils.clip_grad_norm_(self._trainable, self.tcfg.grad_clip))
+        else:
+            norm = gradient_norm(self._trainable)
+        # the epoch's mean norm over the steps with finite gradients, and the share of steps
+        # without (a float16 scaler skips those; in float32 they are what explodes)
         out.logs["grad_nonfinite"] = float(not math.isfinite(norm))
         if math.isfinite(norm):
             out.logs["grad_norm"] = norm
-        if self.tcfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self._trainable, self.tcfg.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)

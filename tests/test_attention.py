@@ -187,8 +187,9 @@ def test_regulariser_is_zero_when_every_position_gets_total_weight_one() -> None
     stuck[0, :, 0] = 1.0  # every step on position 0: (1 - 4)^2 + 3 * (1 - 0)^2
     assert float(attention_penalty(stuck)) == pytest.approx(12.0)
     # the mean over captions; a padded (all-zero) step adds nothing
-    padded_step = torch.cat([stuck, torch.zeros(1, 1, P)], dim=1)
-    assert float(attention_penalty(torch.cat([one_each, padded_step[:, :P]]))) == 6.0
+    pad = torch.zeros(1, 1, P)
+    batch = torch.cat([torch.cat([one_each, pad], dim=1), torch.cat([stuck, pad], dim=1)])
+    assert batch.shape == (2, P + 1, P) and float(attention_penalty(batch)) == 6.0
 
 
 def test_teacher_forcing_adds_the_weighted_regulariser() -> None:
@@ -265,6 +266,42 @@ def test_tiny_attention_model_looks_at_the_planted_shape() -> None:
         assert int(weights.argmax()) in corner_cells(corner)
 
 
+@pytest.mark.parametrize("strategy", ["greedy", "beam"])
+def test_maps_of_decoded_captions_are_the_weights_decoding_used(
+    monkeypatch: pytest.MonkeyPatch, strategy: str
+) -> None:
+    """``generate(..., attention=True)`` teacher-forces each decoded caption once more; its maps
+    equal the weights the decoding steps computed for those words."""
+    from captioner import model as model_module
+    from captioner.inference import generate
+
+    model = tiny_model("gru", num_layers=2)
+    used: list[torch.Tensor] = []
+    forward = model_module.SoftAttention.forward
+
+    def recording(self, grid, projected, query):  # type: ignore[no-untyped-def]
+        context, alpha = forward(self, grid, projected, query)
+        used.append(alpha)
+        return context, alpha
+
+    images = torch.randn(3, 3, 16, 16)
+    batch = {"inputs": images, "index": torch.arange(3)}
+    config = DecodeConfig(strategy=strategy, beam_size=2, max_len=6)
+    hyps = generate(model, [batch], VOCAB, config, "cpu")
+    monkeypatch.setattr(model_module.SoftAttention, "forward", recording)
+    if strategy == "greedy":
+        generate(model, [batch], VOCAB, config, "cpu")  # records every step's weights [3, P]
+        decoded = torch.stack(used, dim=1)  # [3, steps, P]
+    with_maps = generate(model, [batch], VOCAB, config, "cpu", attention=True)
+    for i in range(3):
+        h = with_maps[i][0]
+        assert h.tokens == hyps[i][0].tokens and h.attention is not None
+        assert h.attention.shape == (len(h.tokens), 4, 4)
+        if strategy == "greedy":  # decoding's own weights of the steps that chose the words
+            n = len(h.tokens)
+            torch.testing.assert_close(h.attention.flatten(1), decoded[i, :n])
+
+
 # -- checkpoints ---------------------------------------------------------------------------------
 
 
@@ -301,11 +338,17 @@ def test_checkpoint_of_one_variant_refuses_to_load_as_another(tmp_path: Path) ->
     for other, field in (
         (tiny_model("lstm", "soft"), "cell"),
         (tiny_model("gru", "none"), "attention"),
+        (tiny_model("gru", "soft", attention_dim=9), "attention_dim"),
     ):
         with pytest.raises(UserError) as info:
             _init_weights(other, vocab, str(path))
         message = str(info.value)
         assert f"model.decoder.{field}=" in message and "\n" not in message, message
+    # without attention, attention_dim names no weights: another value is no mismatch
+    pooled = save_checkpoint(
+        model_payload(tiny_model("gru", "none"), vocab, Preprocessing(16, 16)), tmp_path / "p.pt"
+    )
+    _init_weights(tiny_model("gru", "none", attention_dim=9), vocab, str(pooled))
     # a checkpoint whose weights contradict its own config: one line, not a state_dict dump
     ckpt = load_checkpoint(path)
     ckpt["model_config"]["decoder"]["cell"] = "lstm"
@@ -313,6 +356,39 @@ def test_checkpoint_of_one_variant_refuses_to_load_as_another(tmp_path: Path) ->
     with pytest.raises(UserError, match="weights do not fit its model config") as info:
         model_from_checkpoint(ckpt)
     assert "\n" not in str(info.value)
+
+
+def test_weight_averages_from_before_the_cell_option_still_load() -> None:
+    """A last.pt's EMA of a pre-cell model names its LSTM weights ``decoder.lstm.*`` too."""
+    from captioner.ema import ModelEMA
+
+    model = tiny_model("lstm", "none").train()
+    ema = ModelEMA(model, 0.9)
+    state = ema.state_dict()
+    state["averages"] = {
+        k.replace("decoder.rnn.", "decoder.lstm."): v + 1.0 for k, v in state["averages"].items()
+    }
+    fresh = ModelEMA(model, 0.9)
+    fresh.load_state_dict(state)
+    for k, v in fresh.averages.items():
+        assert torch.equal(v, ema.averages[k] + 1.0), k
+
+
+def test_a_swin_style_channels_last_map_gives_a_channels_first_grid() -> None:
+    """torchvision's Swin gives its map as [B, h, w, F]: the grid has F-d features."""
+    from captioner.model import create_encoder
+
+    cfg = EncoderConfig(name="swin_t", weights=None, resize=64, crop=64, flip_average=True)
+    encoder, _ = create_encoder(cfg, pretrained=False, spatial=True)
+    assert (encoder.feature_dim, encoder.grid_shape, encoder.channels_last) == (768, (2, 2), True)
+    encoder.eval()
+    image = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        grid = encoder(image)
+        native = encoder.backbone.features(image).permute(0, 3, 1, 2)  # [1, F, h, w]
+        mirrored = encoder.backbone.features(image.flip(-1)).permute(0, 3, 1, 2).flip(-1)
+    assert grid.shape == (1, 4, 768)
+    torch.testing.assert_close(grid, ((native + mirrored) / 2).flatten(2).transpose(1, 2))
 
 
 def test_checkpoints_from_before_the_cell_option_still_load() -> None:
@@ -383,7 +459,7 @@ def test_cache_too_large_for_the_disk_is_refused_before_writing(
         )
     message = str(info.value)
     assert "3 features x 16 x 8 float16 need 0.8 kB" in message, message  # 768 bytes
-    assert "model.encoder.grid" in message and "100 B" not in message
+    assert "0.1 kB free" in message and "model.encoder.grid" in message
     assert "\n" not in message
     assert any("x 16 x 8 float16 =" in r.message for r in caplog.records)  # logged first
     assert not any(root.glob("*/*.npy")) and not any(root.glob("*/.*.tmp"))

@@ -250,7 +250,9 @@ def test_beam_batched_equals_single(lstm, feats, alpha):
         single = beam_search(lstm, feats[i : i + 1], cfg, **IDS)[0]
         assert [h.tokens for h in single] == [h.tokens for h in hyps]
         assert [h.finished for h in single] == [h.finished for h in hyps]
-        assert [h.score for h in single] == pytest.approx([h.score for h in hyps], abs=1e-4)
+        # the product's 2-layer cells with N(0, 1) weights saturate: rounding reaches 1e-5
+        tol = 1e-5 if isinstance(lstm, TinyLSTMDecoder) else 1e-4
+        assert [h.score for h in single] == pytest.approx([h.score for h in hyps], abs=tol)
 
 
 def test_beam_scores_match_teacher_forcing(lstm, feats):

@@ -66,3 +66,19 @@ def test_progress_round_trips_every_counter() -> None:
     q.next_epoch()
     assert (q.epoch, q.batch_in_epoch, q.epoch_tokens, q.epoch_skipped) == (1, 0, 0, set())
     assert (q.best_score, q.best_epoch, q.bad_epochs) == (0.3, 1, 1)
+
+
+def test_a_log_missing_from_some_batches_is_their_mean_only() -> None:
+    """``grad_norm`` skips steps with non-finite gradients: its mean is over the others."""
+    p = Progress()
+    p.add_batch(2.0, 10, {"grad_norm": 4.0, "grad_nonfinite": 0.0})
+    p.add_batch(1.0, 30, {"grad_nonfinite": 1.0})
+    assert p.epoch_means() == {"train_loss": 1.25, "grad_norm": 4.0, "grad_nonfinite": 0.75}
+    # a last.pt from before per-log weights resumes with every log counted in every batch
+    old = p.state_dict()
+    del old["epoch_log_weights"]
+    old["epoch_logs"] = {"reward": 0.5 * 10 + 1.0 * 30}
+    q = Progress()
+    q.load_state_dict(old)
+    q.add_batch(1.0, 40, {"reward": 0.0})
+    assert q.epoch_means()["reward"] == pytest.approx(35.0 / 80)
