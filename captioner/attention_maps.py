@@ -2,8 +2,9 @@
 
 The weights of one word are a grid [h, w] over the model's view of the image (the resized,
 center-cropped input, :func:`captioner.data.model_view`). They are upsampled to the view's size
-(bilinear), scaled so that the word's most attended position is at the top of the colour map,
-and blended over the view. ``captioner caption --attention-map DIR`` writes one PNG per image
+(bilinear), and blended over the view on one colour scale for the whole caption: the most
+attended position of any of its words is at the top of the colour map, so a word whose weights
+are spread thin looks cold instead of having its noise stretched into a pattern. ``captioner caption --attention-map DIR`` writes one PNG per image
 (:func:`save_attention_figure`: the image, then one panel per word); the evaluation report shows
 a strip of small panels per entry (:func:`attention_panels`). matplotlib's object-oriented API on
 a non-GUI canvas draws the figures, so a notebook's pyplot backend is left alone.
@@ -28,14 +29,18 @@ if TYPE_CHECKING:
 COLUMNS = 5  # panels per row of a figure
 
 
-def heat_overlay(view: Image.Image, weights: torch.Tensor, opacity: float = 0.55) -> Image.Image:
-    """``view`` with the attention ``weights`` [h, w] as a heat map over it (RGB, same size)."""
+def heat_overlay(
+    view: Image.Image, weights: torch.Tensor, vmax: float | None = None, opacity: float = 0.55
+) -> Image.Image:
+    """``view`` with the attention ``weights`` [h, w] as a heat map over it (RGB, same size);
+    ``vmax`` is the weight at the top of the colour map (None: the largest of ``weights``)."""
     from matplotlib import colormaps
 
     width, height = view.size
     grid = weights.detach().float().cpu()[None, None]  # [1, 1, h, w]
     heat = F.interpolate(grid, size=(height, width), mode="bilinear", align_corners=False)[0, 0]
-    heat = (heat / heat.max().clamp_min(1e-12)).clamp(0, 1).numpy()
+    top = float(weights.max()) if vmax is None else vmax
+    heat = (heat / max(top, 1e-12)).clamp(0, 1).numpy()
     colours = colormaps["jet"](heat)[..., :3]  # [H, W, 3] in [0, 1]
     image = np.asarray(view.convert("RGB"), dtype=np.float32) / 255.0
     blended = (1 - opacity) * image + opacity * colours
@@ -51,6 +56,7 @@ def attention_figure(
 
     if len(words) != len(maps):
         raise ValueError(f"{len(words)} words but {len(maps)} attention maps")
+    vmax = float(maps.max()) if len(maps) else None
     panels = len(words) + 1
     cols = min(COLUMNS, panels)
     rows = math.ceil(panels / cols)
@@ -62,7 +68,7 @@ def attention_figure(
             ax.imshow(view)
             ax.set_title(" ".join(words), fontsize=7, wrap=True)
         else:
-            ax.imshow(heat_overlay(view, maps[i - 1]))
+            ax.imshow(heat_overlay(view, maps[i - 1], vmax))
             ax.set_title(words[i - 1], fontsize=10)
     fig.tight_layout()
     return fig
@@ -85,10 +91,11 @@ def attention_panels(view: Image.Image, maps: torch.Tensor, size: int = 80) -> l
     """One small JPEG per word (longest side ``size``): the report's strip of maps."""
     small = view.copy()
     small.thumbnail((size, size), Image.Resampling.LANCZOS)
+    vmax = float(maps.max()) if len(maps) else None
     out = []
     for weights in maps:
         buf = io.BytesIO()
-        heat_overlay(small, weights).save(buf, format="JPEG", quality=80)
+        heat_overlay(small, weights, vmax).save(buf, format="JPEG", quality=80)
         out.append(buf.getvalue())
     return out
 

@@ -476,6 +476,12 @@ def test_heat_overlay_is_hottest_where_the_weight_is() -> None:
     assert heat.shape == (40, 40, 3)
     red_minus_blue = heat[..., 0] - heat[..., 2]
     assert red_minus_blue[35, 5] > 50 and red_minus_blue[5, 35] < -50  # jet: hot red, cold blue
+    # on the caption's shared scale a word whose weights are spread thin stays cold everywhere,
+    # instead of having its small differences stretched over the whole colour map
+    spread = torch.tensor([[0.26, 0.25], [0.25, 0.24]])
+    assert (np.asarray(heat_overlay(view, spread)).astype(int)[..., 0] > 150).any()  # own scale
+    cold = np.asarray(heat_overlay(view, spread, vmax=1.0)).astype(int)
+    assert (cold[..., 2] - cold[..., 0] > 50).all()
 
 
 def test_attention_figure_has_the_image_and_one_panel_per_word(tmp_path: Path) -> None:
