@@ -11,8 +11,9 @@ import glob
 import json
 import sys
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from captioner.checkpoint import DEFAULT_RUNS, find_checkpoint
 from captioner.data import IMAGE_EXTENSIONS
@@ -30,38 +31,21 @@ def build_parser() -> argparse.ArgumentParser:
         "expand to the images in them.",
     )
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files, directories or globs")
-    p.add_argument(
+    source = p.add_mutually_exclusive_group()
+    source.add_argument(
         "--checkpoint",
         "-c",
         type=Path,
         help=f"checkpoint (default: the newest best.pt under {DEFAULT_RUNS}/)",
     )
-    d = DecodeConfig()  # the one source of the decoding defaults
-    g = p.add_argument_group("decoding (default: greedy)")
-    g.add_argument(
-        "--beam-size",
-        type=int,
-        default=None,
-        help=f"beam search with this many beams (with --n-best alone: {d.beam_size})",
+    source.add_argument(
+        "--model",
+        "-m",
+        metavar="PATH_OR_HUB_ID",
+        help="a folder written by `captioner export`, or its Hugging Face Hub id (owner/name; "
+        "needs the huggingface_hub package)",
     )
-    g.add_argument("--n-best", type=int, default=d.n_best, help="beam: print the n best")
-    g.add_argument(
-        "--length-penalty", type=float, default=d.length_penalty, help="beam: GNMT alpha"
-    )
-    g.add_argument("--suppress-unk", action="store_true", help="never emit <unk>")
-    g.add_argument("--sample", action="store_true", help="sample instead of greedy/beam")
-    g.add_argument("--temperature", type=float, default=d.temperature)
-    g.add_argument(
-        "--top-k", type=int, default=d.top_k, help="sample from the k most likely words (0: all)"
-    )
-    g.add_argument("--top-p", type=float, default=d.top_p, help="nucleus sampling threshold")
-    g.add_argument("--seed", type=int, default=d.seed, help="make sampling reproducible")
-    g.add_argument(
-        "--max-len",
-        type=int,
-        default=d.max_len,
-        help="max caption length in tokens, <end> included",
-    )
+    add_decoding_options(p)
     p.add_argument(
         "--device", default="auto", help="auto (CUDA > MPS > CPU), cpu, cuda, cuda:1 ..."
     )
@@ -77,25 +61,87 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def decode_config(args: argparse.Namespace) -> DecodeConfig:
-    beam = args.beam_size is not None and args.beam_size > 1
-    if args.sample and beam:
-        raise UserError("--sample and --beam-size are exclusive")
-    strategy = "sample" if args.sample else "beam" if beam or args.n_best > 1 else "greedy"
-    options = {
-        "strategy": strategy,
-        "max_len": args.max_len,
-        "n_best": args.n_best,
-        "length_penalty": args.length_penalty,
-        "suppress_unk": args.suppress_unk,
-        "temperature": args.temperature,
-        "top_k": args.top_k,
-        "top_p": args.top_p,
-        "seed": args.seed,
-    }
-    if args.beam_size is not None:
-        options["beam_size"] = args.beam_size
+class OptionError(UserError):
+    """A bad decoding option (argparse's message, as a one-line error)."""
+
+
+class OptionParser(argparse.ArgumentParser):
+    """Raises :class:`OptionError` instead of printing usage and exiting (``captioner serve``
+    parses request fields with it)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise OptionError(message)
+
+
+# the decoding options: the CLI's flags, and the form/query fields of ``captioner serve``
+# (``beam-size`` or ``beam_size``), each parsed by argparse with these types
+DECODING_FLAGS = ("sample", "suppress_unk")
+
+
+def add_decoding_options(p: argparse.ArgumentParser) -> None:
+    """Add the decoding flags; options not given stay absent from the namespace, so that
+    :func:`decode_config` can lay them over a model's own default decoding."""
+    d = DecodeConfig()  # the one source of the decoding defaults
+    g = p.add_argument_group(
+        "decoding (default: greedy; an exported --model: the decoding in its config.json)"
+    )
+    S = argparse.SUPPRESS
+    g.add_argument(
+        "--beam-size",
+        type=int,
+        default=S,
+        help=f"beam search with this many beams (with --n-best alone: {d.beam_size})",
+    )
+    g.add_argument("--n-best", type=int, default=S, help="beam: print the n best (1)")
+    g.add_argument(
+        "--length-penalty", type=float, default=S, help=f"beam: GNMT alpha ({d.length_penalty})"
+    )
+    g.add_argument("--suppress-unk", action="store_true", default=S, help="never emit <unk>")
+    g.add_argument("--sample", action="store_true", default=S, help="sample instead of greedy/beam")
+    g.add_argument("--temperature", type=float, default=S, help=f"sampling ({d.temperature})")
+    g.add_argument(
+        "--top-k", type=int, default=S, help="sample from the k most likely words (0: all)"
+    )
+    g.add_argument("--top-p", type=float, default=S, help=f"nucleus sampling threshold ({d.top_p})")
+    g.add_argument("--seed", type=int, default=S, help="make sampling reproducible")
+    g.add_argument(
+        "--max-len",
+        type=int,
+        default=S,
+        help=f"max caption length in tokens, <end> included ({d.max_len})",
+    )
+
+
+def decode_config(args: argparse.Namespace, base: DecodeConfig | None = None) -> DecodeConfig:
+    """The decoding options given in ``args`` laid over ``base`` (default: greedy).
+
+    ``--sample`` samples; ``--beam-size`` > 1 or ``--n-best`` > 1 searches a beam, and
+    ``--beam-size 1`` is greedy; with none of them, ``base``'s strategy is kept."""
+    given = {k: v for k, v in vars(args).items() if k in _DECODE_DESTS}
+    options = asdict(base or DecodeConfig())
+    options.update({k: v for k, v in given.items() if k != "sample"})
+    beam = given.get("beam_size", 1) > 1
+    if given.get("sample"):
+        if beam:
+            raise UserError("--sample and --beam-size are exclusive")
+        options["strategy"] = "sample"
+    elif "beam_size" in given or given.get("n_best", 1) > 1:
+        options["strategy"] = "beam" if beam or options["n_best"] > 1 else "greedy"
     return DecodeConfig.from_dict(options, "decoding options")
+
+
+_DECODE_DESTS = {
+    "beam_size",
+    "n_best",
+    "length_penalty",
+    "suppress_unk",
+    "sample",
+    "temperature",
+    "top_k",
+    "top_p",
+    "seed",
+    "max_len",
+}
 
 
 def expand_inputs(items: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -127,21 +173,23 @@ def expand_inputs(items: Sequence[str]) -> tuple[list[str], list[str]]:
 
 def run(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(argv)
-    config = decode_config(args)
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     paths, errors = expand_inputs(args.images)
     for err in errors:
         print(f"error: {err}", file=sys.stderr)
 
-    checkpoint = args.checkpoint
-    if checkpoint is None:
-        checkpoint = find_checkpoint()
-        print(f"using checkpoint {checkpoint}", file=sys.stderr)
-
     from captioner.inference import Captioner
 
-    captioner = Captioner.from_checkpoint(checkpoint, device=args.device)
+    if args.model is not None:
+        checkpoint = args.model
+        captioner = Captioner.from_pretrained(args.model, device=args.device)
+    else:
+        checkpoint = args.checkpoint
+        if checkpoint is None:
+            checkpoint = find_checkpoint()
+            print(f"using checkpoint {checkpoint}", file=sys.stderr)
+        captioner = Captioner.from_checkpoint(checkpoint, device=args.device)
     maps = args.attention_map
     if maps is not None:
         if not captioner.model.attends:
@@ -153,6 +201,7 @@ def run(argv: Sequence[str]) -> int:
             maps.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise UserError(f"--attention-map: cannot create {maps}: {exc.strerror}") from exc
+    config = decode_config(args, captioner.info.decoding if captioner.info else None)
     failed = len(errors)
     results = captioner.caption(
         paths, config, batch_size=args.batch_size, attention=maps is not None
@@ -170,8 +219,9 @@ def run(argv: Sequence[str]) -> int:
         elif args.json:
             print(json.dumps(record), flush=True)
         else:
-            for text, score in res.hypotheses if args.n_best > 1 else [(res.caption, res.score)]:
-                extra = f"\t{score:.3f}" if args.n_best > 1 else ""
+            n_best = config.n_best > 1 and config.strategy == "beam"
+            for text, score in res.hypotheses if n_best else [(res.caption, res.score)]:
+                extra = f"\t{score:.3f}" if n_best else ""
                 print(f"{res.source}\t{text}{extra}", flush=True)
     return 1 if failed else 0
 

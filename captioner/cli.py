@@ -1,5 +1,5 @@
-"""The ``captioner`` command: ``train`` and ``evaluate`` are Hydra apps, ``caption`` and
-``prepare`` are argparse.
+"""The ``captioner`` command: ``train`` and ``evaluate`` are Hydra apps; ``caption``,
+``export``, ``serve`` and ``prepare`` are argparse.
 
 Thin: each command parses its arguments and calls the library function that does the work.
 """
@@ -18,6 +18,8 @@ COMMANDS = {
     "train": "train a captioner (Hydra app; `captioner train --help` shows the config groups)",
     "evaluate": "BLEU-1..4 (+ COCO metrics) of a checkpoint on a split (Hydra app)",
     "caption": "print a caption for each image (`captioner caption --help`)",
+    "export": "write a checkpoint as a shareable folder: safetensors + JSON (`--help`)",
+    "serve": "serve a model over HTTP with a web page (`captioner serve --help`)",
     "prepare": "convert Flickr8k/30k/Karpathy files to COCO format, download COCO (`--help`)",
 }
 
@@ -112,6 +114,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         from captioner.caption import run as caption
 
         _run_argparse_command(caption, rest, logging.WARNING)
+    elif command == "export":
+        from captioner.pretrained import main as export
+
+        _run_argparse_command(export, rest, logging.WARNING)
+    elif command == "serve":
+        from captioner.serve import main as serve
+
+        _run_argparse_command(serve, rest, logging.INFO)
     elif command == "prepare":
         from captioner.prepare import main as prepare
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
@@ -27,6 +27,9 @@ from captioner.metrics import bleu_from_text
 from captioner.model import CaptionModel
 from captioner.runtime import autocast, resolve_device
 from captioner.vocab import Vocab, detokenize
+
+if TYPE_CHECKING:
+    from captioner.pretrained import ModelInfo
 
 
 @torch.inference_mode()
@@ -168,21 +171,46 @@ class Captioner:
         vocab: Vocab,
         preprocessing: Preprocessing,
         device: torch.device | str = "cpu",
+        info: ModelInfo | None = None,
     ):
         self.model = model.to(device).eval()
         self.vocab = vocab
         self.preprocessing = preprocessing
         self.device = torch.device(device)
         self.transform = build_transform(preprocessing)
+        # where the model came from, its default decoding and scores (None: built in code)
+        self.info = info
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "auto") -> Captioner:
         from captioner.checkpoint import load_checkpoint, model_from_checkpoint
+        from captioner.pretrained import ModelInfo
 
         dev = resolve_device(device)
         ckpt = load_checkpoint(path, map_location="cpu")
         model, vocab, pre = model_from_checkpoint(ckpt, device=dev)
-        return cls(model, vocab, pre, dev)
+        return cls(model, vocab, pre, dev, ModelInfo.from_checkpoint(ckpt, path))
+
+    @classmethod
+    def from_pretrained(cls, path_or_id: str | Path, device: str = "auto") -> Captioner:
+        """A folder written by ``captioner export`` (or its Hugging Face Hub id, with the
+        optional ``huggingface_hub`` package)."""
+        from captioner.pretrained import load_pretrained
+
+        dev = resolve_device(device)
+        model, vocab, pre, info = load_pretrained(path_or_id, device=dev)
+        return cls(model, vocab, pre, dev, info)
+
+    @classmethod
+    def load(cls, source: str | Path, device: str = "auto") -> Captioner:
+        """Whatever ``source`` is: a checkpoint file, a run directory (its best.pt, else its
+        last.pt), an exported folder (it has config.json) or a Hub id."""
+        path = Path(source)
+        if path.is_dir() and (path / "best.pt").is_file():
+            path = path / "best.pt"
+        if path.is_file() or (path.is_dir() and not (path / "config.json").is_file()):
+            return cls.from_checkpoint(path, device)
+        return cls.from_pretrained(source, device)
 
     def _tensor(self, image: str | Path | Image.Image) -> torch.Tensor:
         img = to_rgb(image) if isinstance(image, Image.Image) else load_image(image)
@@ -216,17 +244,26 @@ class Captioner:
                     res.error = str(exc)
                 batch_results.append(res)
             if tensors:
-                batch = {
-                    "inputs": torch.stack([t for _, t in tensors]),
-                    "index": torch.arange(len(tensors)),
-                }
-                hyps = generate(
-                    self.model, [batch], self.vocab, config, self.device, attention=attention
-                )
-                for i, (res, _) in enumerate(tensors):
-                    res.hypotheses = [(hypothesis_text(h, self.vocab), h.score) for h in hyps[i]]
-                    res.caption, res.score = res.hypotheses[0]
-                    res.words = self.vocab.decode(hyps[i][0].tokens)
-                    res.attention = hyps[i][0].attention
+                hyps = self.decode_tensors([t for _, t in tensors], config, attention)
+                for (res, _), image_hyps in zip(tensors, hyps, strict=True):
+                    self.fill_result(res, image_hyps)
             results.extend(batch_results)
         return results
+
+    @torch.inference_mode()
+    def decode_tensors(
+        self, tensors: Sequence[torch.Tensor], config: DecodeConfig, attention: bool = False
+    ) -> list[list[Hypothesis]]:
+        """Preprocessed images (``self.transform``'s tensors) -> per image, its hypotheses, best
+        first: one encoder pass and one decoding over them all."""
+        batch = {"inputs": torch.stack(list(tensors)), "index": torch.arange(len(tensors))}
+        out = generate(self.model, [batch], self.vocab, config, self.device, attention=attention)
+        return [out[i] for i in range(len(tensors))]
+
+    def fill_result(self, res: CaptionResult, hyps: list[Hypothesis]) -> CaptionResult:
+        """Set ``res``'s caption, score, hypotheses, words and attention from ``hyps``."""
+        res.hypotheses = [(hypothesis_text(h, self.vocab), h.score) for h in hyps]
+        res.caption, res.score = res.hypotheses[0]
+        res.words = self.vocab.decode(hyps[0].tokens)
+        res.attention = hyps[0].attention
+        return res

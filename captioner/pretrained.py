@@ -1,0 +1,384 @@
+"""A trained model as a folder another person can use: ``captioner export`` writes it,
+:func:`load_pretrained` (``Captioner.from_pretrained``, ``captioner caption --model``) reads it.
+
+The folder holds no pickle and needs no training code, config or dataset::
+
+    model.safetensors   the weights (float32, or float16 with --half)
+    config.json         format version, model config, preprocessing, vocabulary size, decoding
+    vocab.json          the vocabulary, a list of words (index = id)
+    README.md           a model card: what it was trained on, its scores, how to use it
+
+A folder is found by path, or as a Hugging Face Hub id (``owner/name``) through the optional
+``huggingface_hub`` package and its cache.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from captioner import __version__
+from captioner.checkpoint import load_checkpoint
+from captioner.data import Preprocessing
+from captioner.decoding import DecodeConfig
+from captioner.errors import UserError, first_line
+from captioner.files import atomic_path, atomic_write
+from captioner.model import CaptionModel, ModelConfig, build_model
+from captioner.vocab import Vocab
+
+FORMAT_NAME = "captioner-pretrained"
+FORMAT_VERSION = 1
+WEIGHTS, CONFIG, VOCAB, CARD = "model.safetensors", "config.json", "vocab.json", "README.md"
+FILES = (WEIGHTS, CONFIG, VOCAB, CARD)
+# the metrics a model card reports, in this order, with their display names
+CARD_METRICS = {
+    "val_bleu1": "BLEU-1",
+    "val_bleu4": "BLEU-4",
+    "val_cider_d": "CIDEr-D",
+    "val_distinct": "distinct captions",
+    "val_loss": "teacher-forced loss",
+}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass
+class ModelInfo:
+    """What is known about a loaded model besides its weights (a model card's data)."""
+
+    source: str  # the checkpoint, folder or hub id it was loaded from
+    decoding: DecodeConfig  # the decoding it was selected with: captioning's default
+    dtype: str = "float32"  # the stored weights' dtype: float32 or float16
+    scores: dict[str, float] = field(default_factory=dict)  # val metrics of these weights
+    trained_on: dict[str, Any] = field(default_factory=dict)  # dataset name, epoch
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: Mapping[str, Any], path: str | Path) -> ModelInfo:
+        train_config = ckpt.get("train_config") or {}
+        return cls(
+            source=str(path),
+            decoding=_decoding(train_config),
+            scores=_scores(ckpt, Path(path)),
+            trained_on=_trained_on(ckpt, train_config),
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# export
+
+
+def export_pretrained(checkpoint: str | Path, out_dir: str | Path, half: bool = False) -> Path:
+    """Write ``out_dir`` (created if needed; its four files replaced atomically) from a
+    checkpoint, or a run directory (its ``best.pt``). Returns ``out_dir``."""
+    checkpoint = Path(checkpoint)
+    if checkpoint.is_dir() and (checkpoint / "best.pt").is_file():
+        checkpoint = checkpoint / "best.pt"
+    ckpt = load_checkpoint(checkpoint)
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a directory")
+    config = ModelConfig.from_dict(ckpt["model_config"])
+    vocab = Vocab(ckpt["vocab"])
+    info = ModelInfo.from_checkpoint(ckpt, checkpoint)
+    dtype = "float16" if half else "float32"
+
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for name, value in ckpt["model"].items():
+        # tied weights share storage, which safetensors refuses: every tensor gets its own copy
+        t = value.detach().to("cpu").contiguous().clone()
+        tensors[name] = t.half() if half and t.is_floating_point() else t
+    metadata = {"format": f"{FORMAT_NAME}/{FORMAT_VERSION}", "dtype": dtype}
+    with atomic_path(out / WEIGHTS) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    manifest = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "captioner_version": __version__,
+        "dtype": dtype,
+        "vocab_size": len(vocab),
+        "model": config.to_dict(),
+        "preprocessing": Preprocessing.from_dict(ckpt["preprocessing"]).to_dict(),
+        "decoding": asdict(info.decoding),
+        "scores": info.scores,
+        "trained_on": info.trained_on,
+    }
+    atomic_write(out / CONFIG, json.dumps(manifest, indent=2) + "\n")
+    atomic_write(out / VOCAB, json.dumps(list(vocab.itos), ensure_ascii=False) + "\n")
+    atomic_write(out / CARD, model_card(manifest, checkpoint.name))
+    return out
+
+
+def _scores(ckpt: Mapping[str, Any], checkpoint: Path) -> dict[str, float]:
+    """The val metrics of the exported weights: best.pt carries them; for a last.pt, the last
+    epoch of the run's metrics.jsonl."""
+    metrics = ckpt.get("metrics")
+    if not metrics and checkpoint.is_file():
+        log = checkpoint.parent / "metrics.jsonl"
+        lines = log.read_text().splitlines() if log.is_file() else []
+        metrics = json.loads(lines[-1]) if lines else {}
+    return {
+        k: float(v)
+        for k, v in metrics.items()
+        if k.startswith("val_") and isinstance(v, int | float) and math.isfinite(v)
+    }
+
+
+def _trained_on(ckpt: Mapping[str, Any], train_config: Mapping[str, Any]) -> dict[str, Any]:
+    data = train_config.get("data") or {}
+    out: dict[str, Any] = {}
+    for key in ("name", "format"):
+        if data.get(key) is not None:
+            out[f"dataset_{key}" if key == "format" else "dataset"] = data[key]
+    if ckpt.get("epoch") is not None:  # 0-based in the checkpoint; 1-based like the logs
+        out["epoch"] = int(ckpt["epoch"]) + 1
+    scst = (train_config.get("trainer") or {}).get("scst") or {}
+    if scst.get("start_epoch") is not None:
+        out["self_critical"] = True
+    return out
+
+
+def _decoding(train_config: Mapping[str, Any]) -> DecodeConfig:
+    """The decoding the model was selected with (``trainer.val_decode``), else the defaults."""
+    node = (train_config.get("trainer") or {}).get("val_decode")
+    return DecodeConfig.from_dict(node, "trainer.val_decode") if node else DecodeConfig()
+
+
+def model_card(manifest: Mapping[str, Any], checkpoint_name: str) -> str:
+    """The README.md of an exported folder (Hugging Face model-card front matter)."""
+    enc, dec = manifest["model"]["encoder"], manifest["model"]["decoder"]
+    trained = manifest["trained_on"]
+    dataset = trained.get("dataset", "an unrecorded dataset")
+    if dec["attention"] == "soft":
+        grid = f"{enc['grid']}x{enc['grid']} " if enc.get("grid") else ""
+        reads = f"the decoder attends over its {grid}feature grid at every word"
+    else:
+        reads = "the decoder reads its pooled features"
+    install = (
+        "pip install 'captioner[timm]'" if enc["source"] == "timm" else "pip install captioner"
+    )
+    lines = [
+        "---",
+        "library_name: captioner",
+        "pipeline_tag: image-to-text",
+        "tags: [image-captioning, captioner]",
+        "---",
+        "",
+        f"# captioner model: {enc['source']} {enc['name']} + {dec['cell'].upper()} {dec['hidden_size']}",
+        "",
+        f"- **Encoder:** {enc['source']} `{enc['name']}`, {manifest['preprocessing']['crop']} px "
+        f"input; {reads}.",
+        f"- **Decoder:** {dec['num_layers']}-layer {dec['cell'].upper()}, hidden size "
+        f"{dec['hidden_size']}, embeddings {dec['embed_dim']}, vocabulary "
+        f"{manifest['vocab_size']} words.",
+        f"- **Trained on:** {dataset}"
+        + (f", weights of epoch {trained['epoch']}" if "epoch" in trained else "")
+        + (", fine-tuned self-critically on CIDEr-D" if trained.get("self_critical") else "")
+        + f" (exported from `{checkpoint_name}`).",
+        f"- **Weights:** `{WEIGHTS}`, {manifest['dtype']}.",
+        "",
+        "## Scores",
+        "",
+    ]
+    scores = manifest["scores"]
+    shown = [(CARD_METRICS[k], scores[k]) for k in CARD_METRICS if k in scores]
+    if shown:
+        d = manifest["decoding"]
+        how = f"beam {d['beam_size']}" if d["strategy"] == "beam" else d["strategy"]
+        lines += [
+            f"Measured on the validation split during training ({how} decoding):",
+            "",
+            "| metric | value |",
+            "|---|---:|",
+            *(f"| {name} | {value:.4f} |" for name, value in shown),
+        ]
+    else:
+        lines.append("No validation scores were recorded with the checkpoint.")
+    lines += [
+        "",
+        "## Use",
+        "",
+        "```bash",
+        f"{install}   # captioner {manifest['captioner_version']} exported this folder",
+        "captioner caption --model PATH_OR_HUB_ID image.jpg",
+        "captioner serve --model PATH_OR_HUB_ID      # pip install 'captioner[serve]'",
+        "```",
+        "",
+        "```python",
+        "from captioner import Captioner",
+        "",
+        'captioner = Captioner.from_pretrained("PATH_OR_HUB_ID")',
+        'print(captioner.caption(["image.jpg"])[0].caption)',
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# load
+
+
+def resolve_pretrained(path_or_id: str | Path) -> Path:
+    """A local folder as it is; ``owner/name`` that is no local path: the Hub snapshot (cached
+    by ``huggingface_hub``)."""
+    path = Path(path_or_id)
+    if path.is_dir():
+        return path
+    text = str(path_or_id)
+    if path.exists():
+        raise UserError(
+            f"{text}: not a pretrained model folder (export one with `captioner export`)"
+        )
+    if not _HUB_ID.match(text):
+        raise UserError(f"{text}: no such folder (and not a Hugging Face Hub id owner/name)")
+    try:
+        import huggingface_hub
+    except ImportError as exc:
+        raise UserError(
+            f"{text}: no such folder; to fetch it from the Hugging Face Hub: "
+            "pip install huggingface_hub"
+        ) from exc
+    try:
+        return Path(huggingface_hub.snapshot_download(repo_id=text, allow_patterns=list(FILES)))
+    except Exception as exc:  # noqa: BLE001 - network, auth, missing repo: one line naming it
+        raise UserError(
+            f"{text}: cannot fetch from the Hugging Face Hub ({first_line(exc)})"
+        ) from exc
+
+
+def _read_json(path: Path) -> Any:
+    if not path.is_file():
+        raise UserError(
+            f"{path}: missing (a folder written by `captioner export` has {', '.join(FILES)})"
+        )
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: not valid JSON ({first_line(exc)})") from exc
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """config.json, checked for the format this captioner reads."""
+    path = folder / CONFIG
+    manifest = _read_json(path)
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise UserError(f'{path}: not a captioner model config (no "format": "{FORMAT_NAME}")')
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        newer = isinstance(version, int) and version > FORMAT_VERSION
+        hint = (
+            "written by a newer captioner: upgrade captioner"
+            if newer
+            else "re-export it with this captioner's `captioner export`"
+        )
+        raise UserError(
+            f"{path}: format version {version!r}, this captioner reads version {FORMAT_VERSION} ({hint})"
+        )
+    for key in ("vocab_size", "model", "preprocessing", "decoding"):
+        if key not in manifest:
+            raise UserError(f"{path}: missing '{key}'")
+    return manifest
+
+
+def load_pretrained(
+    path_or_id: str | Path, device: str | torch.device = "cpu"
+) -> tuple[CaptionModel, Vocab, Preprocessing, ModelInfo]:
+    """Rebuild an exported model (eval mode, float32 on ``device``), its vocabulary,
+    preprocessing and :class:`ModelInfo`. Every problem with the folder is one
+    :class:`UserError` naming the file."""
+    folder = resolve_pretrained(path_or_id)
+    manifest = read_manifest(folder)
+    config_path = folder / CONFIG
+    try:
+        config = ModelConfig.from_dict(manifest["model"])
+        preprocessing = Preprocessing.from_dict(manifest["preprocessing"])
+        decoding = DecodeConfig.from_dict(manifest["decoding"], f"{config_path}: decoding")
+    except (UserError, TypeError, ValueError) as exc:
+        raise UserError(f"{config_path}: {first_line(exc)}") from exc
+    words = _read_json(folder / VOCAB)
+    if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
+        raise UserError(f"{folder / VOCAB}: expected a JSON list of words")
+    if len(words) != manifest["vocab_size"]:
+        raise UserError(
+            f"{folder / VOCAB}: {len(words)} words, but {CONFIG} says vocab_size="
+            f"{manifest['vocab_size']} (the vocabulary does not belong to these weights)"
+        )
+    try:
+        vocab = Vocab(words)
+    except ValueError as exc:
+        raise UserError(f"{folder / VOCAB}: {exc}") from exc
+    model, _ = build_model(config, len(vocab), pretrained=False)
+    _load_weights(model, folder / WEIGHTS, len(vocab))
+    info = ModelInfo(
+        source=str(path_or_id),
+        decoding=decoding,
+        dtype=str(manifest.get("dtype", "float32")),
+        scores={k: float(v) for k, v in (manifest.get("scores") or {}).items()},
+        trained_on=dict(manifest.get("trained_on") or {}),
+    )
+    return model.to(device).eval(), vocab, preprocessing, info
+
+
+def _load_weights(model: CaptionModel, path: Path, vocab_size: int) -> None:
+    """Copy ``path``'s tensors into ``model`` (float16 ones are widened to the model's float32),
+    refusing missing, extra or misshapen tensors by name."""
+    if not path.is_file():
+        raise UserError(f"{path}: missing (the model's weights)")
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UserError(f"{path}: not a readable safetensors file ({first_line(exc)})") from exc
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    if missing or extra:
+        parts = [f"missing {len(missing)} ({', '.join(missing[:3])})"] if missing else []
+        parts += [f"unexpected {len(extra)} ({', '.join(extra[:3])})"] if extra else []
+        raise UserError(f"{path}: tensors do not match the model in {CONFIG}: {'; '.join(parts)}")
+    for name, want in expected.items():
+        got = tensors[name]
+        if got.shape != want.shape:
+            vocab_note = (
+                f" (the weights are for a {got.shape[0]}-word vocabulary, vocab.json has {vocab_size})"
+                if got.dim() >= 1 and got.shape[0] != want.shape[0] and want.shape[0] == vocab_size
+                else ""
+            )
+            raise UserError(
+                f"{path}: {name} has shape {tuple(got.shape)}, the model in {CONFIG} needs "
+                f"{tuple(want.shape)}{vocab_note}"
+            )
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()})
+
+
+# ---------------------------------------------------------------------------------------------
+# ``captioner export``
+
+
+def main(argv: Sequence[str]) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="captioner export",
+        description=f"Write a trained model as a folder ({', '.join(FILES)}) that "
+        "`captioner caption --model`, `captioner serve --model` and Captioner.from_pretrained "
+        "load with no training code, config or pickle.",
+    )
+    p.add_argument("checkpoint", type=Path, help="best.pt or last.pt, or a run directory")
+    p.add_argument("out_dir", type=Path, help="the folder to write (created if needed)")
+    p.add_argument("--half", action="store_true", help="store float16 weights (half the size)")
+    args = p.parse_args(argv)
+    out = export_pretrained(args.checkpoint, args.out_dir, half=args.half)
+    size = (out / WEIGHTS).stat().st_size / 2**20
+    print(f"exported to {out} ({WEIGHTS} {size:.1f} MiB)")
+    return 0

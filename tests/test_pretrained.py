@@ -1,0 +1,337 @@
+"""``captioner export`` and ``Captioner.from_pretrained``: a folder of safetensors + JSON that
+gives the checkpoint's captions (float32 exactly, float16 within a stated tolerance), for every
+decoder variant; every broken folder is one clear error."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from captioner.checkpoint import load_checkpoint, model_payload, save_checkpoint
+from captioner.cli import main
+from captioner.decoding import DecodeConfig
+from captioner.errors import UserError
+from captioner.inference import Captioner
+from captioner.model import DecoderConfig, EncoderConfig, ModelConfig, build_model
+from captioner.pretrained import (
+    CONFIG,
+    FORMAT_VERSION,
+    VOCAB,
+    WEIGHTS,
+    export_pretrained,
+    load_pretrained,
+)
+from captioner.vocab import Vocab
+
+CELLS, ATTENTION = ["lstm", "gru", "rnn"], ["none", "soft"]
+WORDS = ["a red circle", "a blue square on the left", "two green triangles", "a small cross"]
+# float16 weights: the largest difference of any logit from the float32 model's, relative to the
+# largest logit (float16 keeps 11 significant bits: each weight moves by at most 2^-11)
+FP16_LOGIT_TOLERANCE = 1e-2
+
+
+def images(d: Path, n: int = 4) -> list[Path]:
+    d.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i in range(n):
+        arr = np.random.default_rng(i).integers(0, 256, (40 + 8 * i, 56, 3), dtype=np.uint8)
+        Image.fromarray(arr, "RGB").save(d / f"img{i}.png")
+        out.append(d / f"img{i}.png")
+    return out
+
+
+def variant_checkpoint(tmp_path: Path, cell: str = "lstm", attention: str = "none", **dec) -> Path:
+    """best.pt of a randomly initialised ResNet-18 (64 px) + decoder variant, as training
+    writes it (with val metrics and the training config's decoding)."""
+    vocab = Vocab.build(WORDS)
+    config = ModelConfig(
+        EncoderConfig(name="resnet18", weights=None, resize=64, crop=64),
+        DecoderConfig(
+            **{"embed_dim": 16, "hidden_size": 24, "cell": cell, "attention": attention, **dec}
+        ),
+    )
+    torch.manual_seed(0)
+    model, pre = build_model(config, len(vocab), pretrained=False)
+    payload = {
+        **model_payload(model, vocab, pre),
+        "epoch": 2,
+        "metrics": {"epoch": 3, "val_bleu4": 0.25, "val_cider_d": 0.7, "val_loss": 2.5},
+        "train_config": {
+            "data": {"name": "demo", "format": "coco"},
+            "trainer": {"val_decode": {"strategy": "beam", "beam_size": 2}, "scst": {}},
+        },
+    }
+    return save_checkpoint(payload, tmp_path / "run" / "best.pt")
+
+
+@pytest.fixture(scope="module")
+def lstm_export(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("lstm")
+    ckpt = variant_checkpoint(d)
+    return ckpt, export_pretrained(ckpt, d / "exported")
+
+
+# -- the folder --------------------------------------------------------------------------------
+
+
+def test_export_writes_weights_json_and_a_model_card_without_pickle(
+    lstm_export: tuple[Path, Path],
+) -> None:
+    ckpt, out = lstm_export
+    assert sorted(p.name for p in out.iterdir()) == sorted([WEIGHTS, CONFIG, VOCAB, "README.md"])
+    # safetensors: an 8-byte header length, then a JSON header; no pickle opcode anywhere
+    raw = (out / WEIGHTS).read_bytes()
+    header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
+    assert header["__metadata__"] == {
+        "format": f"captioner-pretrained/{FORMAT_VERSION}",
+        "dtype": "float32",
+    }
+    assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} <= {"F32", "I64"}
+    manifest = json.loads((out / CONFIG).read_text())
+    source = load_checkpoint(ckpt)
+    assert manifest["format_version"] == FORMAT_VERSION
+    assert manifest["model"] == source["model_config"]
+    assert manifest["preprocessing"] == source["preprocessing"]
+    assert manifest["vocab_size"] == len(source["vocab"])
+    assert manifest["decoding"]["strategy"] == "beam" and manifest["decoding"]["beam_size"] == 2
+    assert manifest["scores"] == {"val_bleu4": 0.25, "val_cider_d": 0.7, "val_loss": 2.5}
+    assert manifest["trained_on"] == {"dataset": "demo", "dataset_format": "coco", "epoch": 3}
+    assert json.loads((out / VOCAB).read_text()) == source["vocab"]
+    card = (out / "README.md").read_text()
+    assert "library_name: captioner" in card and "| BLEU-4 | 0.2500 |" in card
+    assert "Trained on:** demo, weights of epoch 3" in card
+    assert "Captioner.from_pretrained" in card and "captioner caption --model" in card
+
+
+@pytest.mark.parametrize(("cell", "attention"), list(itertools.product(CELLS, ATTENTION)))
+def test_exported_model_captions_exactly_like_its_checkpoint(
+    cell: str, attention: str, tmp_path: Path
+) -> None:
+    ckpt = variant_checkpoint(tmp_path, cell, attention)
+    out = export_pretrained(ckpt.parent, tmp_path / "exported")  # a run directory: its best.pt
+    from_ckpt = Captioner.from_checkpoint(ckpt, device="cpu")
+    from_folder = Captioner.from_pretrained(out, device="cpu")
+    assert from_folder.model.config == from_ckpt.model.config
+    assert from_folder.preprocessing == from_ckpt.preprocessing
+    for name, want in from_ckpt.model.state_dict().items():
+        assert torch.equal(from_folder.model.state_dict()[name], want), name
+    pics = images(tmp_path / "images")
+    configs = [
+        DecodeConfig(),
+        DecodeConfig("beam", beam_size=3, n_best=2),
+        DecodeConfig("sample", seed=7, top_k=5),
+    ]
+    for config in configs:
+        a = from_ckpt.caption(pics, config, attention=attention == "soft")
+        b = from_folder.caption(pics, config, attention=attention == "soft")
+        assert [r.hypotheses for r in a] == [r.hypotheses for r in b]
+        if attention == "soft":
+            for ra, rb in zip(a, b, strict=True):
+                assert torch.equal(ra.attention, rb.attention)
+
+
+def test_half_weights_stay_within_the_stated_tolerance(tmp_path: Path) -> None:
+    ckpt = variant_checkpoint(tmp_path, "lstm", "soft")
+    full = export_pretrained(ckpt, tmp_path / "fp32")
+    half = export_pretrained(ckpt, tmp_path / "fp16", half=True)
+    assert (half / WEIGHTS).stat().st_size < 0.55 * (full / WEIGHTS).stat().st_size
+    assert json.loads((half / CONFIG).read_text())["dtype"] == "float16"
+    m32, vocab, _, _ = load_pretrained(full)
+    m16, _, _, info = load_pretrained(half)
+    assert info.dtype == "float16"
+    assert all(p.dtype == torch.float32 for p in m16.parameters())  # widened on load
+    torch.manual_seed(3)
+    x = torch.randn(3, 3, 64, 64)
+    caps = torch.tensor(
+        [vocab.encode("a red circle"), vocab.encode("two green triangles") + [0]][:1] * 3
+    )
+    lengths = torch.full((3,), caps.shape[1])
+    with torch.no_grad():
+        l32, l16 = m32(x, caps, lengths), m16(x, caps, lengths)
+    assert not torch.equal(l32, l16)  # the weights really were rounded
+    assert (l32 - l16).abs().max() <= FP16_LOGIT_TOLERANCE * l32.abs().max()
+
+
+def test_tied_weights_export_and_stay_tied(tmp_path: Path) -> None:
+    ckpt = variant_checkpoint(tmp_path, tie_weights=True, embed_dim=24)
+    model, _, _, _ = load_pretrained(export_pretrained(ckpt, tmp_path / "out"))
+    assert model.decoder.out.weight is model.decoder.embed.weight
+
+
+# -- the CLI -----------------------------------------------------------------------------------
+
+
+def test_cli_export_then_caption_with_model_equals_checkpoint(
+    capsys: pytest.CaptureFixture[str], lstm_export: tuple[Path, Path], tmp_path: Path
+) -> None:
+    ckpt, _ = lstm_export
+    pics = [str(p) for p in images(tmp_path / "images", 3)]
+    with pytest.raises(SystemExit) as code:
+        main(["export", str(ckpt), str(tmp_path / "cli_out"), "--half"])
+    assert code.value.code == 0
+    assert "exported to" in capsys.readouterr().out
+    assert json.loads((tmp_path / "cli_out" / CONFIG).read_text())["dtype"] == "float16"
+    outputs = []
+    for source in (["--checkpoint", str(ckpt)], ["--model", str(lstm_export[1])]):
+        with pytest.raises(SystemExit) as code:
+            main(["caption", *source, *pics, "--json"])
+        assert code.value.code == 0
+        outputs.append([json.loads(line) for line in capsys.readouterr().out.splitlines()])
+    assert outputs[0] == outputs[1]
+    # no option given: the decoding the model was selected with (beam 2 in its config)
+    direct = Captioner.from_checkpoint(ckpt, device="cpu").caption(
+        pics, DecodeConfig("beam", beam_size=2)
+    )
+    assert [o["caption"] for o in outputs[1]] == [r.caption for r in direct]
+
+
+def test_cli_model_and_checkpoint_are_exclusive(
+    capsys: pytest.CaptureFixture[str], lstm_export: tuple[Path, Path]
+) -> None:
+    ckpt, out = lstm_export
+    with pytest.raises(SystemExit) as code:
+        main(["caption", "--checkpoint", str(ckpt), "--model", str(out), "x.png"])
+    assert code.value.code == 2
+    assert "not allowed with" in capsys.readouterr().err
+
+
+# -- broken folders ----------------------------------------------------------------------------
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    dst.mkdir(parents=True)
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def _edit_config(folder: Path, **changes: object) -> None:
+    manifest = json.loads((folder / CONFIG).read_text())
+    manifest.update(changes)
+    (folder / CONFIG).write_text(json.dumps(manifest))
+
+
+def _save_tensors(folder: Path, edit) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(folder / WEIGHTS))
+    edit(tensors)
+    save_file(tensors, str(folder / WEIGHTS))
+
+
+def _vocab_plus_one(folder: Path) -> None:
+    words = json.loads((folder / VOCAB).read_text())
+    (folder / VOCAB).write_text(json.dumps([*words, "extra"]))
+    _edit_config(folder, vocab_size=len(words) + 1)
+
+
+BROKEN = {
+    "newer_format": (
+        lambda f: _edit_config(f, format_version=FORMAT_VERSION + 1),
+        "newer captioner",
+    ),
+    "older_format": (lambda f: _edit_config(f, format_version=0), "re-export"),
+    "not_ours": (lambda f: _edit_config(f, format="transformers"), "not a captioner model config"),
+    "bad_json": (lambda f: (f / CONFIG).write_text("{not json"), "not valid JSON"),
+    "no_config": (lambda f: (f / CONFIG).unlink(), "config.json: missing"),
+    "no_weights": (lambda f: (f / WEIGHTS).unlink(), "model.safetensors: missing"),
+    "no_vocab": (lambda f: (f / VOCAB).unlink(), "vocab.json: missing"),
+    "corrupt_weights": (
+        lambda f: (f / WEIGHTS).write_bytes(b"\x00" * 20),
+        "not a readable safetensors",
+    ),
+    "missing_tensor": (
+        lambda f: _save_tensors(f, lambda t: t.pop("decoder.out.bias")),
+        "missing 1 (decoder.out.bias)",
+    ),
+    "extra_tensor": (
+        lambda f: _save_tensors(f, lambda t: t.__setitem__("decoder.spare", torch.zeros(2))),
+        "unexpected 1 (decoder.spare)",
+    ),
+    "vocab_size_disagrees": (
+        lambda f: _edit_config(f, vocab_size=99),
+        "does not belong to these weights",
+    ),
+    "vocab_of_other_weights": (_vocab_plus_one, "weights are for a"),
+    "bad_vocab_words": (
+        lambda f: _edit_config(f, vocab_size=2) or (f / VOCAB).write_text('["a", "b"]'),
+        "vocabulary must start with",
+    ),
+    "bad_model_field": (
+        lambda f: _edit_config(
+            f, model={"encoder": {"name": "resnet18"}, "decoder": {"cell": "tcn"}}
+        ),
+        "cell",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN))
+def test_broken_folder_is_one_clear_error(
+    case: str, lstm_export: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = _copy(lstm_export[1], tmp_path / case)
+    breaks, says = BROKEN[case]
+    breaks(folder)
+    with pytest.raises(UserError) as info:
+        Captioner.from_pretrained(folder, device="cpu")
+    message = str(info.value)
+    assert says in message and "\n" not in message
+    # the CLI: one error line, exit 2, no traceback
+    with pytest.raises(SystemExit) as code:
+        main(["caption", "--model", str(folder), "x.png"])
+    assert code.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and says in err and "Traceback" not in err
+
+
+def test_missing_folder_and_bad_ids(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="no such folder"):
+        load_pretrained(tmp_path / "nothing" / "here")
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(UserError, match="not a pretrained model folder"):
+        load_pretrained(tmp_path / "file.txt")
+
+
+# -- the Hub (never the network: a mocked download) ----------------------------------------------
+
+
+def test_hub_id_is_fetched_with_huggingface_hub(
+    monkeypatch: pytest.MonkeyPatch, lstm_export: tuple[Path, Path], tmp_path: Path
+) -> None:
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    calls = []
+
+    def snapshot_download(repo_id: str, allow_patterns: list[str]) -> str:
+        calls.append((repo_id, sorted(allow_patterns)))
+        return str(lstm_export[1])
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.chdir(tmp_path)  # "someone/demo-captioner" is no local folder here
+    captioner = Captioner.from_pretrained("someone/demo-captioner", device="cpu")
+    assert calls == [("someone/demo-captioner", sorted([WEIGHTS, CONFIG, VOCAB, "README.md"]))]
+    assert captioner.info.source == "someone/demo-captioner"
+
+    def offline(repo_id: str, allow_patterns: list[str]) -> str:
+        raise OSError("We couldn't connect to 'https://huggingface.co'\nmore detail")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(UserError, match=r"someone/x: cannot fetch .*couldn't connect") as info:
+        Captioner.from_pretrained("someone/x", device="cpu")
+    assert "\n" not in str(info.value)
+
+
+def test_hub_id_without_huggingface_hub_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # import fails
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match="pip install huggingface_hub"):
+        load_pretrained("someone/demo-captioner")
