@@ -8,10 +8,11 @@ in the records.
 
 from __future__ import annotations
 
+import io
 import logging
 import random
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,6 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, DistributedSampler
-from torchvision import transforms as T
 
 # the records and their readers live in captioner.annotations (importable from here too)
 from captioner.annotations import CaptionRecord, load_coco_captions, load_karpathy_split
@@ -68,22 +68,30 @@ class ImageLoadError(UserError):
 
 def load_image(path: str | Path) -> Image.Image:
     """Open any image Pillow reads as 8-bit RGB (grayscale, palette, RGBA, CMYK, 16-bit)."""
-    path = Path(path)
+    return _open_rgb(Path(path), Path(path))
+
+
+def load_image_bytes(data: bytes, name: str) -> Image.Image:
+    """:func:`load_image` of a file's contents (an upload); errors name it ``name``."""
+    return _open_rgb(io.BytesIO(data), name)
+
+
+def _open_rgb(source: Path | io.BytesIO, label: str | Path) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(source) as img:
                 img.load()
                 return to_rgb(img)
     except FileNotFoundError as exc:
-        raise ImageLoadError(f"{path}: no such file") from exc
+        raise ImageLoadError(f"{label}: no such file") from exc
     except IsADirectoryError as exc:
-        raise ImageLoadError(f"{path}: is a directory, not an image") from exc
+        raise ImageLoadError(f"{label}: is a directory, not an image") from exc
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageLoadError(f"{path}: image is too large ({exc})") from exc
+        raise ImageLoadError(f"{label}: image is too large ({exc})") from exc
     except (OSError, ValueError, SyntaxError) as exc:  # UnidentifiedImageError is an OSError
         reason = "not an image" if "cannot identify" in str(exc) else f"corrupt image ({exc})"
-        raise ImageLoadError(f"{path}: {reason}") from exc
+        raise ImageLoadError(f"{label}: {reason}") from exc
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -129,28 +137,94 @@ class Preprocessing:
         return cls(**d)
 
 
-def build_transform(pre: Preprocessing, train: bool = False, augment: bool = False) -> T.Compose:
+# the interpolations a Preprocessing may name (torchvision's InterpolationMode values) -> the
+# Pillow filter torchvision resizes PIL images with (its ``pil_modes_mapping``)
+PIL_FILTERS = {
+    "nearest": Image.Resampling.NEAREST,
+    "nearest-exact": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+class EvalTransform:
+    """The deterministic transform: PIL image -> normalised tensor [3, crop, crop].
+
+    Bit for bit torchvision's ``Compose([Resize(resize, interpolation, antialias=True),
+    CenterCrop(crop), ToTensor(), Normalize(mean, std)])`` on PIL images (``tests/test_backbones.py``
+    compares them), without importing torchvision, whose import costs about as much as torch's
+    (see :mod:`captioner.backbones`): what captioning a single image waits for.
+    """
+
+    def __init__(self, pre: Preprocessing):
+        if pre.interpolation not in PIL_FILTERS:
+            raise ValueError(
+                f"interpolation {pre.interpolation!r} is not one of {', '.join(PIL_FILTERS)}"
+            )
+        if 0.0 in pre.std:
+            raise ValueError(f"std {pre.std} has a zero: division by zero")
+        self.pre = pre
+        self.filter = PIL_FILTERS[pre.interpolation]
+
+    def geometry(self, img: Image.Image) -> Image.Image:
+        """Resize the shorter side to ``resize`` (the longer one in proportion, truncated),
+        then center-crop ``crop`` x ``crop`` (offsets rounded half to even, as torchvision)."""
+        w, h = img.size
+        short, long = (w, h) if w <= h else (h, w)
+        new_short, new_long = self.pre.resize, int(self.pre.resize * long / short)
+        new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+        if (new_w, new_h) != (w, h):
+            img = img.resize((new_w, new_h), self.filter)
+        crop = self.pre.crop  # <= resize (Preprocessing checks it): no padding is ever needed
+        top = int(round((new_h - crop) / 2.0))
+        left = int(round((new_w - crop) / 2.0))
+        return img.crop((left, top, left + crop, top + crop))
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        img = self.geometry(img)
+        if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+            raise TypeError(f"EvalTransform takes 8-bit images, got mode {img.mode} (use to_rgb)")
+        arr = np.array(img, dtype=np.uint8, copy=True)  # [crop, crop(, channels)]
+        if img.mode == "1":
+            arr *= 255
+        x = torch.from_numpy(arr).view(arr.shape[0], arr.shape[1], -1)
+        # ToTensor: HWC uint8 -> CHW float in [0, 1]; Normalize: (x - mean) / std per channel
+        x = x.permute(2, 0, 1).contiguous().to(torch.get_default_dtype()).div(255)
+        mean = torch.as_tensor(self.pre.mean, dtype=x.dtype).view(-1, 1, 1)
+        std = torch.as_tensor(self.pre.std, dtype=x.dtype).view(-1, 1, 1)
+        return x.sub_(mean).div_(std)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.pre})"
+
+
+def build_transform(
+    pre: Preprocessing, train: bool = False, augment: bool = False
+) -> Callable[[Image.Image], torch.Tensor]:
     """The ONE transform factory: eval/caption use ``train=False``; training augments only when
-    ``augment`` (random scale crop, no flip: captions say "left" and "right")."""
+    ``augment`` (random scale crop, no flip: captions say "left" and "right"). The eval
+    transform is :class:`EvalTransform`; only augmentation imports torchvision."""
+    if not (train and augment):
+        return EvalTransform(pre)
+    from torchvision import transforms as T
+
     interp = T.InterpolationMode(pre.interpolation)
-    if train and augment:
-        geometry = [
-            T.RandomResizedCrop(pre.crop, scale=(0.6, 1.0), interpolation=interp, antialias=True)
+    return T.Compose(
+        [
+            T.RandomResizedCrop(pre.crop, scale=(0.6, 1.0), interpolation=interp, antialias=True),
+            T.ToTensor(),
+            T.Normalize(pre.mean, pre.std),
         ]
-    else:
-        geometry = _eval_geometry(pre)
-    return T.Compose([*geometry, T.ToTensor(), T.Normalize(pre.mean, pre.std)])
-
-
-def _eval_geometry(pre: Preprocessing) -> list[Any]:
-    interp = T.InterpolationMode(pre.interpolation)
-    return [T.Resize(pre.resize, interpolation=interp, antialias=True), T.CenterCrop(pre.crop)]
+    )
 
 
 def model_view(image: Image.Image, pre: Preprocessing) -> Image.Image:
     """The part of ``image`` the model sees, at its input size: resized and center-cropped as
     the eval transform does, not normalised (what an attention map is drawn over)."""
-    return T.Compose(_eval_geometry(pre))(to_rgb(image))
+    return EvalTransform(pre).geometry(to_rgb(image))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from captioner.backbones import RESNET_CROP, RESNET_WEIGHTS, RESNETS, resnet
 from captioner.data import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from captioner.errors import UserError, first_line
 from captioner.typed import from_dict
@@ -304,6 +305,14 @@ def _load_state_file(path: str) -> dict[str, Tensor]:
 
 
 def _torchvision_backbone(cfg: EncoderConfig, pretrained: bool) -> tuple[nn.Module, Preprocessing]:
+    """torchvision model ``cfg.name`` without its head, and the preprocessing of ``cfg.weights``'
+    metadata (256/224 ImageNet without weights). With ``pretrained=False`` a ResNet-18..152 is
+    built by :mod:`captioner.backbones`, torchvision's module for module, without importing
+    torchvision (whose import doubles a one-image ``captioner caption``), with the same
+    preprocessing. Rebuilding from a checkpoint or an exported folder ignores that preprocessing
+    for the stored one; a run started ``init_from`` a checkpoint uses it."""
+    if not pretrained and cfg.name in RESNETS:
+        return _native_resnet(cfg)
     import torchvision
 
     try:
@@ -343,6 +352,22 @@ def _torchvision_backbone(cfg: EncoderConfig, pretrained: bool) -> tuple[nn.Modu
     else:
         pre = Preprocessing(256, 224, IMAGENET_MEAN, IMAGENET_STD)
     return _strip_torchvision_head(model), pre
+
+
+def _native_resnet(cfg: EncoderConfig) -> tuple[nn.Module, Preprocessing]:
+    """torchvision's ResNet ``cfg.name`` without its head, built by :mod:`captioner.backbones`
+    (no torchvision import), with the preprocessing torchvision's weights metadata gives: what
+    :func:`_torchvision_backbone` returns for it with ``pretrained=False``."""
+    table = RESNET_WEIGHTS[cfg.name]
+    pre = Preprocessing(256, 224, IMAGENET_MEAN, IMAGENET_STD)
+    if cfg.weights is not None:
+        if cfg.weights not in table:
+            names = ", ".join(["DEFAULT", *table])
+            raise UserError(
+                f"model.encoder.weights: {cfg.weights!r} is not a weight of {cfg.name} ({names})"
+            )
+        pre = Preprocessing(table[cfg.weights], RESNET_CROP, IMAGENET_MEAN, IMAGENET_STD)
+    return resnet(cfg.name), pre
 
 
 def _timm_backbone(cfg: EncoderConfig, pretrained: bool) -> tuple[nn.Module, Preprocessing]:
