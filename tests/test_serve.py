@@ -1,0 +1,561 @@
+"""``captioner serve``: every endpoint and every bad input through FastAPI's test client,
+micro-batching (gathering, bounds, isolation), and a real server process driven by a real
+headless Chromium through the page."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("fastapi", reason="captioner serve needs the serve extra")
+from fastapi.testclient import TestClient  # noqa: E402
+from test_caption import bomb_png  # noqa: E402
+from test_pretrained import images, variant_checkpoint  # noqa: E402
+
+from captioner.decoding import DecodeConfig, Hypothesis  # noqa: E402
+from captioner.inference import Captioner  # noqa: E402
+from captioner.pretrained import export_pretrained  # noqa: E402
+from captioner.serve import MicroBatcher, ServeSettings, create_app  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Exported folders of a pooled LSTM and a GRU with soft attention."""
+    d = tmp_path_factory.mktemp("models")
+    return {
+        "pooled": export_pretrained(variant_checkpoint(d / "p"), d / "pooled"),
+        "attends": export_pretrained(variant_checkpoint(d / "a", "gru", "soft"), d / "attends"),
+    }
+
+
+@pytest.fixture(scope="module")
+def pics(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    return images(tmp_path_factory.mktemp("pics"), 4)
+
+
+@pytest.fixture(scope="module")
+def pooled(models: dict[str, Path]) -> Captioner:
+    return Captioner.from_pretrained(models["pooled"], device="cpu")
+
+
+@pytest.fixture(scope="module")
+def client(pooled: Captioner):
+    with TestClient(create_app(pooled, ServeSettings(max_upload_mb=0.05, max_images=4))) as c:
+        yield c
+
+
+def upload(*paths: Path, field: str = "image") -> list[tuple[str, tuple[str, bytes, str]]]:
+    return [(field, (p.name, p.read_bytes(), "image/png")) for p in paths]
+
+
+def expected(captioner: Captioner, paths: list[Path], config: DecodeConfig) -> list[dict]:
+    """What ``captioner caption --json`` prints for these files (named by their file name)."""
+    out = []
+    for res in captioner.caption(paths, config):
+        res.source = Path(res.source).name
+        out.append(res.to_dict())
+    return out
+
+
+# -- endpoints ---------------------------------------------------------------------------------
+
+
+def test_health_model_and_page(client: TestClient, pooled: Captioner) -> None:
+    assert client.get("/health").json()["status"] == "ok"
+    info = client.get("/model").json()
+    assert info["encoder"] == {"source": "torchvision", "name": "resnet18", "input_size": 64}
+    assert info["decoder"]["cell"] == "lstm" and info["attends"] is False
+    assert info["vocab_size"] == len(pooled.vocab)
+    assert info["scores"] == {"val_bleu4": 0.25, "val_cider_d": 0.7, "val_loss": 2.5}
+    assert info["decoding"]["strategy"] == "beam"  # the model card's default decoding
+    assert info["limits"]["max_images"] == 4 and info["batching"]["max_batch"] == 32
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    html = page.text
+    assert 'id="file"' in html and 'fetch("caption"' in html
+    for external in ("http://", "https://", "//cdn", "<link", "@import"):
+        assert external not in html  # self-contained: works offline
+
+
+@pytest.mark.parametrize(
+    ("fields", "config"),
+    [
+        ({}, DecodeConfig("beam", beam_size=2)),  # the model's own default decoding
+        ({"beam-size": "1"}, DecodeConfig()),
+        ({"beam_size": "3", "n_best": "3"}, DecodeConfig("beam", beam_size=3, n_best=3)),
+        ({"sample": "true", "seed": "5", "top-k": "4"}, DecodeConfig("sample", seed=5, top_k=4)),
+        ({"beam-size": "1", "max-len": "3"}, DecodeConfig(max_len=3)),
+    ],
+)
+def test_caption_json_is_the_cli_schema(
+    client: TestClient, pooled: Captioner, pics: list[Path], fields: dict, config: DecodeConfig
+) -> None:
+    r = client.post("/caption", files=upload(*pics[:3]), data=fields)
+    assert r.status_code == 200, r.text
+    got = r.json()["results"]
+    want = expected(pooled, pics[:3], config)
+    assert [g["image"] for g in got] == [w["image"] for w in want]
+    for g, w in zip(got, want, strict=True):
+        assert g.keys() == w.keys()
+        assert g["caption"] == w["caption"]
+        assert g["score"] == pytest.approx(w["score"], abs=1e-4)
+        if "hypotheses" in w:
+            assert [h["caption"] for h in g["hypotheses"]] == [
+                h["caption"] for h in w["hypotheses"]
+            ]
+
+
+def test_options_in_the_query_string(
+    client: TestClient, pooled: Captioner, pics: list[Path]
+) -> None:
+    r = client.post("/caption?beam-size=3&n-best=2", files=upload(pics[0]))
+    assert r.status_code == 200
+    assert len(r.json()["results"][0]["hypotheses"]) == 2
+
+
+def test_attention_maps_of_a_model_that_attends(
+    models: dict[str, Path], pics: list[Path], tmp_path: Path
+) -> None:
+    from captioner.attention_maps import save_attention_figure
+    from captioner.data import load_image, model_view
+
+    captioner = Captioner.from_pretrained(models["attends"], device="cpu")
+    with TestClient(create_app(captioner)) as c:
+        assert c.get("/model").json()["attends"] is True
+        r = c.post(
+            "/caption", files=upload(*pics[:2]), data={"attention": "true", "beam-size": "1"}
+        )
+    assert r.status_code == 200, r.text
+    direct = captioner.caption(pics[:2], DecodeConfig(), attention=True)
+    for res, want in zip(r.json()["results"], direct, strict=True):
+        assert res["caption"] == want.caption and res["words"] == want.words
+        head, _, data = res["attention_map"].partition(",")
+        assert head == "data:image/png;base64"
+        figure = Image.open(io.BytesIO(base64.b64decode(data)))
+        # the figure `captioner caption --attention-map` writes: image + one panel per word
+        cli = save_attention_figure(
+            tmp_path / "cli.png",
+            model_view(load_image(pics[0]), captioner.preprocessing),
+            want.words,
+            want.attention,
+        )
+        assert figure.format == "PNG" and figure.size == Image.open(cli).size
+
+
+# -- bad input: a 4xx JSON error naming the problem, and the server keeps serving --------------
+
+
+def _bad(tmp_path: Path, case: str) -> tuple[dict, int, str]:
+    """-> (post kwargs, status, what the error says)."""
+    good = images(tmp_path / "good", 1)[0]
+    if case == "not_image":
+        return (
+            {"files": [("image", ("notes.txt", b"hello", "text/plain"))]},
+            422,
+            "notes.txt: not an image",
+        )
+    if case == "empty_file":
+        return (
+            {"files": [("image", ("zero.jpg", b"", "image/jpeg"))]},
+            422,
+            "zero.jpg: not an image",
+        )
+    if case == "truncated":
+        data = good.read_bytes()
+        return (
+            {"files": [("image", ("half.png", data[: len(data) // 2], "image/png"))]},
+            422,
+            "half.png: corrupt",
+        )
+    if case == "bomb":
+        bomb = bomb_png(tmp_path / "bomb.png")
+        return {"files": upload(bomb)}, 422, "bomb.png: image is too large"
+    if case == "over_size_limit":
+        big = Image.frombytes("RGB", (200, 200), os.urandom(200 * 200 * 3))
+        big.save(tmp_path / "big.png")  # ~120 kB of noise, over the 0.05 MB limit
+        return (
+            {"files": upload(tmp_path / "big.png")},
+            413,
+            "big.png: over the upload limit of 0.05 MB",
+        )
+    if case == "too_many_images":
+        return {"files": upload(*[good] * 5)}, 413, "too many images: at most 4 per request"
+    if case == "no_image":  # a multipart form with an option and no file
+        body = b'--b\r\nContent-Disposition: form-data; name="beam-size"\r\n\r\n2\r\n--b--\r\n'
+        headers = {"content-type": "multipart/form-data; boundary=b"}
+        return {"content": body, "headers": headers}, 400, "no image"
+    if case == "not_multipart":
+        return {"json": {"image": "cat.jpg"}}, 415, "multipart/form-data"
+    option_cases = {
+        "unknown_option": ({"beams": "3"}, "unknown option 'beams'"),
+        "not_an_int": ({"beam-size": "three"}, "beam-size: invalid int value: 'three'"),
+        "not_a_bool": ({"sample": "perhaps"}, "sample: expected true or false"),
+        "n_best_over_beam": (
+            {"beam-size": "2", "n-best": "3"},
+            "n_best must be between 1 and beam_size=2",
+        ),
+        "sample_and_beam": (
+            {"sample": "1", "beam-size": "3"},
+            "--sample and --beam-size are exclusive",
+        ),
+        "bad_top_p": ({"sample": "1", "top-p": "1.5"}, "top_p must be in (0, 1]"),
+        "beam_over_server_limit": ({"beam-size": "17"}, "beam-size: at most 16 on this server"),
+        "max_len_over_server_limit": ({"max-len": "101"}, "max-len: at most 100 on this server"),
+        "twice": ({"beam-size": ["2", "3"]}, "given twice"),
+        "attention_of_pooled_model": ({"attention": "true"}, "this model does not attend"),
+    }
+    fields, says = option_cases[case]
+    return {"files": upload(good), "data": fields}, 400, says
+
+
+BAD = [
+    "not_image",
+    "empty_file",
+    "truncated",
+    "bomb",
+    "over_size_limit",
+    "too_many_images",
+    "no_image",
+    "not_multipart",
+    "unknown_option",
+    "not_an_int",
+    "not_a_bool",
+    "n_best_over_beam",
+    "sample_and_beam",
+    "bad_top_p",
+    "beam_over_server_limit",
+    "max_len_over_server_limit",
+    "twice",
+    "attention_of_pooled_model",
+]
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_input_is_a_4xx_json_error(
+    client: TestClient, pics: list[Path], tmp_path: Path, case: str
+) -> None:
+    kwargs, status, says = _bad(tmp_path, case)
+    r = client.post("/caption", **kwargs)
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert list(body) == ["error"] and says in body["error"] and "\n" not in body["error"]
+    again = client.post("/caption", files=upload(pics[0]))  # still serving
+    assert again.status_code == 200 and "caption" in again.json()["results"][0]
+
+
+def test_request_over_the_body_limit_is_refused_before_parsing(client: TestClient) -> None:
+    r = client.post(
+        "/caption",
+        content=b"x" * 100,
+        headers={"content-type": "multipart/form-data; boundary=b", "content-length": str(10**9)},
+    )
+    assert r.status_code == 413 and "over the limit of 4 images x 0.05 MB" in r.json()["error"]
+
+
+def test_unknown_route_and_method(client: TestClient) -> None:
+    assert client.get("/nope").status_code == 404 and "error" in client.get("/nope").json()
+    r = client.get("/caption")
+    assert r.status_code == 405 and "error" in r.json()
+
+
+# -- micro-batching ----------------------------------------------------------------------------
+
+
+class RecordingDecode:
+    """A stand-in for the model: records each batch, answers one hypothesis per image."""
+
+    def __init__(self, fail_on: int | None = None, delay: float = 0.0):
+        self.batches: list[list[int]] = []
+        self.fail_on, self.delay = fail_on, delay
+
+    def __call__(self, tensors, config, attention):
+        ids = [int(t.item()) for t in tensors]
+        self.batches.append(ids)
+        time.sleep(self.delay)
+        if self.fail_on in ids:
+            raise RuntimeError("boom")
+        return [[Hypothesis([i], -1.0, True)] for i in ids]
+
+
+async def _submit_all(batcher: MicroBatcher, jobs: list[tuple[list[int], DecodeConfig]]):
+    await batcher.start()
+    try:
+        tasks = [
+            asyncio.create_task(batcher.submit([torch.tensor(i) for i in ids], config, False))
+            for ids, config in jobs
+        ]
+        return await asyncio.gather(*tasks, return_exceptions=True)
+    finally:
+        await batcher.stop()
+
+
+def test_concurrent_requests_share_bounded_batches() -> None:
+    decode = RecordingDecode()
+    batcher = MicroBatcher(decode, max_batch=4, max_wait_s=0.05)
+    g = DecodeConfig()
+    out = asyncio.run(_submit_all(batcher, [([i], g) for i in range(6)]))
+    assert decode.batches == [[0, 1, 2, 3], [4, 5]]
+    assert [[h[0].tokens for h in o] for o in out] == [[[i]] for i in range(6)]  # each its own
+    assert (batcher.batches, batcher.images) == (2, 6)
+
+
+def test_a_request_never_splits_and_overflow_starts_the_next_batch() -> None:
+    decode = RecordingDecode()
+    batcher = MicroBatcher(decode, max_batch=4, max_wait_s=0.05)
+    g = DecodeConfig()
+    asyncio.run(_submit_all(batcher, [([0, 1], g), ([2, 3, 4], g), ([5], g)]))
+    assert decode.batches == [[0, 1], [2, 3, 4, 5]]
+
+
+def test_only_requests_with_equal_options_decode_together() -> None:
+    decode = RecordingDecode()
+    batcher = MicroBatcher(decode, max_batch=32, max_wait_s=0.05)
+    g, b = DecodeConfig(), DecodeConfig("beam", beam_size=2)
+    s1, s2 = DecodeConfig("sample", seed=1), DecodeConfig("sample", seed=1)
+    jobs = [([0], g), ([1], b), ([2], g), ([3], s1), ([4], s2), ([5], b)]
+    asyncio.run(_submit_all(batcher, jobs))
+    # seeded sampling decodes alone: the same captions as the CLI's for that request
+    assert sorted(decode.batches) == [[0, 2], [1, 5], [3], [4]]
+
+
+def test_a_batch_waits_only_while_another_request_is_on_its_way() -> None:
+    decode = RecordingDecode()
+    batcher = MicroBatcher(decode, max_batch=32, max_wait_s=5.0)
+
+    async def scenario() -> float:
+        await batcher.start()
+        try:
+            t0 = time.monotonic()
+            await batcher.submit([torch.tensor(0)], DecodeConfig(), False)  # nobody else coming
+            alone = time.monotonic() - t0
+
+            async def late() -> None:  # parsed for 50 ms, then queued
+                with batcher.arriving():
+                    await asyncio.sleep(0.05)
+                    future = batcher.enqueue([torch.tensor(2)], DecodeConfig(), False)
+                await future
+
+            task = asyncio.create_task(late())
+            await asyncio.sleep(0)  # `late` is now on its way
+            await batcher.submit([torch.tensor(1)], DecodeConfig(), False)
+            await task
+            return alone
+        finally:
+            await batcher.stop()
+
+    alone = asyncio.run(scenario())
+    assert alone < 1.0  # not the 5 s wait
+    assert decode.batches == [[0], [1, 2]]
+
+
+def test_no_batching_and_no_wait() -> None:
+    decode = RecordingDecode()
+    asyncio.run(
+        _submit_all(MicroBatcher(decode, 1, 0.05), [([i], DecodeConfig()) for i in range(3)])
+    )
+    assert decode.batches == [[0], [1], [2]]
+
+
+def test_a_failing_batch_fails_only_its_requests() -> None:
+    decode = RecordingDecode(fail_on=1)
+    batcher = MicroBatcher(decode, max_batch=2, max_wait_s=0.05)
+    out = asyncio.run(_submit_all(batcher, [([i], DecodeConfig()) for i in range(4)]))
+    assert [isinstance(o, RuntimeError) for o in out] == [True, True, False, False]
+    assert [h[0].tokens for h in out[2] + out[3]] == [[2], [3]]
+
+
+def test_concurrent_clients_get_their_own_captions_and_a_bad_one_fails_alone(
+    pooled: Captioner, pics: list[Path]
+) -> None:
+    app = create_app(pooled, ServeSettings(max_batch=32, max_wait_ms=300))
+    config = DecodeConfig()
+    want = {p.name: pooled.caption([p], config)[0] for p in pics}
+    with TestClient(app) as c:
+
+        def post(i: int):
+            if i % 4 == 3:
+                return c.post("/caption", files=[("image", ("bad.png", b"junk", "image/png"))])
+            return c.post("/caption", files=upload(pics[i % 4]), data={"beam-size": "1"})
+
+        with ThreadPoolExecutor(8) as pool:
+            responses = list(pool.map(post, range(16)))
+        health = c.get("/health").json()
+    for i, r in enumerate(responses):
+        if i % 4 == 3:
+            assert r.status_code == 422 and "bad.png: not an image" in r.json()["error"]
+        else:
+            (res,) = r.json()["results"]
+            assert res["caption"] == want[res["image"]].caption
+            assert res["image"] == pics[i % 4].name
+    assert health["images"] == 12
+    assert health["batches"] < 12  # requests were gathered into shared batches
+
+
+# -- the command -------------------------------------------------------------------------------
+
+
+def start_server(model: Path, *args: str) -> tuple[subprocess.Popen, str, list[str]]:
+    """A real ``captioner serve`` on a free port -> (process, base URL, its stderr lines)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "captioner", "serve", "--model", str(model), "--port", "0", *args],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
+    lines: list[str] = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        lines.append(line)
+        if line.startswith("serving "):
+            url = line.split(" at ", 1)[1].split(" ", 1)[0]
+            for _ in range(100):  # uvicorn is up once /health answers
+                try:
+                    with urllib.request.urlopen(url + "health", timeout=5) as r:
+                        if json.load(r)["status"] == "ok":
+                            return proc, url, lines
+                except OSError:
+                    time.sleep(0.1)
+    proc.kill()
+    raise AssertionError("server did not start: " + "".join(lines))
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    proc.communicate(timeout=30)
+
+
+@pytest.mark.slow
+def test_serve_binds_localhost_by_default_and_warns_otherwise(
+    models: dict[str, Path], pics: list[Path]
+) -> None:
+    proc, url, head = start_server(models["pooled"])
+    try:
+        assert url.startswith("http://127.0.0.1:")
+        assert not any("warning" in line for line in head)
+        assert "micro-batches of up to 32 images, 10 ms wait" in head[-1]
+    finally:
+        stop(proc)
+    proc, url, head = start_server(models["pooled"], "--host", "0.0.0.0", "--max-batch", "1")
+    try:
+        assert url.startswith("http://0.0.0.0:") and "no micro-batching" in head[-1]
+        assert any(
+            line.startswith("warning: bound to 0.0.0.0, reachable from other machines")
+            for line in head
+        )
+    finally:
+        stop(proc)
+
+
+def test_serve_without_the_extra_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], models: dict[str, Path]
+) -> None:
+    from captioner.cli import main
+
+    monkeypatch.setitem(sys.modules, "uvicorn", None)
+    with pytest.raises(SystemExit) as code:
+        main(["serve", "--model", str(models["pooled"])])
+    assert code.value.code == 2
+    assert "pip install 'captioner[serve]'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--max-batch", "0"], "--max-batch must be >= 1"),
+        (["--max-upload-mb", "0"], "--max-upload-mb must be > 0"),
+        (["--model", "/no/such/model"], "no such folder"),
+        (["--port", "70000"], "--port must be between 0 and 65535"),
+    ],
+)
+def test_serve_bad_arguments(
+    capsys: pytest.CaptureFixture[str], models: dict[str, Path], args: list[str], says: str
+) -> None:
+    from captioner.cli import main
+
+    with pytest.raises(SystemExit) as code:
+        main(["serve", "--model", str(models["pooled"]), *args])
+    assert code.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and says in err
+
+
+# -- the page in a real browser ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def browser():
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver_path = shutil.which("chromedriver")
+    if not (chromium and driver_path):
+        if os.environ.get("CI"):
+            pytest.fail("CI is set but chromium/chromedriver are missing: .ci/run installs them")
+        pytest.skip("needs Debian's chromium and chromium-driver (CI installs them)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--window-size=1000,900"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    yield driver
+    driver.quit()
+
+
+@pytest.mark.slow
+def test_page_captions_an_uploaded_image_in_chromium(
+    browser, models: dict[str, Path], pics: list[Path], tmp_path: Path
+) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    captioner = Captioner.from_pretrained(models["attends"], device="cpu")
+    greedy = captioner.caption([pics[0]], DecodeConfig())[0]
+    beam = captioner.caption([pics[0]], DecodeConfig("beam", beam_size=3, n_best=3))[0]
+    proc, url, _ = start_server(models["attends"])
+    try:
+        browser.get(url)
+        wait = WebDriverWait(browser, 60)
+        wait.until(lambda d: "GRU" in d.find_element(By.ID, "model").text)
+        assert browser.find_element(By.ID, "attention-option").is_displayed()
+        browser.find_element(By.ID, "file").send_keys(str(pics[0]))
+        caption = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".card .caption"))
+        assert caption[0].text == greedy.caption
+        wait.until(
+            lambda d: (
+                d.find_element(By.CSS_SELECTOR, ".card img.map").get_attribute("naturalWidth")
+                != "0"
+            )
+        )
+        # beam search with n-best: the page re-captions the same file
+        browser.find_element(By.CSS_SELECTOR, "input[value=beam]").click()
+        items = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".card li.hypothesis"))
+        assert [li.text.rsplit(" (", 1)[0] for li in items] == [t for t, _ in beam.hypotheses]
+        shot = tmp_path / "serve_page.png"
+        browser.save_screenshot(str(shot))
+        if os.environ.get("CAPTIONER_SCREENSHOT_DIR"):
+            shutil.copy(shot, Path(os.environ["CAPTIONER_SCREENSHOT_DIR"]) / shot.name)
+        # a bad file: the page shows the server's error
+        bad = tmp_path / "notes.png"
+        bad.write_text("not an image")
+        browser.find_element(By.ID, "file").send_keys(str(bad))
+        wait.until(lambda d: "not an image" in d.find_element(By.ID, "error").text)
+    finally:
+        stop(proc)
