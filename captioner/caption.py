@@ -73,31 +73,36 @@ class OptionParser(argparse.ArgumentParser):
         raise OptionError(message)
 
 
-# the decoding options: the CLI's flags, and the form/query fields of ``captioner serve``
-# (``beam-size`` or ``beam_size``), each parsed by argparse with these types
-DECODING_FLAGS = ("sample", "suppress_unk")
-
-
 def add_decoding_options(p: argparse.ArgumentParser) -> None:
-    """Add the decoding flags; options not given stay absent from the namespace, so that
-    :func:`decode_config` can lay them over a model's own default decoding."""
+    """Add the decoding flags (also the form/query fields of ``captioner serve``). Options not
+    given stay absent from the namespace, so that :func:`decode_config` lays them over a
+    model's own default decoding."""
     d = DecodeConfig()  # the one source of the decoding defaults
     g = p.add_argument_group(
-        "decoding (default: greedy; an exported --model: the decoding in its config.json)"
+        "decoding (default: how the model was selected in training, trainer.val_decode; "
+        "greedy unless its preset says otherwise)"
     )
     S = argparse.SUPPRESS
     g.add_argument(
         "--beam-size",
         type=int,
         default=S,
-        help=f"beam search with this many beams (with --n-best alone: {d.beam_size})",
+        help=f"beam search with this many beams; 1: greedy (with --n-best alone: {d.beam_size}, "
+        "or n-best if larger)",
     )
     g.add_argument("--n-best", type=int, default=S, help="beam: print the n best (1)")
     g.add_argument(
         "--length-penalty", type=float, default=S, help=f"beam: GNMT alpha ({d.length_penalty})"
     )
-    g.add_argument("--suppress-unk", action="store_true", default=S, help="never emit <unk>")
-    g.add_argument("--sample", action="store_true", default=S, help="sample instead of greedy/beam")
+    g.add_argument(
+        "--suppress-unk", action=argparse.BooleanOptionalAction, default=S, help="never emit <unk>"
+    )
+    g.add_argument(
+        "--sample",
+        action=argparse.BooleanOptionalAction,
+        default=S,
+        help="sample instead of greedy/beam",
+    )
     g.add_argument("--temperature", type=float, default=S, help=f"sampling ({d.temperature})")
     g.add_argument(
         "--top-k", type=int, default=S, help="sample from the k most likely words (0: all)"
@@ -112,36 +117,39 @@ def add_decoding_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def decoding_dests() -> frozenset[str]:
+    """The namespace names of the decoding options (``beam_size``, ``sample`` ...)."""
+    p = argparse.ArgumentParser(add_help=False)
+    add_decoding_options(p)
+    return frozenset(a.dest for a in p._actions)  # noqa: SLF001 - argparse's only registry
+
+
 def decode_config(args: argparse.Namespace, base: DecodeConfig | None = None) -> DecodeConfig:
     """The decoding options given in ``args`` laid over ``base`` (default: greedy).
 
-    ``--sample`` samples; ``--beam-size`` > 1 or ``--n-best`` > 1 searches a beam, and
-    ``--beam-size 1`` is greedy; with none of them, ``base``'s strategy is kept."""
-    given = {k: v for k, v in vars(args).items() if k in _DECODE_DESTS}
-    options = asdict(base or DecodeConfig())
-    options.update({k: v for k, v in given.items() if k != "sample"})
-    beam = given.get("beam_size", 1) > 1
-    if given.get("sample"):
-        if beam:
+    ``--sample`` samples. ``--beam-size`` > 1 searches a beam and ``--beam-size 1`` is greedy
+    (the n best reset to 1). ``--n-best`` > 1 alone searches a beam of at least n. ``--no-sample``
+    over a sampling default is greedy. With none of them, ``base``'s strategy is kept."""
+    dests = decoding_dests()
+    given = {k: v for k, v in vars(args).items() if k in dests}
+    sample = given.pop("sample", None)
+    options = {**asdict(base or DecodeConfig()), **given}
+    if "beam_size" in given:
+        if given["beam_size"] <= 1 and "n_best" not in given:
+            options["n_best"] = 1
+        options["strategy"] = (
+            "beam" if given["beam_size"] > 1 or options["n_best"] > 1 else "greedy"
+        )
+    elif given.get("n_best", 1) > 1:
+        options["beam_size"] = max(options["beam_size"], given["n_best"])
+        options["strategy"] = "beam"
+    elif sample is False and options["strategy"] == "sample":
+        options["strategy"] = "greedy"
+    if sample:
+        if given.get("beam_size", 1) > 1:
             raise UserError("--sample and --beam-size are exclusive")
         options["strategy"] = "sample"
-    elif "beam_size" in given or given.get("n_best", 1) > 1:
-        options["strategy"] = "beam" if beam or options["n_best"] > 1 else "greedy"
     return DecodeConfig.from_dict(options, "decoding options")
-
-
-_DECODE_DESTS = {
-    "beam_size",
-    "n_best",
-    "length_penalty",
-    "suppress_unk",
-    "sample",
-    "temperature",
-    "top_k",
-    "top_p",
-    "seed",
-    "max_len",
-}
 
 
 def expand_inputs(items: Sequence[str]) -> tuple[list[str], list[str]]:

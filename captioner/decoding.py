@@ -66,8 +66,12 @@ class DecodeConfig:
             raise ValueError(
                 f"n_best must be between 1 and beam_size={self.beam_size}, got {self.n_best}"
             )
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not 1e-3 <= self.temperature <= 1e3:  # also refuses nan: logits / t must stay finite
+            raise ValueError(f"temperature must be in [0.001, 1000], got {self.temperature}")
+        if not -10 <= self.length_penalty <= 10:  # ((5 + len) / 6) ** alpha must stay finite
+            raise ValueError(f"length_penalty must be in [-10, 10], got {self.length_penalty}")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:
+            raise ValueError(f"seed must fit in 64 bits, got {self.seed}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if not 0 < self.top_p <= 1:

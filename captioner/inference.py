@@ -225,9 +225,9 @@ class Captioner:
         attention: bool = False,
     ) -> list[CaptionResult]:
         """One :class:`CaptionResult` per input, in order; an unreadable image gets ``error``
-        set and does not stop the others. ``attention``: also each caption's attention maps (a
+        set and does not stop the others. ``config``: default :attr:`default_decoding`. ``attention``: also each caption's attention maps (a
         model that attends only; else a ``UserError``)."""
-        config = config or DecodeConfig()
+        config = config or self.default_decoding
         if attention and not self.model.attends:
             raise UserError("attention maps need a model with model.decoder.attention=soft")
         results: list[CaptionResult] = []
@@ -249,6 +249,11 @@ class Captioner:
                     self.fill_result(res, image_hyps)
             results.extend(batch_results)
         return results
+
+    @property
+    def default_decoding(self) -> DecodeConfig:
+        """How the model was selected in training (``trainer.val_decode``), else greedy."""
+        return self.info.decoding if self.info is not None else DecodeConfig()
 
     @torch.inference_mode()
     def decode_tensors(

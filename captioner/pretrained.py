@@ -14,7 +14,9 @@ A folder is found by path, or as a Hugging Face Hub id (``owner/name``) through 
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -29,9 +31,11 @@ from captioner.checkpoint import load_checkpoint
 from captioner.data import Preprocessing
 from captioner.decoding import DecodeConfig
 from captioner.errors import UserError, first_line
-from captioner.files import atomic_path, atomic_write
+from captioner.files import atomic_path, atomic_write, read_json
 from captioner.model import CaptionModel, ModelConfig, build_model
 from captioner.vocab import Vocab
+
+log = logging.getLogger(__name__)
 
 FORMAT_NAME = "captioner-pretrained"
 FORMAT_VERSION = 1
@@ -74,15 +78,16 @@ class ModelInfo:
 
 
 def export_pretrained(checkpoint: str | Path, out_dir: str | Path, half: bool = False) -> Path:
-    """Write ``out_dir`` (created if needed; its four files replaced atomically) from a
-    checkpoint, or a run directory (its ``best.pt``). Returns ``out_dir``."""
+    """Write ``out_dir`` from a checkpoint, or a run directory (its ``best.pt``); returns
+    ``out_dir``. The folder is created if needed, or must be empty or an earlier export (whose
+    files are replaced, each atomically). A ``last.pt`` of a run with a weight average exports
+    the average: the weights its val scores were measured with."""
     checkpoint = Path(checkpoint)
     if checkpoint.is_dir() and (checkpoint / "best.pt").is_file():
         checkpoint = checkpoint / "best.pt"
     ckpt = load_checkpoint(checkpoint)
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: exists and is not a directory")
+    _check_out_dir(out)
     config = ModelConfig.from_dict(ckpt["model_config"])
     vocab = Vocab(ckpt["vocab"])
     info = ModelInfo.from_checkpoint(ckpt, checkpoint)
@@ -91,10 +96,14 @@ def export_pretrained(checkpoint: str | Path, out_dir: str | Path, half: bool = 
     from safetensors.torch import save_file
 
     tensors = {}
-    for name, value in ckpt["model"].items():
+    for name, value in _validated_weights(ckpt).items():
         # tied weights share storage, which safetensors refuses: every tensor gets its own copy
         t = value.detach().to("cpu").contiguous().clone()
-        tensors[name] = t.half() if half and t.is_floating_point() else t
+        if half and t.is_floating_point():
+            t = t.half()
+            if not torch.isfinite(t).all():
+                raise UserError(f"--half: {name} has values beyond float16's range (65504)")
+        tensors[name] = t
     metadata = {"format": f"{FORMAT_NAME}/{FORMAT_VERSION}", "dtype": dtype}
     with atomic_path(out / WEIGHTS) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
@@ -104,6 +113,7 @@ def export_pretrained(checkpoint: str | Path, out_dir: str | Path, half: bool = 
         "captioner_version": __version__,
         "dtype": dtype,
         "vocab_size": len(vocab),
+        "vocab_sha256": vocab_digest(vocab.itos),
         "model": config.to_dict(),
         "preprocessing": Preprocessing.from_dict(ckpt["preprocessing"]).to_dict(),
         "decoding": asdict(info.decoding),
@@ -116,14 +126,60 @@ def export_pretrained(checkpoint: str | Path, out_dir: str | Path, half: bool = 
     return out
 
 
+def _check_out_dir(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a directory")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    try:
+        earlier = json.loads((out / CONFIG).read_text(encoding="utf-8")).get("format")
+    except (OSError, ValueError, AttributeError):
+        earlier = None
+    if earlier != FORMAT_NAME:
+        raise UserError(
+            f"{out}: not empty and not an earlier `captioner export`: export into a new folder"
+        )
+
+
+def vocab_digest(words: Sequence[str]) -> str:
+    """SHA-256 of the vocabulary's words in order: ties vocab.json to the weights."""
+    return hashlib.sha256(json.dumps(list(words), ensure_ascii=False).encode()).hexdigest()
+
+
+def _is_last(ckpt: Mapping[str, Any]) -> bool:
+    """A last.pt (training state; ``epoch`` counts completed epochs) vs a best.pt (``epoch`` is
+    the 0-based epoch it was validated at)."""
+    return "optimizer" in ckpt
+
+
+def _epoch(ckpt: Mapping[str, Any]) -> int | None:
+    """The 1-based epoch (as metrics.jsonl numbers them) whose weights the checkpoint holds."""
+    if ckpt.get("epoch") is None:
+        return None
+    return int(ckpt["epoch"]) if _is_last(ckpt) else int(ckpt["epoch"]) + 1
+
+
+def _validated_weights(ckpt: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """best.pt's weights; a last.pt's weight average when it has one (what validation used)."""
+    weights = dict(ckpt["model"])
+    ema = ckpt.get("ema") if _is_last(ckpt) else None
+    if ema and ema.get("averages"):
+        from captioner.model import rename_legacy_keys
+
+        weights.update(rename_legacy_keys(dict(ema["averages"])))
+    return weights
+
+
 def _scores(ckpt: Mapping[str, Any], checkpoint: Path) -> dict[str, float]:
-    """The val metrics of the exported weights: best.pt carries them; for a last.pt, the last
-    epoch of the run's metrics.jsonl."""
+    """The val metrics of the exported weights: best.pt carries them; for a last.pt, its epoch's
+    row of the run's metrics.jsonl (torn lines skipped), if there is one."""
     metrics = ckpt.get("metrics")
     if not metrics and checkpoint.is_file():
-        log = checkpoint.parent / "metrics.jsonl"
-        lines = log.read_text().splitlines() if log.is_file() else []
-        metrics = json.loads(lines[-1]) if lines else {}
+        from captioner.runlog import read_metrics
+
+        epoch = _epoch(ckpt)
+        rows = [r for r in read_metrics(checkpoint.parent / "metrics.jsonl") if r["epoch"] == epoch]
+        metrics = rows[-1] if rows else {}
     return {
         k: float(v)
         for k, v in metrics.items()
@@ -137,8 +193,8 @@ def _trained_on(ckpt: Mapping[str, Any], train_config: Mapping[str, Any]) -> dic
     for key in ("name", "format"):
         if data.get(key) is not None:
             out[f"dataset_{key}" if key == "format" else "dataset"] = data[key]
-    if ckpt.get("epoch") is not None:  # 0-based in the checkpoint; 1-based like the logs
-        out["epoch"] = int(ckpt["epoch"]) + 1
+    if _epoch(ckpt) is not None:
+        out["epoch"] = _epoch(ckpt)
     scst = (train_config.get("trainer") or {}).get("scst") or {}
     if scst.get("start_epoch") is not None:
         out["self_critical"] = True
@@ -148,7 +204,11 @@ def _trained_on(ckpt: Mapping[str, Any], train_config: Mapping[str, Any]) -> dic
 def _decoding(train_config: Mapping[str, Any]) -> DecodeConfig:
     """The decoding the model was selected with (``trainer.val_decode``), else the defaults."""
     node = (train_config.get("trainer") or {}).get("val_decode")
-    return DecodeConfig.from_dict(node, "trainer.val_decode") if node else DecodeConfig()
+    try:
+        return DecodeConfig.from_dict(node, "trainer.val_decode") if node else DecodeConfig()
+    except UserError as exc:  # e.g. an option of another captioner version
+        log.warning("the checkpoint's decoding is not usable (%s): greedy by default", exc)
+        return DecodeConfig()
 
 
 def model_card(manifest: Mapping[str, Any], checkpoint_name: str) -> str:
@@ -237,38 +297,28 @@ def resolve_pretrained(path_or_id: str | Path) -> Path:
         raise UserError(
             f"{text}: not a pretrained model folder (export one with `captioner export`)"
         )
-    if not _HUB_ID.match(text):
+    if not _HUB_ID.match(text) or path.suffix in (".pt", ".pth", ".safetensors", ".json"):
         raise UserError(f"{text}: no such folder (and not a Hugging Face Hub id owner/name)")
     try:
         import huggingface_hub
     except ImportError as exc:
         raise UserError(
-            f"{text}: no such folder; to fetch it from the Hugging Face Hub: "
-            "pip install huggingface_hub"
+            f"{text}: no such local folder; to fetch it as a Hugging Face Hub id: "
+            "pip install 'captioner[hub]'"
         ) from exc
     try:
         return Path(huggingface_hub.snapshot_download(repo_id=text, allow_patterns=list(FILES)))
     except Exception as exc:  # noqa: BLE001 - network, auth, missing repo: one line naming it
         raise UserError(
-            f"{text}: cannot fetch from the Hugging Face Hub ({first_line(exc)})"
+            f"{text}: no such local folder, and fetching it as a Hugging Face Hub id failed "
+            f"({first_line(exc)})"
         ) from exc
-
-
-def _read_json(path: Path) -> Any:
-    if not path.is_file():
-        raise UserError(
-            f"{path}: missing (a folder written by `captioner export` has {', '.join(FILES)})"
-        )
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: not valid JSON ({first_line(exc)})") from exc
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:
     """config.json, checked for the format this captioner reads."""
     path = folder / CONFIG
-    manifest = _read_json(path)
+    manifest = read_json(path, "exported model config")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise UserError(f'{path}: not a captioner model config (no "format": "{FORMAT_NAME}")')
     version = manifest.get("format_version")
@@ -303,13 +353,19 @@ def load_pretrained(
         decoding = DecodeConfig.from_dict(manifest["decoding"], f"{config_path}: decoding")
     except (UserError, TypeError, ValueError) as exc:
         raise UserError(f"{config_path}: {first_line(exc)}") from exc
-    words = _read_json(folder / VOCAB)
+    words = read_json(folder / VOCAB, "exported vocabulary")
     if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
         raise UserError(f"{folder / VOCAB}: expected a JSON list of words")
     if len(words) != manifest["vocab_size"]:
         raise UserError(
             f"{folder / VOCAB}: {len(words)} words, but {CONFIG} says vocab_size="
             f"{manifest['vocab_size']} (the vocabulary does not belong to these weights)"
+        )
+    digest = manifest.get("vocab_sha256")
+    if digest is not None and digest != vocab_digest(words):
+        raise UserError(
+            f"{folder / VOCAB}: not the vocabulary these weights were trained with (its SHA-256 "
+            f"differs from {CONFIG}'s vocab_sha256)"
         )
     try:
         vocab = Vocab(words)

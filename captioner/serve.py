@@ -21,8 +21,11 @@ import base64
 import contextlib
 import io
 import logging
+import math
+import os
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -32,14 +35,13 @@ from typing import TYPE_CHECKING, Any
 
 from captioner import __version__
 from captioner.caption import (
-    DECODING_FLAGS,
     OptionError,
     OptionParser,
     add_decoding_options,
     decode_config,
 )
 from captioner.checkpoint import DEFAULT_RUNS, find_checkpoint
-from captioner.data import ImageLoadError, load_image_bytes
+from captioner.data import ImageLoadError, load_image_bytes, model_view
 from captioner.decoding import DecodeConfig, Hypothesis
 from captioner.errors import UserError
 
@@ -72,10 +74,10 @@ class ServeSettings:
                 raise UserError(
                     f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
                 )
-        if self.max_wait_ms < 0:
-            raise UserError(f"--max-wait-ms must be >= 0, got {self.max_wait_ms}")
-        if not self.max_upload_mb > 0:
-            raise UserError(f"--max-upload-mb must be > 0, got {self.max_upload_mb}")
+        if not 0 <= self.max_wait_ms <= 10_000:  # also refuses nan
+            raise UserError(f"--max-wait-ms must be in [0, 10000], got {self.max_wait_ms}")
+        if not (self.max_upload_mb > 0 and math.isfinite(self.max_upload_mb)):
+            raise UserError(f"--max-upload-mb must be a number > 0, got {self.max_upload_mb}")
 
     @property
     def max_upload_bytes(self) -> int:
@@ -127,18 +129,25 @@ class MicroBatcher:
         self._carry: _Job | None = None
         self._arriving = 0  # requests being parsed and preprocessed, about to be queued
         self._task: asyncio.Task | None = None
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="captioner-model")
+        self._executor: ThreadPoolExecutor | None = None
 
     async def start(self) -> None:
-        self._queue = asyncio.Queue()
+        """Start gathering (again, after :meth:`stop`: an app may be started more than once)."""
+        self._queue, self._carry = asyncio.Queue(), None
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="captioner-model")
         self._task = asyncio.get_running_loop().create_task(self._run())
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
 
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        self._executor.shutdown(wait=True)
+        if self._executor is not None:  # a decode in progress finishes on its thread
+            self._executor.shutdown(wait=False, cancel_futures=True)
 
     @contextlib.contextmanager
     def arriving(self) -> Iterator[None]:
@@ -196,7 +205,7 @@ class MicroBatcher:
         while True:
             groups: dict[Hashable, list[_Job]] = {}
             for job in await self._gather():
-                if not job.future.done():  # a client that went away is not decoded
+                if not job.future.done():  # a cancelled request is not decoded
                     groups.setdefault(job.key, []).append(job)
             for jobs in groups.values():
                 tensors = [t for job in jobs for t in job.tensors]
@@ -231,14 +240,24 @@ def _option_parser() -> OptionParser:
     return p
 
 
-OPTION_NAMES = tuple(
-    sorted(
-        a.option_strings[0][2:]
-        for a in _option_parser()._actions  # noqa: SLF001 - argparse's only registry
-        if a.option_strings
-    )
-)
-FLAGS = (*(f.replace("_", "-") for f in DECODING_FLAGS), "attention")
+def _options() -> tuple[tuple[str, ...], frozenset[str]]:
+    """(every option's name, the names of the true/false flags), from the parser itself."""
+    actions = [a for a in _option_parser()._actions if a.option_strings]  # noqa: SLF001
+    names = tuple(sorted(a.option_strings[0][2:] for a in actions))
+    flags = frozenset(a.option_strings[0][2:] for a in actions if a.nargs == 0)
+    return names, flags
+
+
+OPTION_NAMES, FLAGS = _options()
+
+
+def check_limits(config: DecodeConfig, settings: ServeSettings) -> str | None:
+    """What in ``config`` is over the server's limits (a message), or None."""
+    if config.strategy == "beam" and config.beam_size > settings.max_beam_size:
+        return f"beam-size: at most {settings.max_beam_size} on this server, got {config.beam_size}"
+    if config.max_len > settings.max_len:
+        return f"max-len: at most {settings.max_len} on this server, got {config.max_len}"
+    return None
 
 
 def parse_options(
@@ -251,7 +270,10 @@ def parse_options(
     for raw, value in fields:
         name = raw.replace("_", "-")
         if name not in OPTION_NAMES:
-            raise RequestError(400, f"unknown option {raw!r} (options: {', '.join(OPTION_NAMES)})")
+            hint = " (send the file itself: -F image=@cat.jpg)" if name == "image" else ""
+            raise RequestError(
+                400, f"unknown option {raw!r}{hint} (options: {', '.join(OPTION_NAMES)})"
+            )
         if name in seen:
             raise RequestError(400, f"option {raw!r} given twice")
         seen.add(name)
@@ -261,8 +283,10 @@ def parse_options(
                 raise RequestError(400, f"{name}: expected true or false, got {value!r}")
             if word in TRUE:
                 argv.append(f"--{name}")
+            elif name != "attention":
+                argv.append(f"--no-{name}")  # false over a model default that is true
         else:
-            argv += [f"--{name}", value]
+            argv.append(f"--{name}={value}")  # "=": a value like -1 is not taken for an option
     try:
         args = _option_parser().parse_args(argv)
         config = decode_config(args, base)
@@ -270,15 +294,9 @@ def parse_options(
         raise RequestError(400, str(exc).replace("argument --", "")) from exc
     except UserError as exc:
         raise RequestError(400, str(exc)) from exc
-    if config.strategy == "beam" and config.beam_size > settings.max_beam_size:
-        raise RequestError(
-            400,
-            f"beam-size: at most {settings.max_beam_size} on this server, got {config.beam_size}",
-        )
-    if config.max_len > settings.max_len:
-        raise RequestError(
-            400, f"max-len: at most {settings.max_len} on this server, got {config.max_len}"
-        )
+    problem = check_limits(config, settings)
+    if problem:
+        raise RequestError(400, problem)
     return config, bool(args.attention)
 
 
@@ -350,17 +368,31 @@ def create_app(captioner: "Captioner", settings: ServeSettings | None = None) ->
     from starlette.exceptions import HTTPException
 
     settings = settings or ServeSettings()
-    base = captioner.info.decoding if captioner.info else DecodeConfig()
+    base = captioner.default_decoding
+    problem = check_limits(base, settings)
+    if problem:  # every request without options would be refused for it
+        raise UserError(f"the model's default decoding is over the server's limits: {problem}")
     batcher = MicroBatcher(
         captioner.decode_tensors, settings.max_batch, settings.max_wait_ms / 1000
     )
     summary = model_summary(captioner, settings)
     page = resources.files("captioner").joinpath("static/index.html").read_text(encoding="utf-8")
 
-    def prepare(data: bytes, name: str) -> tuple[Any, Any]:
-        """Decode and preprocess one upload (on a worker thread)."""
+    # uploads decoded at once: a decoded image can take hundreds of MB (Pillow's bomb limit is
+    # 89 megapixels), so their number is bounded, not the thread pool's 40
+    decoding_slots = asyncio.Semaphore(max(2, os.cpu_count() or 2))
+    figure_lock = threading.Lock()  # matplotlib is not thread-safe
+
+    def prepare(data: bytes, name: str, attention: bool) -> tuple[Any, Any]:
+        """Decode and preprocess one upload (on a worker thread) -> (the model's view of the
+        image when attention maps are drawn over it, else None; the input tensor)."""
         image = load_image_bytes(data, name)
-        return image, captioner.transform(image)
+        view = model_view(image, captioner.preprocessing) if attention else None
+        return view, captioner.transform(image)
+
+    def figure(view: Any, words: list[str], maps: Any) -> str:
+        with figure_lock:
+            return _attention_figure_uri(view, words, maps)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> Any:
@@ -380,7 +412,9 @@ def create_app(captioner: "Captioner", settings: ServeSettings | None = None) ->
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        return error(exc.status_code, str(exc.detail))
+        response = error(exc.status_code, str(exc.detail))
+        response.headers.update(exc.headers or {})  # e.g. a 405's Allow
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -391,7 +425,9 @@ def create_app(captioner: "Captioner", settings: ServeSettings | None = None) ->
         return HTMLResponse(page)
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
+    async def health() -> Any:
+        if not batcher.running:
+            return JSONResponse({"status": "down", "error": "the batcher stopped"}, 503)
         return {
             "status": "ok",
             "batches": batcher.batches,
@@ -405,18 +441,20 @@ def create_app(captioner: "Captioner", settings: ServeSettings | None = None) ->
     async def read_request(
         request: Request,
     ) -> tuple[list[str], list[Any], list[Any], DecodeConfig, bool]:
-        """Check a POST /caption and preprocess its images -> (names, images, tensors,
-        decoding, attention); any problem is a :class:`RequestError`."""
+        """Check a POST /caption and preprocess its images -> (names, views for attention maps,
+        tensors, decoding, attention); any problem is a :class:`RequestError`."""
         limit = settings.max_upload_bytes
         length = request.headers.get("content-length")
         body_limit = settings.max_images * limit + 2**20  # the images and the form around them
-        if length is not None and length.isdigit() and int(length) > body_limit:
+        if length is None or not length.isdigit():  # a chunked body's size is known too late
+            raise RequestError(411, "send the request with a Content-Length (no chunked upload)")
+        if int(length) > body_limit:
             raise RequestError(
                 413,
                 f"request of {int(length) / 2**20:.1f} MB is over the limit of "
                 f"{settings.max_images} images x {settings.max_upload_mb:g} MB (--max-upload-mb)",
             )
-        content_type = request.headers.get("content-type", "")
+        content_type = request.headers.get("content-type", "").lower()
         if not content_type.startswith("multipart/form-data"):
             raise RequestError(
                 415,
@@ -431,6 +469,15 @@ def create_app(captioner: "Captioner", settings: ServeSettings | None = None) ->
                     f"too many images: at most {settings.max_images} per request (--max-images)",
                 ) from exc
             raise RequestError(400, f"bad multipart body: {exc.detail}") from exc
+        try:
+            return await read_form(request, form)
+        finally:
+            await form.close()  # the spooled uploads' temporary files
+
+    async def read_form(
+        request: Request, form: Any
+    ) -> tuple[list[str], list[Any], list[Any], DecodeConfig, bool]:
+        limit = settings.max_upload_bytes
         uploads = [(k, v) for k, v in form.multi_items() if isinstance(v, UploadFile)]
         fields = [
             (k, v)
@@ -444,7 +491,7 @@ def create_app(captioner: "Captioner", settings: ServeSettings | None = None) ->
             raise RequestError(
                 400, "attention: this model does not attend (model.decoder.attention=none)"
             )
-        images, tensors, names = [], [], []
+        views, tensors, names = [], [], []
         for i, (_, upload) in enumerate(uploads):
             name = upload.filename or f"image {i + 1}"
             data = await upload.read(limit + 1)
@@ -454,34 +501,32 @@ def create_app(captioner: "Captioner", settings: ServeSettings | None = None) ->
                     f"{name}: over the upload limit of {settings.max_upload_mb:g} MB (--max-upload-mb)",
                 )
             try:
-                image, tensor = await run_in_threadpool(prepare, data, name)
+                async with decoding_slots:
+                    view, tensor = await run_in_threadpool(prepare, data, name, attention)
             except ImageLoadError as exc:
                 raise RequestError(422, str(exc)) from exc
-            images.append(image)
+            views.append(view)
             tensors.append(tensor)
             names.append(name)
-        return names, images, tensors, config, attention
+        return names, views, tensors, config, attention
 
     @app.post("/caption")
     async def caption(request: Request) -> JSONResponse:
         with batcher.arriving():
-            names, images, tensors, config, attention = await read_request(request)
+            names, views, tensors, config, attention = await read_request(request)
             future = batcher.enqueue(tensors, config, attention)
         hyps = await future
         from captioner.inference import CaptionResult
 
         results = []
-        for name, image, image_hyps in zip(names, images, hyps, strict=True):
+        for name, view, image_hyps in zip(names, views, hyps, strict=True):
             res = captioner.fill_result(CaptionResult(source=name), image_hyps)
             record = res.to_dict()
             if attention:
-                from captioner.data import model_view
-
-                view = model_view(image, captioner.preprocessing)
                 assert res.attention is not None
                 record["words"] = res.words
                 record["attention_map"] = await run_in_threadpool(
-                    _attention_figure_uri, view, res.words, res.attention
+                    figure, view, res.words, res.attention
                 )
             results.append(record)
         return JSONResponse({"results": results})

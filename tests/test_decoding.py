@@ -412,6 +412,11 @@ def test_decode_dispatch_and_empty_batch(lstm, feats):
         ({"top_p": 0.0}, "top_p"),
         ({"top_p": 1.5}, "top_p"),
         ({"top_k": -1}, "top_k"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"temperature": 1e-320}, "temperature"),
+        ({"length_penalty": 600.0}, "length_penalty"),
+        ({"length_penalty": float("nan")}, "length_penalty"),
+        ({"seed": 2**64}, "seed"),
     ],
 )
 def test_config_validation(kwargs, field):

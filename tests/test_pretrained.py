@@ -27,6 +27,7 @@ from captioner.pretrained import (
     WEIGHTS,
     export_pretrained,
     load_pretrained,
+    vocab_digest,
 )
 from captioner.vocab import Vocab
 
@@ -160,9 +161,18 @@ def test_half_weights_stay_within_the_stated_tolerance(tmp_path: Path) -> None:
 
 
 def test_tied_weights_export_and_stay_tied(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
     ckpt = variant_checkpoint(tmp_path, tie_weights=True, embed_dim=24)
-    model, _, _, _ = load_pretrained(export_pretrained(ckpt, tmp_path / "out"))
-    assert model.decoder.out.weight is model.decoder.embed.weight
+    out = export_pretrained(ckpt, tmp_path / "out")
+    stored = load_file(str(out / WEIGHTS))  # both names stored (safetensors refuses shared storage)
+    assert torch.equal(stored["decoder.out.weight"], stored["decoder.embed.weight"])
+    model, _, _, _ = load_pretrained(out)
+    assert model.decoder.out.weight is model.decoder.embed.weight  # loading kept the tie
+    pics = images(tmp_path / "images", 2)
+    a = Captioner.from_checkpoint(ckpt, device="cpu").caption(pics)
+    b = Captioner.from_pretrained(out, device="cpu").caption(pics)
+    assert [r.hypotheses for r in a] == [r.hypotheses for r in b]
 
 
 # -- the CLI -----------------------------------------------------------------------------------
@@ -226,10 +236,20 @@ def _save_tensors(folder: Path, edit) -> None:
     save_file(tensors, str(folder / WEIGHTS))
 
 
+def _write_vocab(folder: Path, words: list[str]) -> None:
+    """A vocabulary that config.json agrees with (size and digest): only the weights can tell."""
+    (folder / VOCAB).write_text(json.dumps(words))
+    _edit_config(folder, vocab_size=len(words), vocab_sha256=vocab_digest(words))
+
+
 def _vocab_plus_one(folder: Path) -> None:
+    _write_vocab(folder, [*json.loads((folder / VOCAB).read_text()), "extra"])
+
+
+def _vocab_swapped(folder: Path) -> None:
     words = json.loads((folder / VOCAB).read_text())
-    (folder / VOCAB).write_text(json.dumps([*words, "extra"]))
-    _edit_config(folder, vocab_size=len(words) + 1)
+    words[4], words[5] = words[5], words[4]
+    (folder / VOCAB).write_text(json.dumps(words))
 
 
 BROKEN = {
@@ -240,9 +260,9 @@ BROKEN = {
     "older_format": (lambda f: _edit_config(f, format_version=0), "re-export"),
     "not_ours": (lambda f: _edit_config(f, format="transformers"), "not a captioner model config"),
     "bad_json": (lambda f: (f / CONFIG).write_text("{not json"), "not valid JSON"),
-    "no_config": (lambda f: (f / CONFIG).unlink(), "config.json: missing"),
+    "no_config": (lambda f: (f / CONFIG).unlink(), "config.json: exported model config not found"),
     "no_weights": (lambda f: (f / WEIGHTS).unlink(), "model.safetensors: missing"),
-    "no_vocab": (lambda f: (f / VOCAB).unlink(), "vocab.json: missing"),
+    "no_vocab": (lambda f: (f / VOCAB).unlink(), "vocab.json: exported vocabulary not found"),
     "corrupt_weights": (
         lambda f: (f / WEIGHTS).write_bytes(b"\x00" * 20),
         "not a readable safetensors",
@@ -260,8 +280,9 @@ BROKEN = {
         "does not belong to these weights",
     ),
     "vocab_of_other_weights": (_vocab_plus_one, "weights are for a"),
+    "vocab_reordered": (_vocab_swapped, "not the vocabulary these weights were trained with"),
     "bad_vocab_words": (
-        lambda f: _edit_config(f, vocab_size=2) or (f / VOCAB).write_text('["a", "b"]'),
+        lambda f: _write_vocab(f, ["a", "b"]),
         "vocabulary must start with",
     ),
     "bad_model_field": (
@@ -323,7 +344,9 @@ def test_hub_id_is_fetched_with_huggingface_hub(
         raise OSError("We couldn't connect to 'https://huggingface.co'\nmore detail")
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
-    with pytest.raises(UserError, match=r"someone/x: cannot fetch .*couldn't connect") as info:
+    with pytest.raises(
+        UserError, match=r"someone/x: no such local folder, and fetching .*couldn't connect"
+    ) as info:
         Captioner.from_pretrained("someone/x", device="cpu")
     assert "\n" not in str(info.value)
 
@@ -333,5 +356,81 @@ def test_hub_id_without_huggingface_hub_says_what_to_install(
 ) -> None:
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # import fails
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(UserError, match="pip install huggingface_hub"):
+    with pytest.raises(UserError, match=r"pip install 'captioner\[hub\]'"):
         load_pretrained("someone/demo-captioner")
+
+
+# -- what gets exported ------------------------------------------------------------------------
+
+
+def test_export_refuses_a_folder_of_other_files_and_replaces_an_earlier_export(
+    lstm_export: tuple[Path, Path], tmp_path: Path
+) -> None:
+    ckpt, _ = lstm_export
+    (tmp_path / "project").mkdir()
+    (tmp_path / "project" / "README.md").write_text("my project")
+    with pytest.raises(UserError, match="not empty and not an earlier `captioner export`"):
+        export_pretrained(ckpt, tmp_path / "project")
+    assert (tmp_path / "project" / "README.md").read_text() == "my project"
+    out = export_pretrained(ckpt, tmp_path / "again")
+    export_pretrained(ckpt, out, half=True)  # over an earlier export: replaced
+    assert json.loads((out / CONFIG).read_text())["dtype"] == "float16"
+
+
+def test_a_last_pt_exports_its_weight_average_with_its_epochs_scores(tmp_path: Path) -> None:
+    best = load_checkpoint(variant_checkpoint(tmp_path))
+    averages = {k: v + 1 if v.is_floating_point() else v for k, v in best["model"].items()}
+    last = {
+        **{k: best[k] for k in ("format", "model", "model_config", "vocab", "preprocessing")},
+        "train_config": best["train_config"],
+        "optimizer": {},
+        "epoch": 2,  # two epochs completed
+        "ema": {"decay": 0.99, "updates": 10, "averages": averages},
+    }
+    run = tmp_path / "run"
+    save_checkpoint(last, run / "last.pt")
+    (run / "metrics.jsonl").write_text(
+        json.dumps({"epoch": 1, "val_bleu4": 0.1})
+        + "\n"
+        + json.dumps({"epoch": 2, "val_bleu4": 0.2})
+        + '\n{"epoch": 3, "val_bl'  # a torn last line (a killed run)
+    )
+    out = export_pretrained(run / "last.pt", tmp_path / "out")
+    manifest = json.loads((out / CONFIG).read_text())
+    assert manifest["trained_on"]["epoch"] == 2 and manifest["scores"] == {"val_bleu4": 0.2}
+    model, _, _, _ = load_pretrained(out)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, averages[name]), name
+
+
+def test_half_export_refuses_values_beyond_float16(tmp_path: Path) -> None:
+    ckpt = load_checkpoint(variant_checkpoint(tmp_path))
+    ckpt["model"]["decoder.out.bias"][0] = 1e6
+    path = save_checkpoint(ckpt, tmp_path / "big.pt")
+    with pytest.raises(UserError, match=r"--half: decoder.out.bias has values beyond float16"):
+        export_pretrained(path, tmp_path / "out", half=True)
+    export_pretrained(path, tmp_path / "out32")  # float32 keeps it
+
+
+def test_the_python_api_decodes_like_the_model_was_selected(
+    lstm_export: tuple[Path, Path], tmp_path: Path
+) -> None:
+    pics = images(tmp_path / "images", 3)
+    captioner = Captioner.from_pretrained(lstm_export[1], device="cpu")
+    assert captioner.default_decoding == DecodeConfig("beam", beam_size=2)
+    default = captioner.caption(pics)
+    explicit = captioner.caption(pics, DecodeConfig("beam", beam_size=2))
+    assert [r.hypotheses for r in default] == [r.hypotheses for r in explicit]
+
+
+def test_a_decoding_of_another_version_falls_back_to_greedy(tmp_path: Path) -> None:
+    ckpt = load_checkpoint(variant_checkpoint(tmp_path))
+    ckpt["train_config"]["trainer"]["val_decode"] = {"strategy": "beam", "diversity": 0.5}
+    path = save_checkpoint(ckpt, tmp_path / "future.pt")
+    assert Captioner.from_checkpoint(path, device="cpu").default_decoding == DecodeConfig()
+
+
+def test_a_missing_checkpoint_path_is_not_taken_for_a_hub_id(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=r"^runs/best.pt: no such folder"):
+        load_pretrained("runs/best.pt")

@@ -198,6 +198,13 @@ def _bad(tmp_path: Path, case: str) -> tuple[dict, int, str]:
         body = b'--b\r\nContent-Disposition: form-data; name="beam-size"\r\n\r\n2\r\n--b--\r\n'
         headers = {"content-type": "multipart/form-data; boundary=b"}
         return {"content": body, "headers": headers}, 400, "no image"
+    if case == "chunked":  # no Content-Length: its size would be known only once read
+
+        def chunks():
+            yield b"--b\r\n"
+
+        headers = {"content-type": "multipart/form-data; boundary=b"}
+        return {"content": chunks(), "headers": headers}, 411, "Content-Length"
     if case == "not_multipart":
         return {"json": {"image": "cat.jpg"}}, 415, "multipart/form-data"
     option_cases = {
@@ -216,6 +223,11 @@ def _bad(tmp_path: Path, case: str) -> tuple[dict, int, str]:
         "beam_over_server_limit": ({"beam-size": "17"}, "beam-size: at most 16 on this server"),
         "max_len_over_server_limit": ({"max-len": "101"}, "max-len: at most 100 on this server"),
         "twice": ({"beam-size": ["2", "3"]}, "given twice"),
+        "negative_temperature": ({"sample": "1", "temperature": "-1"}, "temperature must be in"),
+        "huge_seed": ({"sample": "1", "seed": str(10**20)}, "seed must fit in 64 bits"),
+        "huge_length_penalty": ({"length-penalty": "600"}, "length_penalty must be in [-10, 10]"),
+        "nan_temperature": ({"sample": "1", "temperature": "nan"}, "temperature must be in"),
+        "image_as_text": ({"image": "cat.jpg"}, "send the file itself"),
         "attention_of_pooled_model": ({"attention": "true"}, "this model does not attend"),
     }
     fields, says = option_cases[case]
@@ -240,7 +252,13 @@ BAD = [
     "beam_over_server_limit",
     "max_len_over_server_limit",
     "twice",
+    "negative_temperature",
+    "huge_seed",
+    "huge_length_penalty",
+    "nan_temperature",
+    "image_as_text",
     "attention_of_pooled_model",
+    "chunked",
 ]
 
 
@@ -269,7 +287,7 @@ def test_request_over_the_body_limit_is_refused_before_parsing(client: TestClien
 def test_unknown_route_and_method(client: TestClient) -> None:
     assert client.get("/nope").status_code == 404 and "error" in client.get("/nope").json()
     r = client.get("/caption")
-    assert r.status_code == 405 and "error" in r.json()
+    assert r.status_code == 405 and "error" in r.json() and r.headers["allow"] == "POST"
 
 
 # -- micro-batching ----------------------------------------------------------------------------
@@ -362,6 +380,62 @@ def test_a_batch_waits_only_while_another_request_is_on_its_way() -> None:
     assert decode.batches == [[0], [1, 2]]
 
 
+def test_a_batch_waits_at_most_max_wait() -> None:
+    decode = RecordingDecode()
+    batcher = MicroBatcher(decode, max_batch=32, max_wait_s=0.05)
+
+    async def scenario() -> None:
+        await batcher.start()
+        try:
+
+            async def slow() -> None:  # on its way for 0.5 s, 10x the wait
+                with batcher.arriving():
+                    await asyncio.sleep(0.5)
+                    future = batcher.enqueue([torch.tensor(1)], DecodeConfig(), False)
+                await future
+
+            task = asyncio.create_task(slow())
+            await asyncio.sleep(0)
+            t0 = time.monotonic()
+            await batcher.submit([torch.tensor(0)], DecodeConfig(), False)
+            assert time.monotonic() - t0 < 0.4  # decoded after the wait, not with `slow`
+            await task
+        finally:
+            await batcher.stop()
+
+    asyncio.run(scenario())
+    assert decode.batches == [[0], [1]]
+
+
+def test_an_app_starts_twice_and_health_says_when_the_batcher_is_down(
+    pooled: Captioner, pics
+) -> None:
+    app = create_app(pooled)
+    for _ in range(2):
+        with TestClient(app) as c:
+            assert c.post("/caption", files=upload(pics[0])).status_code == 200
+    with TestClient(app) as c:
+        app.state.batcher._task.cancel()  # noqa: SLF001 - a batcher that died
+        time.sleep(0.05)
+        r = c.get("/health")
+    assert r.status_code == 503 and r.json()["status"] == "down"
+
+
+def test_false_flags_turn_off_a_model_default(pooled: Captioner) -> None:
+    from captioner.serve import parse_options
+
+    settings = ServeSettings()
+    sampling = DecodeConfig("sample", top_k=3, suppress_unk=True)
+    config, _ = parse_options([("sample", "false"), ("suppress-unk", "0")], sampling, settings)
+    assert config.strategy == "greedy" and config.suppress_unk is False
+    config, attention = parse_options(
+        [("n_best", "4")], DecodeConfig("beam", beam_size=2), settings
+    )
+    assert (config.strategy, config.beam_size, config.n_best, attention) == ("beam", 4, 4, False)
+    config, _ = parse_options([("beam-size", "1")], DecodeConfig("beam", n_best=2), settings)
+    assert (config.strategy, config.n_best) == ("greedy", 1)
+
+
 def test_no_batching_and_no_wait() -> None:
     decode = RecordingDecode()
     asyncio.run(
@@ -399,8 +473,9 @@ def test_concurrent_clients_get_their_own_captions_and_a_bad_one_fails_alone(
             assert r.status_code == 422 and "bad.png: not an image" in r.json()["error"]
         else:
             (res,) = r.json()["results"]
-            assert res["caption"] == want[res["image"]].caption
             assert res["image"] == pics[i % 4].name
+            assert res["caption"] == want[res["image"]].caption
+            assert res["score"] == pytest.approx(want[res["image"]].score, abs=1e-4)
     assert health["images"] == 12
     assert health["batches"] < 12  # requests were gathered into shared batches
 
@@ -479,7 +554,10 @@ def test_serve_without_the_extra_says_what_to_install(
     ("args", "says"),
     [
         (["--max-batch", "0"], "--max-batch must be >= 1"),
-        (["--max-upload-mb", "0"], "--max-upload-mb must be > 0"),
+        (["--max-upload-mb", "0"], "--max-upload-mb must be a number > 0"),
+        (["--max-upload-mb", "inf"], "--max-upload-mb must be a number > 0"),
+        (["--max-wait-ms", "nan"], "--max-wait-ms must be in [0, 10000]"),
+        (["--max-len", "10"], "default decoding is over the server's limits: max-len: at most 10"),
         (["--model", "/no/such/model"], "no such folder"),
         (["--port", "70000"], "--port must be between 0 and 65535"),
     ],
