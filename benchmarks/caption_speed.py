@@ -20,30 +20,11 @@ import time
 from pathlib import Path
 
 import torch
+from common import demo_checkpoint
 
 from captioner.decoding import DecodeConfig
 from captioner.inference import Captioner
 from captioner.synthetic import ensure_demo_dataset
-
-
-def demo_checkpoint(workdir: Path) -> Path:
-    """Train a 2-epoch demo model (same architecture as `captioner train`) for the benchmark."""
-    run_dir = workdir / "run"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "captioner",
-            "train",
-            f"data.root={workdir / 'demo'}",
-            "trainer.max_epochs=2",
-            f"hydra.run.dir={run_dir}",
-            "device=cpu",
-        ],
-        check=True,
-        stdout=subprocess.DEVNULL,
-    )
-    return run_dir / "best.pt"
 
 
 def images_per_second(

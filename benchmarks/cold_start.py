@@ -31,6 +31,8 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+from common import cpu_name, demo_checkpoint
+
 TARGET = 1.3  # median(caption) / median(import torch) must not exceed this
 
 
@@ -61,24 +63,6 @@ def caption_command() -> list[str]:
     return [str(script)] if script.is_file() else [sys.executable, "-m", "captioner"]
 
 
-def demo_checkpoint(workdir: Path) -> Path:
-    """Train a 2-epoch demo model (the architecture of `captioner train`'s defaults)."""
-    run_dir = workdir / "run"
-    subprocess.run(
-        [
-            *caption_command(),
-            "train",
-            f"data.root={workdir / 'demo'}",
-            "trainer.max_epochs=2",
-            f"hydra.run.dir={run_dir}",
-            "device=cpu",
-        ],
-        check=True,
-        stdout=subprocess.DEVNULL,
-    )
-    return run_dir / "best.pt"
-
-
 def demo_image(workdir: Path) -> Path:
     from captioner.synthetic import ensure_demo_dataset  # numpy and Pillow, no torch
 
@@ -101,16 +85,6 @@ def show(cmd: list[str]) -> str:
     script = str(Path(sys.executable).parent / "captioner")
     names = {sys.executable: "python", script: "captioner"}
     return shlex.join(names.get(c, c) for c in cmd)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def measure(commands: dict[str, list[str]], pairs: int, warmup: int) -> dict[str, list[float]]:

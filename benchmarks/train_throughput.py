@@ -33,7 +33,6 @@ import importlib
 import json
 import logging
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -45,6 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from common import cpu_name
 from omegaconf import OmegaConf
 from torch import Tensor, nn
 
@@ -512,16 +512,6 @@ def measure_preset(args: argparse.Namespace, preset: str, workdir: Path) -> dict
 
 # ---------------------------------------------------------------------------------------------
 # report
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def fmt(x: float | None, unit: str = "", width: int = 0) -> str:

@@ -74,16 +74,23 @@ def attention_figure(
     return fig
 
 
+def attention_png(view: Image.Image, words: Sequence[str], maps: torch.Tensor) -> bytes:
+    """:func:`attention_figure` as PNG bytes."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = attention_figure(view, words, maps)
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    return buf.getvalue()
+
+
 def save_attention_figure(
     path: str | Path, view: Image.Image, words: Sequence[str], maps: torch.Tensor
 ) -> Path:
     """Write :func:`attention_figure` as a PNG to ``path``."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
     path = Path(path)
-    fig = attention_figure(view, words, maps)
-    FigureCanvasAgg(fig)
-    fig.savefig(path, format="png", dpi=100)
+    path.write_bytes(attention_png(view, words, maps))
     return path
 
 
@@ -100,4 +107,10 @@ def attention_panels(view: Image.Image, maps: torch.Tensor, size: int = 80) -> l
     return out
 
 
-__all__ = ["attention_figure", "attention_panels", "heat_overlay", "save_attention_figure"]
+__all__ = [
+    "attention_figure",
+    "attention_panels",
+    "attention_png",
+    "heat_overlay",
+    "save_attention_figure",
+]

@@ -7,6 +7,7 @@ one-line ``error:`` on stderr, the others are still captioned, and the exit stat
 from __future__ import annotations
 
 import argparse
+import functools
 import glob
 import json
 import sys
@@ -117,6 +118,7 @@ def add_decoding_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+@functools.cache
 def decoding_dests() -> frozenset[str]:
     """The namespace names of the decoding options (``beam_size``, ``sample`` ...)."""
     p = argparse.ArgumentParser(add_help=False)

@@ -104,6 +104,13 @@ def model_from_checkpoint(
     return model.to(device).eval(), vocab, Preprocessing.from_dict(ckpt["preprocessing"])
 
 
+def run_checkpoint(path: str | Path) -> Path:
+    """A run directory's ``best.pt`` when it has one (the weights to caption with, export or
+    serve); any other path as it is."""
+    path = Path(path)
+    return path / "best.pt" if path.is_dir() and (path / "best.pt").is_file() else path
+
+
 def find_checkpoint(runs: Path = DEFAULT_RUNS) -> Path:
     """The newest ``best.pt`` under the default training output directory."""
     found = (

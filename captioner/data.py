@@ -184,7 +184,10 @@ class EvalTransform:
         return img.crop((left, top, left + crop, top + crop))
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
-        img = self.geometry(img)
+        return self.to_tensor(self.geometry(img))
+
+    def to_tensor(self, img: Image.Image) -> torch.Tensor:
+        """An image :meth:`geometry` already resized and cropped -> the normalised tensor."""
         if img.mode in ("I", "F") or img.mode.startswith("I;16"):
             raise TypeError(f"EvalTransform takes 8-bit images, got mode {img.mode} (use to_rgb)")
         arr = np.array(img, dtype=np.uint8, copy=True)  # [crop, crop(, channels)]

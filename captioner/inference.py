@@ -205,10 +205,11 @@ class Captioner:
     def load(cls, source: str | Path, device: str = "auto") -> Captioner:
         """Whatever ``source`` is: a checkpoint file, a run directory (its best.pt, else its
         last.pt), an exported folder (it has config.json) or a Hub id."""
-        path = Path(source)
-        if path.is_dir() and (path / "best.pt").is_file():
-            path = path / "best.pt"
-        if path.is_file() or (path.is_dir() and not (path / "config.json").is_file()):
+        from captioner.checkpoint import run_checkpoint
+        from captioner.pretrained import CONFIG
+
+        path = run_checkpoint(source)
+        if path.is_file() or (path.is_dir() and not (path / CONFIG).is_file()):
             return cls.from_checkpoint(path, device)
         return cls.from_pretrained(source, device)
 

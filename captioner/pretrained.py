@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from captioner import __version__
-from captioner.checkpoint import load_checkpoint
+from captioner.checkpoint import load_checkpoint, run_checkpoint
 from captioner.data import Preprocessing
 from captioner.decoding import DecodeConfig
 from captioner.errors import UserError, first_line
@@ -82,9 +82,7 @@ def export_pretrained(checkpoint: str | Path, out_dir: str | Path, half: bool = 
     ``out_dir``. The folder is created if needed, or must be empty or an earlier export (whose
     files are replaced, each atomically). A ``last.pt`` of a run with a weight average exports
     the average: the weights its val scores were measured with."""
-    checkpoint = Path(checkpoint)
-    if checkpoint.is_dir() and (checkpoint / "best.pt").is_file():
-        checkpoint = checkpoint / "best.pt"
+    checkpoint = run_checkpoint(checkpoint)
     ckpt = load_checkpoint(checkpoint)
     out = Path(out_dir)
     _check_out_dir(out)
@@ -189,12 +187,12 @@ def _scores(ckpt: Mapping[str, Any], checkpoint: Path) -> dict[str, float]:
 
 def _trained_on(ckpt: Mapping[str, Any], train_config: Mapping[str, Any]) -> dict[str, Any]:
     data = train_config.get("data") or {}
-    out: dict[str, Any] = {}
-    for key in ("name", "format"):
-        if data.get(key) is not None:
-            out[f"dataset_{key}" if key == "format" else "dataset"] = data[key]
-    if _epoch(ckpt) is not None:
-        out["epoch"] = _epoch(ckpt)
+    named = {
+        "dataset": data.get("name"),
+        "dataset_format": data.get("format"),
+        "epoch": _epoch(ckpt),
+    }
+    out: dict[str, Any] = {k: v for k, v in named.items() if v is not None}
     scst = (train_config.get("trainer") or {}).get("scst") or {}
     if scst.get("start_epoch") is not None:
         out["self_critical"] = True
@@ -414,7 +412,7 @@ def _load_weights(model: CaptionModel, path: Path, vocab_size: int) -> None:
                 f"{path}: {name} has shape {tuple(got.shape)}, the model in {CONFIG} needs "
                 f"{tuple(want.shape)}{vocab_note}"
             )
-    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()})
+    model.load_state_dict(tensors)  # copying into the float32 parameters widens float16
 
 
 # ---------------------------------------------------------------------------------------------

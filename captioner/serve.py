@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import base64
 import contextlib
-import io
 import logging
 import math
 import os
@@ -30,6 +29,7 @@ import time
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from dataclasses import fields as dataclass_fields
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
@@ -41,7 +41,7 @@ from captioner.caption import (
     decode_config,
 )
 from captioner.checkpoint import DEFAULT_RUNS, find_checkpoint
-from captioner.data import ImageLoadError, load_image_bytes, model_view
+from captioner.data import ImageLoadError, load_image_bytes
 from captioner.decoding import DecodeConfig, Hypothesis
 from captioner.errors import UserError
 
@@ -240,9 +240,12 @@ def _option_parser() -> OptionParser:
     return p
 
 
+OPTIONS = _option_parser()  # built once; parse_args keeps no state between calls
+
+
 def _options() -> tuple[tuple[str, ...], frozenset[str]]:
     """(every option's name, the names of the true/false flags), from the parser itself."""
-    actions = [a for a in _option_parser()._actions if a.option_strings]  # noqa: SLF001
+    actions = [a for a in OPTIONS._actions if a.option_strings]  # noqa: SLF001
     names = tuple(sorted(a.option_strings[0][2:] for a in actions))
     flags = frozenset(a.option_strings[0][2:] for a in actions if a.nargs == 0)
     return names, flags
@@ -288,7 +291,7 @@ def parse_options(
         else:
             argv.append(f"--{name}={value}")  # "=": a value like -1 is not taken for an option
     try:
-        args = _option_parser().parse_args(argv)
+        args = OPTIONS.parse_args(argv)
         config = decode_config(args, base)
     except OptionError as exc:
         raise RequestError(400, str(exc).replace("argument --", "")) from exc
@@ -298,19 +301,6 @@ def parse_options(
     if problem:
         raise RequestError(400, problem)
     return config, bool(args.attention)
-
-
-def _attention_figure_uri(view: Any, words: list[str], maps: "torch.Tensor") -> str:
-    """The figure ``captioner caption --attention-map`` writes, as a PNG data URI."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    from captioner.attention_maps import attention_figure
-
-    fig = attention_figure(view, words, maps)
-    FigureCanvasAgg(fig)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,7 +331,7 @@ def model_summary(captioner: "Captioner", settings: ServeSettings) -> dict[str, 
         "dtype": info.dtype if info else "float32",
         "scores": info.scores if info else {},
         "trained_on": info.trained_on if info else {},
-        "decoding": asdict(info.decoding if info else DecodeConfig()),
+        "decoding": asdict(captioner.default_decoding),
         "options": list(OPTION_NAMES),
         "limits": {
             "max_images": settings.max_images,
@@ -387,12 +377,18 @@ def create_app(captioner: "Captioner", settings: ServeSettings | None = None) ->
         """Decode and preprocess one upload (on a worker thread) -> (the model's view of the
         image when attention maps are drawn over it, else None; the input tensor)."""
         image = load_image_bytes(data, name)
-        view = model_view(image, captioner.preprocessing) if attention else None
-        return view, captioner.transform(image)
+        if not attention:
+            return None, captioner.transform(image)
+        view = captioner.transform.geometry(image)  # resized and cropped once for both
+        return view, captioner.transform.to_tensor(view)
 
     def figure(view: Any, words: list[str], maps: Any) -> str:
+        """The figure ``captioner caption --attention-map`` writes, as a PNG data URI."""
+        from captioner.attention_maps import attention_png
+
         with figure_lock:
-            return _attention_figure_uri(view, words, maps)
+            png = attention_png(view, words, maps)
+        return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> Any:
@@ -591,12 +587,7 @@ def main(argv: Sequence[str]) -> int:
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port must be between 0 and 65535, got {args.port}")
     settings = ServeSettings(
-        max_batch=args.max_batch,
-        max_wait_ms=args.max_wait_ms,
-        max_images=args.max_images,
-        max_upload_mb=args.max_upload_mb,
-        max_beam_size=args.max_beam_size,
-        max_len=args.max_len,
+        **{f.name: getattr(args, f.name) for f in dataclass_fields(ServeSettings)}
     )
     try:
         import fastapi  # noqa: F401
