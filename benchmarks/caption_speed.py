@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 from common import demo_checkpoint
 
-from captioner.decoding import DecodeConfig
+from captioner.configs.decode import DecodeConfig
+from captioner.datasets.synthetic import ensure_demo_dataset
 from captioner.inference import Captioner
-from captioner.synthetic import ensure_demo_dataset
 
 
 def images_per_second(

@@ -64,7 +64,7 @@ def caption_command() -> list[str]:
 
 
 def demo_image(workdir: Path) -> Path:
-    from captioner.synthetic import ensure_demo_dataset  # numpy and Pillow, no torch
+    from captioner.datasets.synthetic import ensure_demo_dataset  # numpy and Pillow, no torch
 
     root = ensure_demo_dataset(workdir / "demo")
     return sorted((root / "images" / "test").iterdir())[0]

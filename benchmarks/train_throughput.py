@@ -7,7 +7,7 @@ For each preset (``data=coco``: batch 128, frozen ResNet-50, Adam, grad clip 5;
 512/512 LSTM, AdamW, EMA 0.999) on the same image-caption pairs, this measures pairs per second
 three ways, in alternating rounds to cancel machine noise:
 
-* product: the product's own training code, ``captioner.train.Trainer`` built from the composed
+* product: the product's own training code, ``captioner.training.train.Trainer`` built from the composed
   Hydra config, fed by its own loader from its feature cache: ``Trainer.start_epoch`` then
   ``Trainer.train_step`` per batch (the body of ``Trainer.train_epoch``, minus the progress bar);
 * bare: a plain PyTorch loop over the same batches (pre-collated from the product's loader) and
@@ -48,9 +48,10 @@ from common import cpu_name
 from omegaconf import OmegaConf
 from torch import Tensor, nn
 
-from captioner.config import TrainConfig, compose, parse_train_config
+from captioner.configs.hydra import compose
+from captioner.configs.training import TrainConfig, parse_train_config
 from captioner.runtime import setup_runtime
-from captioner.train import Trainer
+from captioner.training.train import Trainer
 
 log = logging.getLogger("train_throughput")
 

@@ -15,10 +15,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from captioner.data import Preprocessing
+from captioner.configs.model import ModelConfig
+from captioner.configs.preprocessing import Preprocessing
 from captioner.errors import UserError, first_line
 from captioner.files import atomic_path
-from captioner.model import CaptionModel, ModelConfig, build_model
+from captioner.models.captioning import CaptionModel, build_model
 from captioner.vocab import Vocab
 
 FORMAT = "captioner/1"

@@ -12,18 +12,17 @@ distribution, comparable across strategies.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from captioner.typed import from_dict
+from captioner.configs.decode import DecodeConfig
 
 State = tuple[Tensor, ...]  # every tensor has the batch in dim 1, e.g. LSTM (h, c): [layers, B, H]
-STRATEGIES: tuple[str, ...] = ("greedy", "beam", "sample")
 _NEG_INF = float("-inf")
 
 
@@ -38,49 +37,6 @@ class StepDecoder(Protocol):
     def step(self, tokens: Tensor, state: State) -> tuple[Tensor, State]:
         """Feed one token per sequence (LongTensor [B]) -> (next-token logits [B, V], new state)."""
         ...
-
-
-@dataclass
-class DecodeConfig:
-    """How to decode; validated on construction (a bad field raises ``ValueError`` naming it)."""
-
-    strategy: str = "greedy"  # "greedy" | "beam" | "sample"
-    max_len: int = 20  # max generated tokens per caption, counting <end>
-    beam_size: int = 3
-    length_penalty: float = 0.0  # GNMT alpha: rank by logprob / ((5 + len) / 6) ** alpha
-    suppress_unk: bool = False  # never emit <unk>
-    n_best: int = 1  # beam only: hypotheses returned per image (<= beam_size)
-    temperature: float = 1.0  # sample
-    top_k: int = 0  # sample; 0 = off
-    top_p: float = 1.0  # sample (nucleus); 1.0 = off
-    seed: int | None = None  # sample; a local generator is used, never the global RNG
-
-    def __post_init__(self) -> None:
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {list(STRATEGIES)}, got {self.strategy!r}")
-        if self.max_len < 1:
-            raise ValueError(f"max_len must be >= 1, got {self.max_len}")
-        if self.beam_size < 1:
-            raise ValueError(f"beam_size must be >= 1, got {self.beam_size}")
-        if not 1 <= self.n_best <= self.beam_size:
-            raise ValueError(
-                f"n_best must be between 1 and beam_size={self.beam_size}, got {self.n_best}"
-            )
-        if not 1e-3 <= self.temperature <= 1e3:  # also refuses nan: logits / t must stay finite
-            raise ValueError(f"temperature must be in [0.001, 1000], got {self.temperature}")
-        if not -10 <= self.length_penalty <= 10:  # ((5 + len) / 6) ** alpha must stay finite
-            raise ValueError(f"length_penalty must be in [-10, 10], got {self.length_penalty}")
-        if self.seed is not None and not -(2**63) <= self.seed < 2**64:
-            raise ValueError(f"seed must fit in 64 bits, got {self.seed}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any], where: str = "decode") -> DecodeConfig:
-        """Build from a config node; a bad or unknown field is a ``UserError`` naming ``where``."""
-        return from_dict(cls, data, where)
 
 
 @dataclass

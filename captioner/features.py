@@ -24,10 +24,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from captioner.data import ImageDataset, Preprocessing, build_transform, collate_images
+from captioner.configs.preprocessing import Preprocessing
+from captioner.datasets.images import ImageDataset, build_transform, collate_images
 from captioner.errors import UserError
 from captioner.files import atomic_path, atomic_write
-from captioner.model import Encoder
+from captioner.models.captioning import Encoder
 
 log = logging.getLogger(__name__)
 

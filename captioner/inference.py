@@ -11,20 +11,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 from PIL import Image
 
-from captioner.cider import corpus_cider_d
-from captioner.data import (
-    CaptionRecord,
-    ImageLoadError,
-    Preprocessing,
-    build_transform,
-    load_image,
-    pad_captions,
-    to_rgb,
-)
-from captioner.decoding import DecodeConfig, Hypothesis, decode
+from captioner.configs.decode import DecodeConfig
+from captioner.configs.preprocessing import Preprocessing
+from captioner.datasets.annotations import CaptionRecord
+from captioner.datasets.captions import pad_captions
+from captioner.datasets.images import ImageLoadError, build_transform, load_image, to_rgb
+from captioner.decoding import Hypothesis, decode
 from captioner.errors import UserError
-from captioner.metrics import bleu_from_text
-from captioner.model import CaptionModel
+from captioner.evaluation.cider import corpus_cider_d
+from captioner.evaluation.metrics import bleu_from_text
+from captioner.models.captioning import CaptionModel
 from captioner.runtime import autocast, resolve_device
 from captioner.vocab import Vocab, detokenize
 

@@ -28,11 +28,12 @@ import torch
 
 from captioner import __version__
 from captioner.checkpoint import load_checkpoint, run_checkpoint
-from captioner.data import Preprocessing
-from captioner.decoding import DecodeConfig
+from captioner.configs.decode import DecodeConfig
+from captioner.configs.model import ModelConfig
+from captioner.configs.preprocessing import Preprocessing
 from captioner.errors import UserError, first_line
 from captioner.files import atomic_path, atomic_write, read_json
-from captioner.model import CaptionModel, ModelConfig, build_model
+from captioner.models.captioning import CaptionModel, build_model
 from captioner.vocab import Vocab
 
 log = logging.getLogger(__name__)
@@ -162,7 +163,7 @@ def _validated_weights(ckpt: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     weights = dict(ckpt["model"])
     ema = ckpt.get("ema") if _is_last(ckpt) else None
     if ema and ema.get("averages"):
-        from captioner.model import rename_legacy_keys
+        from captioner.models.captioning import rename_legacy_keys
 
         weights.update(rename_legacy_keys(dict(ema["averages"])))
     return weights
@@ -173,7 +174,7 @@ def _scores(ckpt: Mapping[str, Any], checkpoint: Path) -> dict[str, float]:
     row of the run's metrics.jsonl (torn lines skipped), if there is one."""
     metrics = ckpt.get("metrics")
     if not metrics and checkpoint.is_file():
-        from captioner.runlog import read_metrics
+        from captioner.training.runlog import read_metrics
 
         epoch = _epoch(ckpt)
         rows = [r for r in read_metrics(checkpoint.parent / "metrics.jsonl") if r["epoch"] == epoch]

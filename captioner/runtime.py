@@ -16,11 +16,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from captioner.configs.training import PRECISIONS
 from captioner.errors import UserError
 
 log = logging.getLogger(__name__)
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 @dataclass

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from captioner.config import compose
-from captioner.model import Encoder
-from captioner.synthetic import ensure_demo_dataset
-from captioner.train import train
+from captioner.configs.hydra import compose
+from captioner.datasets.synthetic import ensure_demo_dataset
+from captioner.models.captioning import Encoder
+from captioner.training.train import train
 
 TINY_SPLITS = {"train": 24, "val": 8, "test": 8}
 

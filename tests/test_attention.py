@@ -17,29 +17,27 @@ import torch
 from PIL import Image
 from torch import nn
 
-from captioner.attention_maps import attention_figure, heat_overlay, save_attention_figure
 from captioner.checkpoint import (
     load_checkpoint,
     model_from_checkpoint,
     model_payload,
     save_checkpoint,
 )
-from captioner.data import Preprocessing, pad_captions
-from captioner.decoding import DecodeConfig
+from captioner.configs.decode import DecodeConfig
+from captioner.configs.model import DecoderConfig, EncoderConfig, ModelConfig
+from captioner.configs.preprocessing import Preprocessing
+from captioner.datasets.captions import pad_captions
 from captioner.errors import UserError
+from captioner.evaluation.attention_maps import (
+    attention_figure,
+    heat_overlay,
+    save_attention_figure,
+)
 from captioner.features import build_feature_cache
 from captioner.inference import decode_features
-from captioner.model import (
-    CaptionModel,
-    Decoder,
-    DecoderConfig,
-    Encoder,
-    EncoderConfig,
-    ModelConfig,
-    attention_penalty,
-)
-from captioner.objectives import TeacherForcing, caption_loss
-from captioner.train import _init_weights
+from captioner.models.captioning import CaptionModel, Decoder, Encoder, attention_penalty
+from captioner.training.objectives import TeacherForcing, caption_loss
+from captioner.training.train import _init_weights
 from captioner.vocab import Vocab, tokenize
 
 V, FEAT, PAD, START, END = 12, 8, Vocab.pad_id, Vocab.start_id, Vocab.end_id
@@ -272,8 +270,8 @@ def test_maps_of_decoded_captions_are_the_weights_decoding_used(
 ) -> None:
     """``generate(..., attention=True)`` teacher-forces each decoded caption once more; its maps
     equal the weights the decoding steps computed for those words."""
-    from captioner import model as model_module
     from captioner.inference import generate
+    from captioner.models import captioning as model_module
 
     model = tiny_model("gru", num_layers=2)
     used: list[torch.Tensor] = []
@@ -314,7 +312,7 @@ def spatial_config(cell: str, attention: str) -> ModelConfig:
 
 @pytest.mark.parametrize(("cell", "attention"), list(itertools.product(CELLS, ATTENTION)))
 def test_checkpoints_of_every_variant_round_trip(cell: str, attention: str, tmp_path: Path) -> None:
-    from captioner.model import build_model
+    from captioner.models.captioning import build_model
 
     vocab = Vocab.build(["a red circle", "a blue square"])
     torch.manual_seed(0)
@@ -360,7 +358,7 @@ def test_checkpoint_of_one_variant_refuses_to_load_as_another(tmp_path: Path) ->
 
 def test_weight_averages_from_before_the_cell_option_still_load() -> None:
     """A last.pt's EMA of a pre-cell model names its LSTM weights ``decoder.lstm.*`` too."""
-    from captioner.ema import ModelEMA
+    from captioner.training.ema import ModelEMA
 
     model = tiny_model("lstm", "none").train()
     ema = ModelEMA(model, 0.9)
@@ -376,7 +374,7 @@ def test_weight_averages_from_before_the_cell_option_still_load() -> None:
 
 def test_a_swin_style_channels_last_map_gives_a_channels_first_grid() -> None:
     """torchvision's Swin gives its map as [B, h, w, F]: the grid has F-d features."""
-    from captioner.model import create_encoder
+    from captioner.models.captioning import create_encoder
 
     cfg = EncoderConfig(name="swin_t", weights=None, resize=64, crop=64, flip_average=True)
     encoder, _ = create_encoder(cfg, pretrained=False, spatial=True)
@@ -508,10 +506,10 @@ def test_attention_run_trains_from_the_grid_cache_with_scst_and_reports_maps(
     """A frozen encoder's grids are cached and trained on, the regulariser and the gradient norm
     (without clipping) are logged, an SCST epoch samples from the attending GRU, and the
     evaluation report shows each entry's maps."""
-    from captioner.config import compose
-    from captioner.evaluate import evaluate
-    from captioner.runlog import read_metrics
-    from captioner.train import train
+    from captioner.configs.hydra import compose
+    from captioner.evaluation.evaluate import evaluate
+    from captioner.training.runlog import read_metrics
+    from captioner.training.train import train
 
     run = tmp_path / "run"
     overrides = [

@@ -1,5 +1,5 @@
-"""The caption path without torchvision: the native ResNets of :mod:`captioner.backbones` and the
-eval transform of :mod:`captioner.data` against torchvision's own, bit for bit, and a fresh
+"""The caption path without torchvision: the native ResNets of :mod:`captioner.models.backbones` and the
+eval transform of :mod:`captioner.datasets.captions` against torchvision's own, bit for bit, and a fresh
 process that rebuilds and runs a checkpoint's model without importing torchvision."""
 
 from __future__ import annotations
@@ -18,29 +18,28 @@ import torchvision
 from PIL import Image
 from torchvision import transforms as T
 
-from captioner import backbones, model
-from captioner.backbones import RESNET_WEIGHTS, RESNETS, resnet
 from captioner.checkpoint import (
     load_checkpoint,
     model_from_checkpoint,
     model_payload,
     save_checkpoint,
 )
-from captioner.data import (
+from captioner.configs.model import DecoderConfig, EncoderConfig, ModelConfig
+from captioner.configs.preprocessing import Preprocessing
+from captioner.datasets.images import (
     PIL_FILTERS,
     EvalTransform,
-    Preprocessing,
     build_transform,
     model_view,
     to_rgb,
 )
 from captioner.errors import UserError
 from captioner.features import encoder_fingerprint
-from captioner.model import (
-    DecoderConfig,
+from captioner.models import backbones
+from captioner.models import captioning as model
+from captioner.models.backbones import RESNET_WEIGHTS, RESNETS, resnet
+from captioner.models.captioning import (
     Encoder,
-    EncoderConfig,
-    ModelConfig,
     _strip_torchvision_head,
     _torchvision_backbone,
     build_model,
@@ -283,7 +282,7 @@ FRESH_PROCESS = """
 import json, sys
 import torch
 torch.set_num_threads(1)
-import captioner.caption, captioner.inference, captioner.checkpoint, captioner.pretrained
+import captioner.cli.caption, captioner.inference, captioner.checkpoint, captioner.pretrained
 report = {"after_import": "torchvision" in sys.modules}
 from captioner.checkpoint import load_checkpoint, model_from_checkpoint
 from captioner.inference import Captioner
@@ -334,7 +333,7 @@ def test_a_fresh_process_captions_without_importing_torchvision(
     assert not report["after_import"], "importing the caption path imports torchvision"
     assert not report["after_rebuild"], "rebuilding a ResNet-18 checkpoint imports torchvision"
     assert not report["after_caption"], "captioning imports torchvision"
-    assert report["backbone"] == "captioner.backbones"
+    assert report["backbone"] == "captioner.models.backbones"
     assert all(isinstance(report[f"caption {c}"], str) for c in checkpoints)
 
     # the same features (pooled, and the grid attention reads) as torchvision's model and

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from captioner.cli import main
-from captioner.decoding import DecodeConfig
+from captioner.configs.decode import DecodeConfig
 from captioner.errors import UserError
 from captioner.inference import Captioner
 
@@ -312,7 +312,8 @@ def test_cli_bad_options_are_one_line(
 def attention_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An untrained ResNet-18 (64 px: a 2 x 2 grid) + GRU with soft attention."""
     from captioner.checkpoint import model_payload, save_checkpoint
-    from captioner.model import DecoderConfig, EncoderConfig, ModelConfig, build_model
+    from captioner.configs.model import DecoderConfig, EncoderConfig, ModelConfig
+    from captioner.models.captioning import build_model
     from captioner.vocab import Vocab
 
     torch.manual_seed(0)

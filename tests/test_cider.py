@@ -8,8 +8,8 @@ import math
 
 import pytest
 
-from captioner.cider import CiderD
-from captioner.synthetic import ensure_demo_dataset
+from captioner.datasets.synthetic import ensure_demo_dataset
+from captioner.evaluation.cider import CiderD
 from captioner.vocab import tokenize
 
 REFS = [

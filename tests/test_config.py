@@ -14,10 +14,11 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from captioner.config import compose, config_dir, default_cache_dir, parse_train_config
-from captioner.decoding import DecodeConfig
+from captioner.configs.decode import DecodeConfig
+from captioner.configs.hydra import compose, config_dir, default_cache_dir
+from captioner.configs.model import ModelConfig
+from captioner.configs.training import parse_train_config
 from captioner.errors import UserError
-from captioner.model import ModelConfig
 
 GROUPS = {
     "data": ["coco", "demo", "flickr8k", "karpathy"],
@@ -62,7 +63,7 @@ def test_feature_cache_defaults_to_the_user_cache(
 
 def test_decoding_defaults_have_one_source() -> None:
     """trainer.val_decode, evaluate's decode and the caption CLI take DecodeConfig's defaults."""
-    from captioner.caption import build_parser, decode_config
+    from captioner.cli.caption import build_parser, decode_config
 
     defaults = asdict(DecodeConfig())
     assert OmegaConf.to_container(compose("train").trainer.val_decode) == defaults

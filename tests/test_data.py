@@ -12,22 +12,17 @@ import pytest
 import torch
 from PIL import Image
 
-from captioner.config import DataConfig
-from captioner.data import (
-    CaptionRecord,
+from captioner.configs.data import DataConfig
+from captioner.configs.preprocessing import Preprocessing
+from captioner.datasets.annotations import CaptionRecord, load_coco_captions, load_karpathy_split
+from captioner.datasets.captions import (
     CaptionTrainDataset,
-    ImageDataset,
-    ImageLoadError,
-    Preprocessing,
     ResumableSampler,
-    build_transform,
     collate_captions,
     encode_caption,
-    load_coco_captions,
-    load_image,
-    load_karpathy_split,
     load_split,
 )
+from captioner.datasets.images import ImageDataset, ImageLoadError, build_transform, load_image
 from captioner.errors import UserError
 from captioner.typed import from_dict
 from captioner.vocab import Vocab
@@ -498,7 +493,7 @@ def test_image_dataset_skips_unreadable_with_warning(
     ds = ImageDataset(
         [tmp_path / "ok.png", tmp_path / "bad.jpg"], build_transform(Preprocessing(8, 8))
     )
-    with caplog.at_level(logging.WARNING, logger="captioner.data"):
+    with caplog.at_level(logging.WARNING, logger="captioner.datasets.captions"):
         good, bad = ds[0], ds[1]
     assert good[0].shape == (3, 8, 8) and good[1] == 0
     assert bad == (None, 1)
@@ -684,7 +679,7 @@ def test_sampler_no_shuffle_is_identity() -> None:
 def tiny_encoder():
     from torch import nn
 
-    from captioner.model import Encoder
+    from captioner.models.captioning import Encoder
 
     return Encoder(nn.Sequential(nn.Conv2d(3, 4, 1), nn.AdaptiveAvgPool2d(1)), 4)
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from captioner.configs.decode import DecodeConfig
+from captioner.configs.model import DecoderConfig
 from captioner.decoding import (
-    DecodeConfig,
     Hypothesis,
     StepDecoder,
     beam_search,
@@ -20,7 +21,7 @@ from captioner.decoding import (
     length_penalty,
     sample,
 )
-from captioner.model import Decoder, DecoderConfig
+from captioner.models.captioning import Decoder
 
 PAD, START, END, UNK, A, B, C, D = range(8)  # scripted vocabulary (same specials as Vocab)
 IDS = {"start_id": START, "end_id": END, "unk_id": UNK, "pad_id": PAD}

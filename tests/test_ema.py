@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from captioner.ema import ModelEMA
 from captioner.errors import UserError
+from captioner.training.ema import ModelEMA
 
 
 def small_model() -> nn.Module:

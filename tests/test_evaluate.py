@@ -13,13 +13,13 @@ import pytest
 from conftest import tiny_overrides
 from PIL import Image
 
-from captioner import metrics as metrics_module
 from captioner.cli import main
-from captioner.config import compose
+from captioner.configs.hydra import compose
 from captioner.errors import UserError
-from captioner.evaluate import evaluate
-from captioner.metrics import bleu_from_text, sentence_bleu_from_text
-from captioner.train import train
+from captioner.evaluation import metrics as metrics_module
+from captioner.evaluation.evaluate import evaluate
+from captioner.evaluation.metrics import bleu_from_text, sentence_bleu_from_text
+from captioner.training.train import train
 
 FAST = ["device=cpu", "coco_metrics=false", "batch_size=4"]
 

@@ -1,4 +1,4 @@
-"""Tests for captioner.metrics: corpus BLEU (NLTK) against hand-worked values and coco-caption."""
+"""Tests for captioner.evaluation.metrics: corpus BLEU (NLTK) against hand-worked values and coco-caption."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import warnings
 
 import pytest
 
-from captioner import metrics
-from captioner.metrics import (
+from captioner.evaluation import metrics
+from captioner.evaluation.metrics import (
     bleu_from_text,
     coco_caption_metrics,
     corpus_bleu,
@@ -256,7 +256,7 @@ def test_corpus_bleu_agrees_with_coco_caption_on_demo_captions():
     """A realistic corpus: 40 demo scenes; each hypothesis is one caption of its scene (or, for
     every third image, of another scene) scored against the other captions of its own scene."""
     pytest.importorskip("pycocoevalcap.bleu.bleu")
-    from captioner.synthetic import describe_scene, sample_scene
+    from captioner.datasets.synthetic import describe_scene, sample_scene
 
     rng = random.Random(7)
     captions = [describe_scene(sample_scene(rng, 64), rng) for _ in range(40)]
@@ -373,17 +373,17 @@ def test_coco_metrics_none_without_pycocoevalcap(monkeypatch, caplog, fresh_warn
     for name in [m for m in sys.modules if m.startswith("pycocoevalcap")]:
         monkeypatch.setitem(sys.modules, name, None)
     monkeypatch.setitem(sys.modules, "pycocoevalcap", None)  # makes the import fail
-    with caplog.at_level(logging.INFO, logger="captioner.metrics"):
+    with caplog.at_level(logging.INFO, logger="captioner.evaluation.metrics"):
         assert coco_caption_metrics(HYPS, REFS) is None
         assert coco_caption_metrics(HYPS, REFS) is None
-    messages = [r.getMessage() for r in caplog.records if r.name == "captioner.metrics"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "captioner.evaluation.metrics"]
     assert len(messages) == 1  # logged once, not per call
     assert 'pip install "captioner[coco-eval]"' in messages[0]
 
 
 def test_coco_metrics_none_without_java(monkeypatch, caplog, fresh_warning_state):
     monkeypatch.setattr(metrics.shutil, "which", lambda name: None)
-    with caplog.at_level(logging.INFO, logger="captioner.metrics"):
+    with caplog.at_level(logging.INFO, logger="captioner.evaluation.metrics"):
         assert coco_caption_metrics(HYPS, REFS) is None
     assert len(caplog.records) == 1
 

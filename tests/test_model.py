@@ -18,21 +18,13 @@ from captioner.checkpoint import (
     model_payload,
     save_checkpoint,
 )
-from captioner.data import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
-from captioner.decoding import DecodeConfig
+from captioner.configs.decode import DecodeConfig
+from captioner.configs.model import DecoderConfig, EncoderConfig, ModelConfig
+from captioner.configs.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from captioner.errors import UserError
 from captioner.inference import decode_features, hypothesis_text
-from captioner.model import (
-    CaptionModel,
-    Decoder,
-    DecoderConfig,
-    Encoder,
-    EncoderConfig,
-    ModelConfig,
-    build_model,
-    create_encoder,
-)
-from captioner.objectives import caption_loss
+from captioner.models.captioning import CaptionModel, Decoder, Encoder, build_model, create_encoder
+from captioner.training.objectives import caption_loss
 from captioner.vocab import Vocab
 
 PAD = Vocab.pad_id

@@ -18,9 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from captioner.download import Archive, download
-from captioner.errors import UserError
-from captioner.prepare import (
+from captioner.datasets.download import Archive, download
+from captioner.datasets.prepare import (
     main,
     normalize_caption,
     prepare_coco,
@@ -28,6 +27,7 @@ from captioner.prepare import (
     prepare_flickr30k,
     prepare_karpathy,
 )
+from captioner.errors import UserError
 
 # ---------------------------------------------------------------------------------------------
 # helpers
@@ -37,7 +37,7 @@ def load(path: Path, images: Path) -> dict[int, tuple[str, list[str]]]:
     """Load through the pipeline's loader and pycocotools: {image id: (file name, captions)}."""
     from pycocotools.coco import COCO
 
-    from captioner.annotations import load_coco_captions
+    from captioner.datasets.annotations import load_coco_captions
 
     records = load_coco_captions(path, images)
     with contextlib.redirect_stdout(io.StringIO()):
@@ -125,7 +125,7 @@ def test_flickr8k_logs_what_it_skipped(
     flickr8k: dict[str, Path], caplog: pytest.LogCaptureFixture
 ) -> None:
     text = flickr8k["text"]
-    with caplog.at_level("INFO", logger="captioner.prepare"):
+    with caplog.at_level("INFO", logger="captioner.datasets.prepare"):
         prepare_flickr8k(text / "Flickr8k.token.txt", text, flickr8k["images"], flickr8k["out"])
     log = caplog.text
     assert "2 captioned images in no split (skipped)" in log
@@ -276,8 +276,8 @@ def test_karpathy_image_in_two_splits_is_an_error(tmp_path: Path) -> None:
 def test_every_karpathy_reader_says_the_same(tmp_path: Path, change: dict, says: str) -> None:
     """One reader behind the converter, the Flickr30k splits and the training loader: the same
     entry is wrong in the same words for all three, whichever split it is in."""
-    from captioner.annotations import load_karpathy_split
-    from captioner.prepare import read_karpathy_splits
+    from captioner.datasets.annotations import load_karpathy_split
+    from captioner.datasets.prepare import read_karpathy_splits
 
     split_file = karpathy_file(tmp_path / "dataset_coco.json")
     data = json.loads(split_file.read_text())
@@ -556,7 +556,7 @@ def test_prepare_and_its_readers_do_not_import_torch() -> None:
     import subprocess
     import sys
 
-    modules = ("prepare", "download", "annotations", "files")
+    modules = ("datasets.prepare", "datasets.download", "datasets.annotations", "files")
     code = (
         f"import sys; import {', '.join(f'captioner.{m}' for m in modules)}; "
         "print(sorted(m for m in ('torch', 'numpy', 'PIL', 'pycocotools') if m in sys.modules))"

@@ -16,10 +16,11 @@ from PIL import Image
 
 from captioner.checkpoint import load_checkpoint, model_payload, save_checkpoint
 from captioner.cli import main
-from captioner.decoding import DecodeConfig
+from captioner.configs.decode import DecodeConfig
+from captioner.configs.model import DecoderConfig, EncoderConfig, ModelConfig
 from captioner.errors import UserError
 from captioner.inference import Captioner
-from captioner.model import DecoderConfig, EncoderConfig, ModelConfig, build_model
+from captioner.models.captioning import build_model
 from captioner.pretrained import (
     CONFIG,
     FORMAT_VERSION,

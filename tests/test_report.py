@@ -18,8 +18,8 @@ from conftest import tiny_overrides
 from omegaconf import OmegaConf
 from PIL import Image
 
-from captioner.config import compose
-from captioner.report import (
+from captioner.configs.hydra import compose
+from captioner.evaluation.report import (
     CURVES,
     plot_training_curves,
     training_curves_figure,
@@ -236,7 +236,7 @@ def test_report_module_imports_no_plot_library(tmp_path: Path) -> None:
     """matplotlib loads only when a curve is drawn, and never pyplot (nor a GUI backend)."""
     code = (
         "import sys\n"
-        "import captioner.report as r\n"
+        "import captioner.evaluation.report as r\n"
         "assert 'matplotlib' not in sys.modules\n"
         "assert r.training_curves_svg([{'epoch': 1, 'train_loss': 1.0}]).startswith('<svg')\n"
         "assert 'matplotlib' in sys.modules and 'matplotlib.pyplot' not in sys.modules\n"
@@ -259,8 +259,8 @@ def one_thread():
 def test_evaluate_report_hook(tiny_demo: Path, tmp_path: Path, one_thread: None) -> None:
     """``captioner evaluate ... report=true``: report.html beside metrics.json, with the curves of
     the checkpoint's training run."""
-    from captioner.evaluate import evaluate
-    from captioner.train import train
+    from captioner.evaluation.evaluate import evaluate
+    from captioner.training.train import train
 
     run = tmp_path / "train"
     train(

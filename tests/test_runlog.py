@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from captioner.progress import Progress
-from captioner.runlog import RunLog, read_metrics
+from captioner.training.progress import Progress
+from captioner.training.runlog import RunLog, read_metrics
 
 
 def write_lines(path: Path, *lines: str) -> Path:

@@ -11,17 +11,18 @@ import torch
 from test_training import assert_same_run_end, assert_same_tensors, interrupt_at
 from torch import nn
 
-from captioner import scst as scst_module
-from captioner.annotations import CaptionRecord
 from captioner.checkpoint import load_checkpoint
-from captioner.config import SCSTConfig, parse_train_config
+from captioner.configs.model import DecoderConfig, ModelConfig
+from captioner.configs.training import SCSTConfig, parse_train_config
+from captioner.datasets.annotations import CaptionRecord
 from captioner.decoding import Hypothesis
 from captioner.errors import UserError
-from captioner.model import CaptionModel, Decoder, DecoderConfig, Encoder, ModelConfig
-from captioner.runlog import read_metrics
+from captioner.models.captioning import CaptionModel, Decoder, Encoder
 from captioner.runtime import setup_runtime
-from captioner.scst import SelfCritical, mean_of_others, sequence_log_probs
-from captioner.train import Trainer, TrainingInterrupted, train
+from captioner.training import scst as scst_module
+from captioner.training.runlog import read_metrics
+from captioner.training.scst import SelfCritical, mean_of_others, sequence_log_probs
+from captioner.training.train import Trainer, TrainingInterrupted, train
 from captioner.vocab import Vocab
 
 CAPTIONS = [

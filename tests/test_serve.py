@@ -26,10 +26,11 @@ from fastapi.testclient import TestClient  # noqa: E402
 from test_caption import bomb_png  # noqa: E402
 from test_pretrained import images, variant_checkpoint  # noqa: E402
 
-from captioner.decoding import DecodeConfig, Hypothesis  # noqa: E402
+from captioner.configs.decode import DecodeConfig  # noqa: E402
+from captioner.decoding import Hypothesis
 from captioner.inference import Captioner  # noqa: E402
 from captioner.pretrained import export_pretrained  # noqa: E402
-from captioner.serve import MicroBatcher, ServeSettings, create_app  # noqa: E402
+from captioner.serve.app import MicroBatcher, ServeSettings, create_app  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -130,8 +131,8 @@ def test_options_in_the_query_string(
 def test_attention_maps_of_a_model_that_attends(
     models: dict[str, Path], pics: list[Path], tmp_path: Path
 ) -> None:
-    from captioner.attention_maps import save_attention_figure
-    from captioner.data import load_image, model_view
+    from captioner.datasets.images import load_image, model_view
+    from captioner.evaluation.attention_maps import save_attention_figure
 
     captioner = Captioner.from_pretrained(models["attends"], device="cpu")
     with TestClient(create_app(captioner)) as c:
@@ -422,7 +423,7 @@ def test_an_app_starts_twice_and_health_says_when_the_batcher_is_down(
 
 
 def test_false_flags_turn_off_a_model_default(pooled: Captioner) -> None:
-    from captioner.serve import parse_options
+    from captioner.serve.app import parse_options
 
     settings = ServeSettings()
     sampling = DecodeConfig("sample", top_k=3, suppress_unk=True)

@@ -13,9 +13,8 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
-from captioner import synthetic
-from captioner.errors import UserError
-from captioner.synthetic import (
+from captioner.datasets import synthetic
+from captioner.datasets.synthetic import (
     COLORS,
     DEMO_SPLITS,
     POSITIONS,
@@ -27,6 +26,7 @@ from captioner.synthetic import (
     render_scene,
     sample_scene,
 )
+from captioner.errors import UserError
 from captioner.vocab import tokenize
 
 SMALL = {"train": 20, "val": 5, "test": 5}
@@ -201,12 +201,12 @@ def test_deterministic(tmp_path):
 
 def test_idempotent_second_call_writes_nothing(tmp_path, caplog):
     root = tmp_path / "demo"
-    with caplog.at_level(logging.INFO, logger="captioner.synthetic"):
+    with caplog.at_level(logging.INFO, logger="captioner.datasets.synthetic"):
         assert ensure_demo_dataset(root, splits=SMALL) == root
     assert any("generating demo dataset in" in r.getMessage() for r in caplog.records)
     before = {p: p.stat().st_mtime_ns for p in root.rglob("*")}
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="captioner.synthetic"):
+    with caplog.at_level(logging.INFO, logger="captioner.datasets.synthetic"):
         assert ensure_demo_dataset(str(root), splits=dict(SMALL)) == root
     assert not caplog.records
     assert {p: p.stat().st_mtime_ns for p in root.rglob("*")} == before

@@ -15,14 +15,15 @@ import pytest
 import torch
 from conftest import tiny_overrides
 
-from captioner import objectives
 from captioner.checkpoint import load_checkpoint, model_from_checkpoint
-from captioner.config import compose
+from captioner.configs.hydra import compose
+from captioner.configs.model import ModelConfig
 from captioner.errors import UserError
-from captioner.model import ModelConfig, create_encoder
-from captioner.runlog import read_metrics
+from captioner.models.captioning import create_encoder
 from captioner.runtime import seed_everything
-from captioner.train import Trainer, TrainingInterrupted, train
+from captioner.training import objectives
+from captioner.training.runlog import read_metrics
+from captioner.training.train import Trainer, TrainingInterrupted, train
 from captioner.vocab import Vocab
 
 METRIC_KEYS = {"epoch", "train_loss", "val_loss", "val_bleu4", "seconds"}
@@ -184,7 +185,7 @@ def test_resume_mid_epoch_continues_the_weight_average(
 def test_best_pt_is_the_validated_model(make_cfg, tmp_path: Path) -> None:
     """With a weight average and beam validation, evaluating best.pt the same way on val gives
     exactly the val BLEU that selected it: best.pt holds the averaged weights that were scored."""
-    from captioner.evaluate import evaluate
+    from captioner.evaluation.evaluate import evaluate
 
     beam = ["trainer.val_decode.strategy=beam", "trainer.val_decode.beam_size=2"]
     train(make_cfg(EMA, *beam, "trainer.max_epochs=1"), tmp_path / "run")

@@ -15,22 +15,19 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from captioner.annotations import CaptionRecord
-from captioner.config import DataConfig, TrainerConfig
-from captioner.data import (
-    CaptionTrainDataset,
-    Preprocessing,
-    ResumableSampler,
-    build_transform,
-    collate_captions,
-)
+from captioner.configs.data import DataConfig
+from captioner.configs.preprocessing import Preprocessing
+from captioner.configs.training import TrainerConfig
+from captioner.datasets.annotations import CaptionRecord
+from captioner.datasets.captions import CaptionTrainDataset, ResumableSampler, collate_captions
+from captioner.datasets.images import build_transform
 from captioner.features import (
     CachedFeatures,
     build_feature_cache,
     encoder_fingerprint,
     image_source,
 )
-from captioner.model import CaptionModel
+from captioner.models.captioning import CaptionModel
 from captioner.runtime import Runtime, barrier
 from captioner.vocab import Vocab
 

@@ -2,12 +2,12 @@
 by default), validated by free-running BLEU-4.
 
 ``train(cfg, out_dir)`` is what ``captioner train`` runs (and what tests call): it parses the
-composed config into :class:`~captioner.config.TrainConfig` first, so a bad value fails before
+composed config into :class:`~captioner.configs.training.TrainConfig` first, so a bad value fails before
 any work. One process, or one per GPU under ``torchrun`` (PyTorch DDP): rank 0 logs and writes.
 
-What lives where: the counters in :class:`~captioner.progress.Progress`, the run's records in
-:class:`~captioner.runlog.RunLog`, the objective in :mod:`captioner.objectives`, validation in
-:mod:`captioner.validation`, devices, precision, RNG streams and signals in
+What lives where: the counters in :class:`~captioner.training.progress.Progress`, the run's records in
+:class:`~captioner.training.runlog.RunLog`, the objective in :mod:`captioner.training.objectives`, validation in
+:mod:`captioner.training.validation`, devices, precision, RNG streams and signals in
 :mod:`captioner.runtime`. :class:`Trainer` holds them together and runs the loop.
 """
 
@@ -29,15 +29,12 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from captioner.checkpoint import load_checkpoint, model_payload, save_checkpoint
-from captioner.config import TrainConfig, check_cache_features, parse_train_config
-from captioner.data import Preprocessing, load_split
-from captioner.ema import ModelEMA
+from captioner.configs.model import ARCHITECTURE_FIELDS, ModelConfig
+from captioner.configs.preprocessing import Preprocessing
+from captioner.configs.training import TrainConfig, check_cache_features, parse_train_config
+from captioner.datasets.captions import load_split
 from captioner.errors import UserError, first_line
-from captioner.loaders import RunLoaders
-from captioner.model import ARCHITECTURE_FIELDS, CaptionModel, ModelConfig, build_model
-from captioner.objectives import Objective, TeacherForcing, to_device
-from captioner.progress import Progress
-from captioner.runlog import RunLog
+from captioner.models.captioning import CaptionModel, build_model
 from captioner.runtime import (
     Runtime,
     StopSignal,
@@ -49,8 +46,13 @@ from captioner.runtime import (
     setup_runtime,
     teardown_runtime,
 )
-from captioner.scst import SelfCritical
-from captioner.validation import validate
+from captioner.training.ema import ModelEMA
+from captioner.training.loaders import RunLoaders
+from captioner.training.objectives import Objective, TeacherForcing, to_device
+from captioner.training.progress import Progress
+from captioner.training.runlog import RunLog
+from captioner.training.scst import SelfCritical
+from captioner.training.validation import validate
 from captioner.vocab import Vocab
 
 log = logging.getLogger(__name__)

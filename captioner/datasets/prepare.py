@@ -23,7 +23,7 @@ missing on disk) are skipped with a logged count, and an image in two splits is 
 
 Downloads (``coco``): the official archives from ``http://images.cocodataset.org`` and, with
 ``--karpathy``, Karpathy's ``caption_datasets.zip``, fetched into ``OUT/downloads/`` and unpacked
-into ``OUT`` by :mod:`captioner.download` (resumable, verified, stamped once unpacked). COCO
+into ``OUT`` by :mod:`captioner.datasets.download` (resumable, verified, stamped once unpacked). COCO
 publishes no checksums (and no sizes), so none is hard-coded here: the integrity check is the
 CRC-32 of every zip member, verified while unpacking.
 """
@@ -41,8 +41,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from captioner.annotations import read_karpathy
-from captioner.download import Archive, fetch_archive
+from captioner.datasets.annotations import read_karpathy
+from captioner.datasets.download import Archive, fetch_archive
 from captioner.errors import UserError
 from captioner.files import atomic_write, read_text
 from captioner.vocab import tokenize
@@ -379,7 +379,7 @@ def prepare_karpathy(
 
 
 # ---------------------------------------------------------------------------------------------
-# downloading COCO (the downloader itself: captioner.download)
+# downloading COCO (the downloader itself: captioner.datasets.download)
 
 
 def _annotation_captions(member: str) -> str | None:

@@ -4,7 +4,7 @@ own samples, with a baseline from the model itself.
 Per image of a batch, K captions are sampled (multinomial, up to ``<end>`` or ``max_len``
 tokens, through the same :func:`captioner.decoding.sample` that ``captioner caption`` uses).
 Each sample's reward is its CIDEr-D against the image's references, with document frequencies
-computed ONCE from the training split's references (:class:`captioner.cider.CiderD`). The
+computed ONCE from the training split's references (:class:`captioner.evaluation.cider.CiderD`). The
 baseline is the mean reward of the image's OTHER K-1 samples (Luo 2020, the "new self-critical":
 never the sample itself, so the estimate stays unbiased) or the reward of its greedy caption
 (the original paper). The loss is ``-(r - b) * sum_t log p(w_t)`` over the sample's tokens,
@@ -37,14 +37,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from captioner.annotations import CaptionRecord
 from captioner.checkpoint import unwrap
-from captioner.cider import CiderD
-from captioner.config import SCSTConfig
-from captioner.data import pad_captions
-from captioner.decoding import DecodeConfig, Hypothesis, banned_ids, decode, mask_logits
-from captioner.model import CaptionModel
-from captioner.objectives import StepLoss
+from captioner.configs.decode import DecodeConfig
+from captioner.configs.training import SCSTConfig
+from captioner.datasets.annotations import CaptionRecord
+from captioner.datasets.captions import pad_captions
+from captioner.decoding import Hypothesis, banned_ids, decode, mask_logits
+from captioner.evaluation.cider import CiderD
+from captioner.models.captioning import CaptionModel
+from captioner.training.objectives import StepLoss
 from captioner.vocab import Vocab, tokenize
 
 END_WORD = "<end>"
@@ -79,7 +80,7 @@ def sequence_log_probs(logits: Tensor, captions: Tensor, banned: Tensor, pad_id:
 
 
 class SelfCritical:
-    """The SCST objective (an :class:`captioner.objectives.Objective`). Batches hold each image
+    """The SCST objective (an :class:`captioner.training.objectives.Objective`). Batches hold each image
     once (``index``: record indices into ``records``, the training split)."""
 
     def __init__(

@@ -34,15 +34,11 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 from captioner import __version__
-from captioner.caption import (
-    OptionError,
-    OptionParser,
-    add_decoding_options,
-    decode_config,
-)
 from captioner.checkpoint import DEFAULT_RUNS, find_checkpoint
-from captioner.data import ImageLoadError, load_image_bytes
-from captioner.decoding import DecodeConfig, Hypothesis
+from captioner.cli.caption import OptionError, OptionParser, add_decoding_options, decode_config
+from captioner.configs.decode import DecodeConfig
+from captioner.datasets.images import ImageLoadError, load_image_bytes
+from captioner.decoding import Hypothesis
 from captioner.errors import UserError
 
 if TYPE_CHECKING:  # annotations naming these are strings: fastapi and torch load on use
@@ -384,7 +380,7 @@ def create_app(captioner: "Captioner", settings: ServeSettings | None = None) ->
 
     def figure(view: Any, words: list[str], maps: Any) -> str:
         """The figure ``captioner caption --attention-map`` writes, as a PNG data URI."""
-        from captioner.attention_maps import attention_png
+        from captioner.evaluation.attention_maps import attention_png
 
         with figure_lock:
             png = attention_png(view, words, maps)

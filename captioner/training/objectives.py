@@ -1,11 +1,11 @@
 """Per-batch training objectives: what one optimizer step minimises.
 
-The training loop (:class:`captioner.train.Trainer`) owns everything around a step (device
+The training loop (:class:`captioner.training.train.Trainer`) owns everything around a step (device
 placement, autocast, backward, clipping, the optimizer, the weight average, counters); an
 objective only turns a batch into a loss. Any callable with :class:`Objective`'s signature can
 replace teacher forcing without touching the loop.
 
-Batches are those of :func:`captioner.data.collate_captions`: ``inputs`` [B, 3, H, W] images or
+Batches are those of :func:`captioner.datasets.captions.collate_captions`: ``inputs`` [B, 3, H, W] images or
 [B, F] cached features ([B, P, F] grids for a decoder that attends), ``captions`` [N, T],
 ``lengths`` [N] (CPU), ``image_of_caption`` [N].
 """
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from captioner.model import attention_penalty
+from captioner.models.captioning import attention_penalty
 
 
 @dataclass
@@ -74,7 +74,7 @@ class TeacherForcing:
     """Cross-entropy of the ground-truth next token given the ground-truth prefix (the XE
     objective of Show and Tell), optionally label-smoothed. For a decoder that attends,
     ``attention_penalty`` > 0 adds lambda times the doubly stochastic regulariser of Show, Attend
-    and Tell (:func:`captioner.model.attention_penalty`), logged as ``attention_penalty``, and
+    and Tell (:func:`captioner.models.captioning.attention_penalty`), logged as ``attention_penalty``, and
     the cross-entropy alone as ``xe_loss`` (``train_loss`` is their sum, what is minimised)."""
 
     pad_id: int = 0

@@ -16,7 +16,7 @@ a trailing "." or " ." on some, like real caption data). The templates share lit
 a captioner has to read the picture: the best single caption for every image scores about 0.2
 BLEU-4, while naming the true attributes in the most common wording scores above 0.9.
 
-The dataset is written in the COCO captions format that :mod:`captioner.data` reads::
+The dataset is written in the COCO captions format that :mod:`captioner.datasets.captions` reads::
 
     root/demo.json                           manifest (seed, image size, split sizes, version)
     root/images/{split}/{split}_{i:05d}.png

@@ -16,12 +16,12 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from captioner.annotations import CaptionRecord
-from captioner.decoding import DecodeConfig
+from captioner.configs.decode import DecodeConfig
+from captioner.datasets.annotations import CaptionRecord
 from captioner.inference import corpus_scores, generate, hypothesis_text
-from captioner.model import CaptionModel
-from captioner.objectives import caption_loss, target_tokens
+from captioner.models.captioning import CaptionModel
 from captioner.runtime import Runtime, autocast
+from captioner.training.objectives import caption_loss, target_tokens
 from captioner.vocab import Vocab
 
 
@@ -48,7 +48,7 @@ def validate(
     autocast_dtype: torch.dtype | None = None,
 ) -> Validation:
     """Score ``model`` (put in eval mode here) on validation ``batches`` of
-    :func:`captioner.data.collate_captions` holding every reference caption of each image."""
+    :func:`captioner.datasets.captions.collate_captions` holding every reference caption of each image."""
     model.eval()
     totals = {"loss": 0.0, "tokens": 0}
 

@@ -21,24 +21,25 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from captioner.attention_maps import attention_panels
 from captioner.checkpoint import find_checkpoint, load_checkpoint, model_from_checkpoint
-from captioner.config import DataConfig, EvaluateConfig
-from captioner.data import (
+from captioner.configs.data import DataConfig
+from captioner.configs.evaluate import EvaluateConfig
+from captioner.configs.preprocessing import Preprocessing
+from captioner.datasets.captions import load_split
+from captioner.datasets.images import (
     ImageLoadError,
-    Preprocessing,
     build_transform,
     collate_images,
     load_image,
-    load_split,
     model_view,
 )
 from captioner.decoding import Hypothesis
 from captioner.errors import UserError
+from captioner.evaluation.attention_maps import attention_panels
+from captioner.evaluation.metrics import coco_caption_metrics, sentence_bleu_from_text
+from captioner.evaluation.report import SCORE_KEYS, write_report
 from captioner.features import build_feature_cache, image_source
 from captioner.inference import corpus_scores, generate, hypothesis_text
-from captioner.metrics import coco_caption_metrics, sentence_bleu_from_text
-from captioner.report import SCORE_KEYS, write_report
 from captioner.runtime import resolve_device
 from captioner.typed import from_dict
 from captioner.vocab import Vocab

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from captioner.configs.data import SPLITS
 from captioner.errors import UserError
 from captioner.files import read_json
 from captioner.vocab import tokenize
@@ -113,8 +114,6 @@ def load_coco_captions(
 
 # ---------------------------------------------------------------------------------------------
 # Karpathy's split files
-
-SPLITS = ("train", "val", "test")  # what a data config can load
 
 
 @dataclass(frozen=True)

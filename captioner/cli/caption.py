@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from captioner.checkpoint import DEFAULT_RUNS, find_checkpoint
-from captioner.data import IMAGE_EXTENSIONS
-from captioner.decoding import DecodeConfig
+from captioner.configs.decode import DecodeConfig
+from captioner.datasets.images import IMAGE_EXTENSIONS
 from captioner.errors import UserError
 
 if TYPE_CHECKING:
@@ -238,8 +238,8 @@ def run(argv: Sequence[str]) -> int:
 
 def _write_map(directory: Path, res: CaptionResult, captioner: Captioner, names: set[str]) -> Path:
     """DIR/<image stem>.png (-2, -3 ... when two images share a name)."""
-    from captioner.attention_maps import save_attention_figure
-    from captioner.data import load_image, model_view
+    from captioner.datasets.images import load_image, model_view
+    from captioner.evaluation.attention_maps import save_attention_figure
 
     stem, n = Path(res.source).stem, 1
     while (name := stem if n == 1 else f"{stem}-{n}") in names:

@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
-from captioner.data import load_image
-from captioner.runlog import read_metrics
+from captioner.datasets.images import load_image
+from captioner.training.runlog import read_metrics
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -233,7 +233,7 @@ def write_report(
     are shown worst sentence BLEU-4 first (``max_images`` keeps the worst N). ``metrics_log``, a
     training run's ``metrics.jsonl``, adds its loss/BLEU curves when the file exists.
     ``attention``: per image id, (word, JPEG of its attention map) panels shown with the entry
-    (:func:`captioner.attention_maps.attention_panels`).
+    (:func:`captioner.evaluation.attention_maps.attention_panels`).
     """
     out_dir = Path(out_dir)
     ordered = sorted(rows, key=lambda r: (_bleu(r), _id_key(r.get("image_id"))))

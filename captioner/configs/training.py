@@ -1,136 +1,39 @@
-"""Configuration: where the Hydra configs live, composing them, and the typed settings of a run.
-
-Hydra composes ``conf/train.yaml`` (or ``evaluate.yaml``) from its groups; :func:`parse_train_config`
-then turns the composed node into :class:`TrainConfig` ONCE, at start-up, so that every bad value
-is a one-line ``UserError`` naming its key before any data is read or a cache is built. The
-decoding defaults have one source, :class:`captioner.decoding.DecodeConfig`: Hydra gets them from
-the ConfigStore entry ``decode_defaults`` (see :func:`register_configs`).
-"""
+"""``trainer.*`` and a whole training run, typed: :func:`parse_train_config` turns the composed
+``train`` config into :class:`TrainConfig` ONCE, at start-up, so that every bad value is a one-line
+``UserError`` naming its key before any data is read or a cache is built."""
 
 from __future__ import annotations
 
 import importlib.util
-import os
 import warnings
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from omegaconf import DictConfig, OmegaConf
-
-from captioner.annotations import SPLITS
-from captioner.decoding import DecodeConfig
+from captioner.configs.checks import at_least, one_of
+from captioner.configs.data import DataConfig
+from captioner.configs.decode import DecodeConfig
+from captioner.configs.hydra import default_cache_dir
+from captioner.configs.model import EncoderConfig, ModelConfig
 from captioner.errors import UserError, first_line
-from captioner.typed import from_dict, key
+from captioner.typed import from_dict
 
+if (
+    TYPE_CHECKING
+):  # omegaconf is imported where a config is parsed, not by every reader of PRECISIONS
+    from omegaconf import DictConfig
 
-def config_dir() -> Path:
-    """Absolute path of the Hydra config directory, from any working directory.
-
-    A source checkout or editable install has it at the top level (``conf/``); a wheel ships it
-    inside the package (``captioner/conf``). An absolute path also keeps ``@hydra.main`` working
-    from a console script, where a relative one would be turned into ``pkg://``.
-    """
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "conf", here.parent / "conf"):
-        if (candidate / "train.yaml").is_file():
-            return candidate
-    raise FileNotFoundError(f"captioner's Hydra configs (conf/train.yaml) not found near {here}")
-
-
-def register_configs() -> None:
-    """Put the configs that Python defines into Hydra's ConfigStore (idempotent): the decoding
-    defaults, read by ``train.yaml`` (``trainer.val_decode``) and ``evaluate.yaml`` (``decode``)."""
-    from hydra.core.config_store import ConfigStore
-
-    ConfigStore.instance().store(name="decode_defaults", node=asdict(DecodeConfig()))
-
-
-def compose(config_name: str = "train", overrides: Sequence[str] = ()) -> DictConfig:
-    """Compose a config as the CLI would, without running anything (the ``hydra`` node is left
-    out: nothing outside it interpolates into it)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        return hydra_compose(config_name=config_name, overrides=list(overrides))
-
-
-def default_cache_dir() -> Path:
-    """Where frozen-encoder features are cached unless ``trainer.cache_dir`` says otherwise:
-    ``$XDG_CACHE_HOME/captioner/features``, else ``~/.cache/captioner/features`` (the user cache
-    that torch hub and Hugging Face use too; datasets are often on read-only storage)."""
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "captioner" / "features"
-
-
-# ---------------------------------------------------------------------------------------------
-# typed settings
-
-
-@dataclass
-class DemoConfig:
-    """``data.demo``: the embedded demo dataset, generated on first use (``captioner.synthetic``)."""
-
-    seed: int = 0
-    image_size: int = 64
-    splits: dict | None = None  # images per split; null: 3000 train / 300 val / 300 test
-
-    def __post_init__(self) -> None:
-        _at_least(self, "data.demo", image_size=16)
-
-
-@dataclass
-class DataConfig:
-    """``data.*``: which dataset, how captions become targets, how batches are made."""
-
-    name: str | None = None  # the Hydra option's label
-    format: str = "coco"  # coco | karpathy
-    root: str = "data/demo"
-    year: int | None = None  # COCO layout year (interpolated into the paths)
-    demo: DemoConfig | None = None  # generate the embedded demo dataset here on first use
-    train_annotations: str | None = None  # COCO format: relative to root
-    train_images: str | None = None
-    val_annotations: str | None = None
-    val_images: str | None = None
-    test_annotations: str | None = None
-    test_images: str | None = None
-    split_file: str | None = None  # Karpathy format: dataset_*.json, relative to root
-    images: str | None = None  # Karpathy format: image folder, relative to root
-    restval_in_train: bool = True
-    min_freq: int = 5  # a word enters the vocabulary iff it occurs >= min_freq times in TRAIN
-    max_caption_len: int = 20  # ids incl. <start>/<end>; longer captions are cut, <end> kept
-    captions_per_image: int | None = None  # null: (image, caption) pairs; k: each image once
-    augment: bool = False
-    batch_size: int = 32
-    num_workers: int = 0
-
-    def __post_init__(self) -> None:
-        if self.format not in ("coco", "karpathy"):
-            raise UserError(f"data.format must be 'coco' or 'karpathy', got {self.format!r}")
-        if self.format == "karpathy" and (self.split_file is None or self.images is None):
-            raise UserError("data.format=karpathy needs data.split_file and data.images")
-        _at_least(self, "data", min_freq=1, max_caption_len=3, batch_size=1, num_workers=0)
-        if self.captions_per_image is not None:
-            _at_least(self, "data", captions_per_image=1)
-
-    def split_files(self, split: str) -> tuple[str, str]:
-        """(annotations, images) of a COCO-format split, relative to ``root``."""
-        ann, images = getattr(self, f"{split}_annotations"), getattr(self, f"{split}_images")
-        if ann is None or images is None:
-            raise UserError(f"data.{split}_annotations / data.{split}_images are not set")
-        return ann, images
-
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 MONITORS = ("val_bleu4", "val_cider_d")
+
+
 SCST_BASELINES = ("mean", "greedy")
 
 
 @dataclass
 class SCSTConfig:
-    """``trainer.scst.*``: self-critical sequence training (:mod:`captioner.scst`), the objective
+    """``trainer.scst.*``: self-critical sequence training (:mod:`captioner.training.scst`), the objective
     of every epoch from ``start_epoch`` on (0-based: after that many teacher-forced epochs)."""
 
     start_epoch: int | None = None  # null: teacher forcing only; 0: SCST from the start (init_from)
@@ -144,18 +47,18 @@ class SCSTConfig:
 
     def __post_init__(self) -> None:
         where = "trainer.scst"
-        _one_of(self, where, baseline=SCST_BASELINES)
-        _at_least(self, where, samples=1)
+        one_of(self, where, baseline=SCST_BASELINES)
+        at_least(self, where, samples=1)
         if self.baseline == "mean" and self.samples < 2:
             raise UserError(
                 "trainer.scst.baseline=mean needs trainer.scst.samples >= 2 (the mean of the "
                 f"OTHER samples), got {self.samples}"
             )
         if self.start_epoch is not None:
-            _at_least(self, where, start_epoch=0)
+            at_least(self, where, start_epoch=0)
         for name in ("batch_size", "max_len"):
             if getattr(self, name) is not None:
-                _at_least(self, where, **{name: 1})
+                at_least(self, where, **{name: 1})
         if self.lr is not None and not self.lr > 0:
             raise UserError(f"trainer.scst.lr must be > 0 or null, got {self.lr}")
 
@@ -183,18 +86,16 @@ class TrainerConfig:
     scst: SCSTConfig = field(default_factory=SCSTConfig)
 
     def __post_init__(self) -> None:
-        from captioner.runtime import PRECISIONS
-
         if isinstance(self.cache_features, bool):  # YAML true/false
             self.cache_features = str(self.cache_features).lower()
-        _one_of(
+        one_of(
             self,
             "trainer",
             cache_features=("auto", "true", "false"),
             precision=PRECISIONS,
             monitor=MONITORS,
         )
-        _at_least(self, "trainer", max_epochs=1)
+        at_least(self, "trainer", max_epochs=1)
         start = self.scst.start_epoch
         if start is not None and start >= self.max_epochs:
             raise UserError(
@@ -203,7 +104,7 @@ class TrainerConfig:
             )
         for name in ("patience", "val_max_images"):
             if getattr(self, name) is not None:
-                _at_least(self, "trainer", **{name: 1})
+                at_least(self, "trainer", **{name: 1})
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise UserError(f"trainer.grad_clip must be > 0 or null, got {self.grad_clip}")
         if not 0.0 <= self.label_smoothing < 1.0:
@@ -225,7 +126,7 @@ class TrainConfig:
     saved in every checkpoint."""
 
     data: DataConfig
-    model: Any  # captioner.model.ModelConfig
+    model: ModelConfig
     trainer: TrainerConfig
     optim: DictConfig
     scheduler: DictConfig
@@ -236,49 +137,8 @@ class TrainConfig:
     init_from: str | None = None  # a checkpoint whose weights (only) start this run
 
 
-@dataclass
-class EvaluateConfig:
-    """``captioner evaluate``'s settings (``conf/evaluate.yaml``)."""
-
-    checkpoint: str | None = None  # null: the newest best.pt under outputs/train/
-    split: str = "test"
-    device: str = "auto"
-    batch_size: int = 32
-    num_workers: int = 0
-    max_images: int | None = None
-    coco_metrics: bool = True
-    report: bool = False
-    cache_features: bool = True  # read/build the feature cache (keyed by the encoder's weights)
-    cache_dir: str | None = None  # null: the training run's trainer.cache_dir, else the default
-    decode: DecodeConfig = field(default_factory=DecodeConfig)
-    data: dict | None = None  # overrides of the checkpoint's training data config
-
-    def __post_init__(self) -> None:
-        _one_of(self, "", split=SPLITS)
-        _at_least(self, "", batch_size=1, num_workers=0)
-        if self.max_images is not None:
-            _at_least(self, "", max_images=1)
-        self.data = {k: v for k, v in (self.data or {}).items() if v is not None}
-        known = {f.name for f in fields(DataConfig)}
-        unknown = sorted(set(self.data) - known)
-        if unknown:
-            raise UserError(
-                f"data.{unknown[0]}: unknown option (known: {', '.join(sorted(known))})"
-            )
-
-    def feature_cache_dir(self, train_config: dict[str, Any] | None) -> Path:
-        """Where to look for (and put) the features: ``cache_dir``; else the folder the training
-        run cached in, when it exists here; else the default user cache."""
-        if self.cache_dir:
-            return Path(self.cache_dir)
-        trained = ((train_config or {}).get("trainer") or {}).get("cache_dir")
-        return Path(trained) if trained and Path(trained).is_dir() else default_cache_dir()
-
-
 def parse_train_config(cfg: DictConfig) -> TrainConfig:
     """The composed ``train`` config, validated and typed; raises a one-line ``UserError``."""
-    from captioner.model import ModelConfig
-
     unknown = sorted(k for k in cfg if k not in _TOP_LEVEL and k != "hydra")
     if unknown:
         raise UserError(f"{unknown[0]}: unknown option (known: {', '.join(sorted(_TOP_LEVEL))})")
@@ -316,17 +176,21 @@ class _TopLevel:
 
 
 _TOP_LEVEL_SCALARS = [f.name for f in fields(_TopLevel)]
+
+
 _TOP_LEVEL = {"data", "model", "trainer", "optim", "scheduler", *_TOP_LEVEL_SCALARS}
 
 
 def _resolve(cfg: DictConfig) -> dict[str, Any]:
+    from omegaconf import OmegaConf
+
     try:
         return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
     except Exception as exc:  # noqa: BLE001 - an interpolation that does not resolve
         raise UserError(f"config: {first_line(exc)}") from exc
 
 
-def check_cache_features(data: DataConfig, encoder: Any, trainer: TrainerConfig) -> None:
+def check_cache_features(data: DataConfig, encoder: EncoderConfig, trainer: TrainerConfig) -> None:
     """``trainer.cache_features=true`` needs the encoder frozen in every epoch and a
     deterministic transform (checked on the config, and on a resumed run's model config)."""
     fine_tunes = not encoder.freeze or (
@@ -342,7 +206,7 @@ def check_cache_features(data: DataConfig, encoder: Any, trainer: TrainerConfig)
 
 
 def _check_combination(
-    data: DataConfig, model: Any, trainer: TrainerConfig, init_from: str | None
+    data: DataConfig, model: ModelConfig, trainer: TrainerConfig, init_from: str | None
 ) -> None:
     """Settings that are fine alone and wrong together, caught before any work."""
     check_cache_features(data, model.encoder, trainer)
@@ -389,36 +253,3 @@ def _cause(exc: BaseException) -> str:
     while exc.__cause__ is not None:
         exc = exc.__cause__
     return first_line(exc)
-
-
-def _at_least(obj: Any, where: str, **minimum: int) -> None:
-    for name, low in minimum.items():
-        value = getattr(obj, name)
-        if value < low:
-            raise UserError(f"{key(where, name)} must be >= {low}, got {value}")
-
-
-def _one_of(obj: Any, where: str, **choices: Sequence[str]) -> None:
-    for name, allowed in choices.items():
-        if getattr(obj, name) not in allowed:
-            raise UserError(
-                f"{key(where, name)} must be one of {', '.join(allowed)}, "
-                f"got {getattr(obj, name)!r}"
-            )
-
-
-__all__ = [
-    "SPLITS",
-    "DataConfig",
-    "EvaluateConfig",
-    "SCSTConfig",
-    "TrainConfig",
-    "TrainerConfig",
-    "check_cache_features",
-    "check_optimizer",
-    "compose",
-    "config_dir",
-    "default_cache_dir",
-    "parse_train_config",
-    "register_configs",
-]

@@ -12,7 +12,6 @@ Shapes: B batch, T caption length (with <start>/<end>), F encoder feature size, 
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from captioner.backbones import RESNET_CROP, RESNET_WEIGHTS, RESNETS, resnet
-from captioner.data import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from captioner.configs.model import DecoderConfig, EncoderConfig, ModelConfig
+from captioner.configs.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from captioner.errors import UserError, first_line
-from captioner.typed import from_dict
+from captioner.models.backbones import RESNET_CROP, RESNET_WEIGHTS, RESNETS, resnet
 
 log = logging.getLogger(__name__)
 
@@ -31,151 +30,10 @@ log = logging.getLogger(__name__)
 # cell's (h, c) for an LSTM or (h,) for a GRU / RNN, each [L, B, H]; with attention then also
 # the image grid [P, B, F] and its attention projection [P, B, A]
 State = tuple[Tensor, ...]
-CELLS = ("lstm", "gru", "rnn")
-ATTENTION = ("none", "soft")
 
 
 # ---------------------------------------------------------------------------------------------
 # typed config
-
-
-@dataclass
-class EncoderConfig:
-    source: str = "torchvision"  # torchvision | timm
-    name: str = "resnet50"
-    weights: str | None = (
-        "DEFAULT"  # torchvision: DEFAULT / enum name / null; timm: any -> pretrained
-    )
-    weights_file: str | None = None  # local state_dict instead of a download
-    freeze: bool = True
-    finetune_from_epoch: int | None = None  # 1-based: epochs >= N fine-tune the encoder
-    finetune_last_stages: int | None = None  # only the last K stages (None: all)
-    lr: float | None = None  # encoder learning rate when fine-tuned (None: optimizer lr)
-    # preprocessing overrides; null takes the value from the weights' metadata
-    resize: int | None = None
-    crop: int | None = None
-    mean: list[float] | None = None
-    std: list[float] | None = None
-    # features = mean over the image and its mirror image: a flip-invariant summary, for the
-    # feature cache, evaluation and captioning alike (costs a second encoder pass)
-    flip_average: bool = False
-    # with model.decoder.attention=soft: adaptive-average-pool the CNN's spatial grid to
-    # grid x grid positions (null: the grid the CNN gives, e.g. 9 x 9 at 260 px)
-    grid: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.grid is not None and self.grid < 1:
-            raise UserError(f"model.encoder.grid must be >= 1 or null, got {self.grid}")
-        if self.source not in ("torchvision", "timm"):
-            raise UserError(
-                f"model.encoder.source must be 'torchvision' or 'timm', got {self.source!r}"
-            )
-        if self.finetune_from_epoch is not None and self.finetune_from_epoch < 1:
-            raise UserError(
-                "model.encoder.finetune_from_epoch is 1-based (the first epoch is 1), "
-                f"got {self.finetune_from_epoch}"
-            )
-        if self.finetune_last_stages is not None and self.finetune_last_stages < 1:
-            raise UserError(
-                "model.encoder.finetune_last_stages must be >= 1 or null (all stages), "
-                f"got {self.finetune_last_stages}"
-            )
-        if self.lr is not None and not self.lr > 0:
-            raise UserError(f"model.encoder.lr must be > 0 or null, got {self.lr}")
-
-    def trainable_stages(self, epoch: int) -> int | None:
-        """What of the encoder trains in 0-based ``epoch``: 0 nothing (frozen), None all of it,
-        K its last K stages (``finetune_from_epoch`` counts from 1)."""
-        if not self.freeze:
-            return self.finetune_last_stages
-        if self.finetune_from_epoch is not None and epoch + 1 >= self.finetune_from_epoch:
-            return self.finetune_last_stages
-        return 0
-
-
-@dataclass
-class DecoderConfig:
-    embed_dim: int = 512
-    hidden_size: int = 512
-    num_layers: int = 1
-    dropout: float = 0.5
-    feature_mode: str = (
-        "init_state"  # init_state (h0, and an LSTM's c0, from features) | first_input
-    )
-    # the output layer reuses the word embeddings (Press & Wolf 2017): needs embed_dim == hidden_size
-    tie_weights: bool = False
-    cell: str = "lstm"  # lstm | gru | rnn (vanilla tanh RNN); GRU and RNN have no c0
-    attention: str = "none"  # none (pooled features) | soft (attend over the image grid)
-    attention_dim: int = 512  # A: size of the additive attention's hidden layer
-    # lambda of the doubly stochastic regulariser, lambda * sum_p (1 - sum_t alpha_tp)^2
-    attention_penalty: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.cell not in CELLS:
-            raise UserError(f"model.decoder.cell must be one of {list(CELLS)}, got {self.cell!r}")
-        if self.attention not in ATTENTION:
-            raise UserError(
-                f"model.decoder.attention must be one of {list(ATTENTION)}, got {self.attention!r}"
-            )
-        if self.attention_dim < 1:
-            raise UserError(f"model.decoder.attention_dim must be >= 1, got {self.attention_dim}")
-        if not self.attention_penalty >= 0:
-            raise UserError(
-                f"model.decoder.attention_penalty must be >= 0, got {self.attention_penalty}"
-            )
-        if self.feature_mode not in ("init_state", "first_input"):
-            raise UserError(
-                "model.decoder.feature_mode must be 'init_state' or 'first_input', "
-                f"got {self.feature_mode!r}"
-            )
-        for key in ("embed_dim", "hidden_size", "num_layers"):
-            if getattr(self, key) < 1:
-                raise UserError(f"model.decoder.{key} must be >= 1, got {getattr(self, key)}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise UserError(f"model.decoder.dropout must be in [0, 1), got {self.dropout}")
-        if self.tie_weights and self.embed_dim != self.hidden_size:
-            raise UserError(
-                "model.decoder.tie_weights=true needs embed_dim == hidden_size, "
-                f"got {self.embed_dim} and {self.hidden_size}"
-            )
-
-
-# the fields that decide which weights a model has (what ``init_from=`` must agree on); the
-# others (dropout, preprocessing, the fine-tuning schedule) may differ between runs
-ARCHITECTURE_FIELDS = {
-    "encoder": ("source", "name"),
-    "decoder": (
-        "cell",
-        "attention",
-        "attention_dim",
-        "embed_dim",
-        "hidden_size",
-        "num_layers",
-        "feature_mode",
-        "tie_weights",
-    ),
-}
-
-
-@dataclass
-class ModelConfig:
-    encoder: EncoderConfig = field(default_factory=EncoderConfig)
-    decoder: DecoderConfig = field(default_factory=DecoderConfig)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        data = dict(data)
-        data.pop("name", None)  # the Hydra option's label
-        unknown = sorted(set(data) - {"encoder", "decoder"})
-        if unknown:
-            raise UserError(f"model.{unknown[0]}: unknown option")
-        return cls(
-            encoder=from_dict(EncoderConfig, data.get("encoder"), "model.encoder"),
-            decoder=from_dict(DecoderConfig, data.get("decoder"), "model.decoder"),
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,7 +165,7 @@ def _load_state_file(path: str) -> dict[str, Tensor]:
 def _torchvision_backbone(cfg: EncoderConfig, pretrained: bool) -> tuple[nn.Module, Preprocessing]:
     """torchvision model ``cfg.name`` without its head, and the preprocessing of ``cfg.weights``'
     metadata (256/224 ImageNet without weights). With ``pretrained=False`` a ResNet-18..152 is
-    built by :mod:`captioner.backbones`, torchvision's module for module, without importing
+    built by :mod:`captioner.models.backbones`, torchvision's module for module, without importing
     torchvision (whose import doubles a one-image ``captioner caption``), with the same
     preprocessing. Rebuilding from a checkpoint or an exported folder ignores that preprocessing
     for the stored one; a run started ``init_from`` a checkpoint uses it."""
@@ -355,7 +213,7 @@ def _torchvision_backbone(cfg: EncoderConfig, pretrained: bool) -> tuple[nn.Modu
 
 
 def _native_resnet(cfg: EncoderConfig) -> tuple[nn.Module, Preprocessing]:
-    """torchvision's ResNet ``cfg.name`` without its head, built by :mod:`captioner.backbones`
+    """torchvision's ResNet ``cfg.name`` without its head, built by :mod:`captioner.models.backbones`
     (no torchvision import), with the preprocessing torchvision's weights metadata gives: what
     :func:`_torchvision_backbone` returns for it with ``pretrained=False``."""
     table = RESNET_WEIGHTS[cfg.name]

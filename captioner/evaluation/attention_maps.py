@@ -1,7 +1,7 @@
 """Attention maps: where a decoder that attends looked for each word, drawn over the image.
 
 The weights of one word are a grid [h, w] over the model's view of the image (the resized,
-center-cropped input, :func:`captioner.data.model_view`). They are upsampled to the view's size
+center-cropped input, :func:`captioner.datasets.images.model_view`). They are upsampled to the view's size
 (bilinear), and blended over the view on one colour scale for the whole caption: the most
 attended position of any of its words is at the top of the colour map, so a word whose weights
 are spread thin looks cold instead of having its noise stretched into a pattern. ``captioner caption --attention-map DIR`` writes one PNG per image

@@ -40,7 +40,7 @@ def run_hydra_app(config_name: str, task: Callable[[Any], Any], argv: Sequence[s
     """Run ``task(cfg)`` as a Hydra app over ``argv`` (overrides, --help, --multirun ...)."""
     import hydra
 
-    from captioner.config import config_dir, register_configs
+    from captioner.configs.hydra import config_dir, register_configs
 
     register_configs()
 
@@ -64,7 +64,7 @@ def run_hydra_app(config_name: str, task: Callable[[Any], Any], argv: Sequence[s
 def _train_task(cfg: Any) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    from captioner.train import TrainingInterrupted, train
+    from captioner.training.train import TrainingInterrupted, train
 
     out_dir = HydraConfig.get().runtime.output_dir
     try:
@@ -82,7 +82,7 @@ def _train_task(cfg: Any) -> None:
 def _evaluate_task(cfg: Any) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    from captioner.evaluate import evaluate, format_table
+    from captioner.evaluation.evaluate import evaluate, format_table
 
     metrics = evaluate(cfg, HydraConfig.get().runtime.output_dir)
     print(format_table(metrics))
@@ -111,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     elif command == "evaluate":
         run_hydra_app("evaluate", _evaluate_task, rest)
     elif command == "caption":
-        from captioner.caption import run as caption
+        from captioner.cli.caption import run as caption
 
         _run_argparse_command(caption, rest, logging.WARNING)
     elif command == "export":
@@ -119,11 +119,11 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         _run_argparse_command(export, rest, logging.WARNING)
     elif command == "serve":
-        from captioner.serve import main as serve
+        from captioner.serve.app import main as serve
 
         _run_argparse_command(serve, rest, logging.INFO)
     elif command == "prepare":
-        from captioner.prepare import main as prepare
+        from captioner.datasets.prepare import main as prepare
 
         _run_argparse_command(prepare, rest, logging.INFO)
     else:

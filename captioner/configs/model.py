@@ -1,0 +1,156 @@
+"""``model.*``: the encoder and decoder settings of a captioning model (torch-free).
+
+The models themselves are built from these in :mod:`captioner.models`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from captioner.errors import UserError
+from captioner.typed import from_dict
+
+CELLS = ("lstm", "gru", "rnn")
+
+
+ATTENTION = ("none", "soft")
+
+
+@dataclass
+class EncoderConfig:
+    source: str = "torchvision"  # torchvision | timm
+    name: str = "resnet50"
+    weights: str | None = (
+        "DEFAULT"  # torchvision: DEFAULT / enum name / null; timm: any -> pretrained
+    )
+    weights_file: str | None = None  # local state_dict instead of a download
+    freeze: bool = True
+    finetune_from_epoch: int | None = None  # 1-based: epochs >= N fine-tune the encoder
+    finetune_last_stages: int | None = None  # only the last K stages (None: all)
+    lr: float | None = None  # encoder learning rate when fine-tuned (None: optimizer lr)
+    # preprocessing overrides; null takes the value from the weights' metadata
+    resize: int | None = None
+    crop: int | None = None
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    # features = mean over the image and its mirror image: a flip-invariant summary, for the
+    # feature cache, evaluation and captioning alike (costs a second encoder pass)
+    flip_average: bool = False
+    # with model.decoder.attention=soft: adaptive-average-pool the CNN's spatial grid to
+    # grid x grid positions (null: the grid the CNN gives, e.g. 9 x 9 at 260 px)
+    grid: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.grid is not None and self.grid < 1:
+            raise UserError(f"model.encoder.grid must be >= 1 or null, got {self.grid}")
+        if self.source not in ("torchvision", "timm"):
+            raise UserError(
+                f"model.encoder.source must be 'torchvision' or 'timm', got {self.source!r}"
+            )
+        if self.finetune_from_epoch is not None and self.finetune_from_epoch < 1:
+            raise UserError(
+                "model.encoder.finetune_from_epoch is 1-based (the first epoch is 1), "
+                f"got {self.finetune_from_epoch}"
+            )
+        if self.finetune_last_stages is not None and self.finetune_last_stages < 1:
+            raise UserError(
+                "model.encoder.finetune_last_stages must be >= 1 or null (all stages), "
+                f"got {self.finetune_last_stages}"
+            )
+        if self.lr is not None and not self.lr > 0:
+            raise UserError(f"model.encoder.lr must be > 0 or null, got {self.lr}")
+
+    def trainable_stages(self, epoch: int) -> int | None:
+        """What of the encoder trains in 0-based ``epoch``: 0 nothing (frozen), None all of it,
+        K its last K stages (``finetune_from_epoch`` counts from 1)."""
+        if not self.freeze:
+            return self.finetune_last_stages
+        if self.finetune_from_epoch is not None and epoch + 1 >= self.finetune_from_epoch:
+            return self.finetune_last_stages
+        return 0
+
+
+@dataclass
+class DecoderConfig:
+    embed_dim: int = 512
+    hidden_size: int = 512
+    num_layers: int = 1
+    dropout: float = 0.5
+    feature_mode: str = (
+        "init_state"  # init_state (h0, and an LSTM's c0, from features) | first_input
+    )
+    # the output layer reuses the word embeddings (Press & Wolf 2017): needs embed_dim == hidden_size
+    tie_weights: bool = False
+    cell: str = "lstm"  # lstm | gru | rnn (vanilla tanh RNN); GRU and RNN have no c0
+    attention: str = "none"  # none (pooled features) | soft (attend over the image grid)
+    attention_dim: int = 512  # A: size of the additive attention's hidden layer
+    # lambda of the doubly stochastic regulariser, lambda * sum_p (1 - sum_t alpha_tp)^2
+    attention_penalty: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.cell not in CELLS:
+            raise UserError(f"model.decoder.cell must be one of {list(CELLS)}, got {self.cell!r}")
+        if self.attention not in ATTENTION:
+            raise UserError(
+                f"model.decoder.attention must be one of {list(ATTENTION)}, got {self.attention!r}"
+            )
+        if self.attention_dim < 1:
+            raise UserError(f"model.decoder.attention_dim must be >= 1, got {self.attention_dim}")
+        if not self.attention_penalty >= 0:
+            raise UserError(
+                f"model.decoder.attention_penalty must be >= 0, got {self.attention_penalty}"
+            )
+        if self.feature_mode not in ("init_state", "first_input"):
+            raise UserError(
+                "model.decoder.feature_mode must be 'init_state' or 'first_input', "
+                f"got {self.feature_mode!r}"
+            )
+        for key in ("embed_dim", "hidden_size", "num_layers"):
+            if getattr(self, key) < 1:
+                raise UserError(f"model.decoder.{key} must be >= 1, got {getattr(self, key)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"model.decoder.dropout must be in [0, 1), got {self.dropout}")
+        if self.tie_weights and self.embed_dim != self.hidden_size:
+            raise UserError(
+                "model.decoder.tie_weights=true needs embed_dim == hidden_size, "
+                f"got {self.embed_dim} and {self.hidden_size}"
+            )
+
+
+# the fields that decide which weights a model has (what ``init_from=`` must agree on); the
+# others (dropout, preprocessing, the fine-tuning schedule) may differ between runs
+ARCHITECTURE_FIELDS = {
+    "encoder": ("source", "name"),
+    "decoder": (
+        "cell",
+        "attention",
+        "attention_dim",
+        "embed_dim",
+        "hidden_size",
+        "num_layers",
+        "feature_mode",
+        "tie_weights",
+    ),
+}
+
+
+@dataclass
+class ModelConfig:
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        data = dict(data)
+        data.pop("name", None)  # the Hydra option's label
+        unknown = sorted(set(data) - {"encoder", "decoder"})
+        if unknown:
+            raise UserError(f"model.{unknown[0]}: unknown option")
+        return cls(
+            encoder=from_dict(EncoderConfig, data.get("encoder"), "model.encoder"),
+            decoder=from_dict(DecoderConfig, data.get("decoder"), "model.decoder"),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,195 @@
+"""Images: opening any file as RGB (one clear error for a bad one), the ONE evaluation transform
+and the training transform factory, the model's view of an image, and the dataset of images that
+the feature cache and evaluation read."""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from captioner.configs.preprocessing import Preprocessing
+from captioner.errors import UserError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+class ImageLoadError(UserError):
+    """An image file that cannot be decoded (corrupt, truncated, not an image, too large)."""
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open any image Pillow reads as 8-bit RGB (grayscale, palette, RGBA, CMYK, 16-bit)."""
+    return _open_rgb(Path(path), Path(path))
+
+
+def load_image_bytes(data: bytes, name: str) -> Image.Image:
+    """:func:`load_image` of a file's contents (an upload); errors name it ``name``."""
+    return _open_rgb(io.BytesIO(data), name)
+
+
+def _open_rgb(source: Path | io.BytesIO, label: str | Path) -> Image.Image:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(source) as img:
+                img.load()
+                return to_rgb(img)
+    except FileNotFoundError as exc:
+        raise ImageLoadError(f"{label}: no such file") from exc
+    except IsADirectoryError as exc:
+        raise ImageLoadError(f"{label}: is a directory, not an image") from exc
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageLoadError(f"{label}: image is too large ({exc})") from exc
+    except (OSError, ValueError, SyntaxError) as exc:  # UnidentifiedImageError is an OSError
+        reason = "not an image" if "cannot identify" in str(exc) else f"corrupt image ({exc})"
+        raise ImageLoadError(f"{label}: {reason}") from exc
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert to RGB: 16-bit is scaled (not clipped), transparency is put on white."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("RGB")
+
+
+# the interpolations a Preprocessing may name (torchvision's InterpolationMode values) -> the
+# Pillow filter torchvision resizes PIL images with (its ``pil_modes_mapping``)
+PIL_FILTERS = {
+    "nearest": Image.Resampling.NEAREST,
+    "nearest-exact": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+class EvalTransform:
+    """The deterministic transform: PIL image -> normalised tensor [3, crop, crop].
+
+    Bit for bit torchvision's ``Compose([Resize(resize, interpolation, antialias=True),
+    CenterCrop(crop), ToTensor(), Normalize(mean, std)])`` on PIL images (``tests/test_backbones.py``
+    compares them), without importing torchvision, whose import costs about as much as torch's
+    (see :mod:`captioner.models.backbones`): what captioning a single image waits for.
+    """
+
+    def __init__(self, pre: Preprocessing):
+        if pre.interpolation not in PIL_FILTERS:
+            raise ValueError(
+                f"interpolation {pre.interpolation!r} is not one of {', '.join(PIL_FILTERS)}"
+            )
+        if 0.0 in pre.std:
+            raise ValueError(f"std {pre.std} has a zero: division by zero")
+        self.pre = pre
+        self.filter = PIL_FILTERS[pre.interpolation]
+
+    def geometry(self, img: Image.Image) -> Image.Image:
+        """Resize the shorter side to ``resize`` (the longer one in proportion, truncated),
+        then center-crop ``crop`` x ``crop`` (offsets rounded half to even, as torchvision)."""
+        w, h = img.size
+        short, long = (w, h) if w <= h else (h, w)
+        new_short, new_long = self.pre.resize, int(self.pre.resize * long / short)
+        new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+        if (new_w, new_h) != (w, h):
+            img = img.resize((new_w, new_h), self.filter)
+        crop = self.pre.crop  # <= resize (Preprocessing checks it): no padding is ever needed
+        top = int(round((new_h - crop) / 2.0))
+        left = int(round((new_w - crop) / 2.0))
+        return img.crop((left, top, left + crop, top + crop))
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        return self.to_tensor(self.geometry(img))
+
+    def to_tensor(self, img: Image.Image) -> torch.Tensor:
+        """An image :meth:`geometry` already resized and cropped -> the normalised tensor."""
+        if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+            raise TypeError(f"EvalTransform takes 8-bit images, got mode {img.mode} (use to_rgb)")
+        arr = np.array(img, dtype=np.uint8, copy=True)  # [crop, crop(, channels)]
+        if img.mode == "1":
+            arr *= 255
+        x = torch.from_numpy(arr).view(arr.shape[0], arr.shape[1], -1)
+        # ToTensor: HWC uint8 -> CHW float in [0, 1]; Normalize: (x - mean) / std per channel
+        x = x.permute(2, 0, 1).contiguous().to(torch.get_default_dtype()).div(255)
+        mean = torch.as_tensor(self.pre.mean, dtype=x.dtype).view(-1, 1, 1)
+        std = torch.as_tensor(self.pre.std, dtype=x.dtype).view(-1, 1, 1)
+        return x.sub_(mean).div_(std)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.pre})"
+
+
+def build_transform(
+    pre: Preprocessing, train: bool = False, augment: bool = False
+) -> Callable[[Image.Image], torch.Tensor]:
+    """The ONE transform factory: eval/caption use ``train=False``; training augments only when
+    ``augment`` (random scale crop, no flip: captions say "left" and "right"). The eval
+    transform is :class:`EvalTransform`; only augmentation imports torchvision."""
+    if not (train and augment):
+        return EvalTransform(pre)
+    from torchvision import transforms as T
+
+    interp = T.InterpolationMode(pre.interpolation)
+    return T.Compose(
+        [
+            T.RandomResizedCrop(pre.crop, scale=(0.6, 1.0), interpolation=interp, antialias=True),
+            T.ToTensor(),
+            T.Normalize(pre.mean, pre.std),
+        ]
+    )
+
+
+def model_view(image: Image.Image, pre: Preprocessing) -> Image.Image:
+    """The part of ``image`` the model sees, at its input size: resized and center-cropped as
+    the eval transform does, not normalised (what an attention map is drawn over)."""
+    return EvalTransform(pre).geometry(to_rgb(image))
+
+
+class ImageDataset(Dataset):
+    """``(image tensor or None if unreadable, index)`` per record: evaluation and captioning."""
+
+    def __init__(self, paths: Sequence[Path | str], transform: Any):
+        self.paths = [Path(p) for p in paths]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load(self, index: int) -> torch.Tensor | None:
+        try:
+            return self.transform(load_image(self.paths[index]))
+        except ImageLoadError as exc:
+            log.warning("skipping %s", exc)
+            return None
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int]:
+        return self.load(index), index
+
+
+def collate_images(batch: Sequence[tuple[torch.Tensor | None, int]]) -> dict[str, Any]:
+    """Stack the readable images of an evaluation batch; ``index`` says which records they are."""
+    kept = [b for b in batch if b[0] is not None]
+    return {
+        "inputs": torch.stack([b[0] for b in kept]) if kept else torch.empty(0),
+        "index": torch.tensor([b[1] for b in kept], dtype=torch.long),
+        "skipped": len(batch) - len(kept),
+    }

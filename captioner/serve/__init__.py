@@ -1,0 +1,1 @@
+"""``captioner serve``: a FastAPI app that captions uploaded images, with micro-batching."""
