@@ -107,8 +107,6 @@ def download(
     An interrupted transfer keeps the ``.part`` (run again to resume); a size or checksum
     mismatch deletes it. A finished ``dest_dir/NAME`` is reused as it is.
     """
-    from tqdm import tqdm
-
     dest_dir, url = Path(dest_dir), archive.url
     final = dest_dir / archive.name
     digest_file = final.with_name(final.name + ".sha256")
@@ -123,52 +121,87 @@ def download(
 
     resp = _open(url, offset, timeout)
     with resp:
-        if resp.status == 416:  # the .part is complete already, or longer than the file
-            total = _content_range(resp.headers.get("Content-Range"))[1]
-            if total != offset:
-                log.warning("%s: does not match %s; downloading it again", part, url)
-                part.unlink()
-                return download(archive, dest_dir, timeout, progress)
-        elif resp.status == 206:
-            start, total = _content_range(resp.headers.get("Content-Range"))
-            if start != offset:
-                raise UserError(f"{url}: server answered bytes from {start}, asked from {offset}")
-            log.info("%s: resuming at byte %d", url, offset)
-        else:
-            if offset:
-                log.warning("%s: the server ignored the resume request; starting over", url)
-                offset = 0
-            length = resp.headers.get("Content-Length")
-            total = int(length) if length and length.isdigit() else None
+        offset, total = _resume_point(resp, url, offset)
+        # 416: the .part is complete already, or longer than the file
+        if resp.status == 416 and total != offset:
+            log.warning("%s: does not match %s; downloading it again", part, url)
+            part.unlink()
+            return download(archive, dest_dir, timeout, progress)
         h = _sha256_of(part) if offset else hashlib.sha256()
         received = offset
         if resp.status != 416:
-            bar = tqdm(
-                total=total,
-                initial=offset,
-                unit="B",
-                unit_scale=True,
-                unit_divisor=1024,
-                desc=archive.name,
-                disable=None if progress else True,
-            )
-            try:
-                with bar, open(part, "ab" if offset else "wb") as f:
-                    while block := resp.read(CHUNK):
-                        f.write(block)
-                        h.update(block)
-                        received += len(block)
-                        bar.update(len(block))
-            except (OSError, http.client.HTTPException) as exc:
-                reason = (
-                    exc.strerror
-                    if isinstance(exc, OSError) and exc.strerror
-                    else type(exc).__name__
-                )
-                raise UserError(
-                    f"{url}: download interrupted at byte {received} of {total or '?'} ({reason}); "
-                    f"run the same command again to resume from {part}"
-                ) from None
+            received = _receive(resp, part, offset, total, h, archive.name, progress, url)
+
+    sha256 = h.hexdigest()
+    _verify(archive, part, received, total, sha256)
+    os.replace(part, final)
+    atomic_write(digest_file, f"{sha256}  {final.name}\n")
+    log.info("%s: %d bytes, SHA-256 %s", final, received, sha256)
+    return final, sha256
+
+
+def _resume_point(resp: Any, url: str, offset: int) -> tuple[int, int | None]:
+    """(where the response's bytes start, the file's total size or None) for a request of the
+    bytes from ``offset``: a 206 must start there, any other answer restarts from 0 (a 416 means
+    the ``.part`` is complete when its size is the total: the caller checks)."""
+    if resp.status == 416:
+        return offset, _content_range(resp.headers.get("Content-Range"))[1]
+    if resp.status == 206:
+        start, total = _content_range(resp.headers.get("Content-Range"))
+        if start != offset:
+            raise UserError(f"{url}: server answered bytes from {start}, asked from {offset}")
+        log.info("%s: resuming at byte %d", url, offset)
+        return offset, total
+    if offset:
+        log.warning("%s: the server ignored the resume request; starting over", url)
+    length = resp.headers.get("Content-Length")
+    return 0, int(length) if length and length.isdigit() else None
+
+
+def _receive(
+    resp: Any,
+    part: Path,
+    offset: int,
+    total: int | None,
+    h: Any,
+    desc: str,
+    progress: bool,
+    url: str,
+) -> int:
+    """Append the response's bytes to ``part`` (rewritten when ``offset`` is 0) and to the hash
+    ``h``, with a progress bar; returns the size of ``part``. A broken transfer keeps it."""
+    from tqdm import tqdm
+
+    received = offset
+    bar = tqdm(
+        total=total,
+        initial=offset,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc=desc,
+        disable=None if progress else True,
+    )
+    try:
+        with bar, open(part, "ab" if offset else "wb") as f:
+            while block := resp.read(CHUNK):
+                f.write(block)
+                h.update(block)
+                received += len(block)
+                bar.update(len(block))
+    except (OSError, http.client.HTTPException) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise UserError(
+            f"{url}: download interrupted at byte {received} of {total or '?'} ({reason}); "
+            f"run the same command again to resume from {part}"
+        ) from None
+    return received
+
+
+def _verify(archive: Archive, part: Path, received: int, total: int | None, sha256: str) -> None:
+    """Check the received size against the server's and the archive's size, and the SHA-256:
+    a short file is kept to resume; any other mismatch deletes it."""
+    url = archive.url
 
     def reject(why: str) -> UserError:
         part.unlink(missing_ok=True)
@@ -183,13 +216,8 @@ def download(
         raise reject(f"received {received} bytes, the server announced {total}")
     if archive.size is not None and received != archive.size:
         raise reject(f"size is {received} bytes, expected {archive.size}")
-    sha256 = h.hexdigest()
     if archive.sha256 is not None and sha256 != archive.sha256.lower():
         raise reject(f"SHA-256 is {sha256}, expected {archive.sha256.lower()}")
-    os.replace(part, final)
-    atomic_write(digest_file, f"{sha256}  {final.name}\n")
-    log.info("%s: %d bytes, SHA-256 %s", final, received, sha256)
-    return final, sha256
 
 
 def _safe_relpath(member: str, archive: Path) -> Path:
