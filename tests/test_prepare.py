@@ -18,15 +18,11 @@ from pathlib import Path
 
 import pytest
 
+from captioner.cli.prepare import main
+from captioner.datasets.coco_download import prepare_coco
 from captioner.datasets.download import Archive, download
-from captioner.datasets.prepare import (
-    main,
-    normalize_caption,
-    prepare_coco,
-    prepare_flickr8k,
-    prepare_flickr30k,
-    prepare_karpathy,
-)
+from captioner.datasets.prepare import prepare_flickr8k, prepare_flickr30k, prepare_karpathy
+from captioner.datasets.sources import normalize_caption
 from captioner.errors import UserError
 
 # ---------------------------------------------------------------------------------------------
@@ -277,7 +273,7 @@ def test_every_karpathy_reader_says_the_same(tmp_path: Path, change: dict, says:
     """One reader behind the converter, the Flickr30k splits and the training loader: the same
     entry is wrong in the same words for all three, whichever split it is in."""
     from captioner.datasets.annotations import load_karpathy_split
-    from captioner.datasets.prepare import read_karpathy_splits
+    from captioner.datasets.sources import read_karpathy_splits
 
     split_file = karpathy_file(tmp_path / "dataset_coco.json")
     data = json.loads(split_file.read_text())
@@ -556,7 +552,15 @@ def test_prepare_and_its_readers_do_not_import_torch() -> None:
     import subprocess
     import sys
 
-    modules = ("datasets.prepare", "datasets.download", "datasets.annotations", "files")
+    modules = (
+        "cli.prepare",
+        "datasets.prepare",
+        "datasets.sources",
+        "datasets.coco_download",
+        "datasets.download",
+        "datasets.annotations",
+        "files",
+    )
     code = (
         f"import sys; import {', '.join(f'captioner.{m}' for m in modules)}; "
         "print(sorted(m for m in ('torch', 'numpy', 'PIL', 'pycocotools') if m in sys.modules))"
