@@ -123,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         _run_argparse_command(serve, rest, logging.INFO)
     elif command == "prepare":
-        from captioner.datasets.prepare import main as prepare
+        from captioner.cli.prepare import main as prepare
 
         _run_argparse_command(prepare, rest, logging.INFO)
     else:
