@@ -7,6 +7,7 @@ import subprocess
 import sys
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -14,10 +15,17 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from captioner.configs.data import LAYOUT_FIELDS, DataConfig, DemoConfig
 from captioner.configs.decode import DecodeConfig
-from captioner.configs.hydra import compose, config_dir, default_cache_dir
+from captioner.configs.evaluate import EvaluateConfig
+from captioner.configs.hydra import compose, config_dir
 from captioner.configs.model import ModelConfig
-from captioner.configs.training import parse_train_config
+from captioner.configs.training import (
+    RunConfig,
+    TrainerConfig,
+    default_cache_dir,
+    parse_train_config,
+)
 from captioner.errors import UserError
 
 GROUPS = {
@@ -69,6 +77,54 @@ def test_decoding_defaults_have_one_source() -> None:
     assert OmegaConf.to_container(compose("train").trainer.val_decode) == defaults
     assert OmegaConf.to_container(compose("evaluate").decode) == {**defaults, "seed": 0}
     assert decode_config(build_parser().parse_args(["x.png"])) == DecodeConfig()
+
+
+def _leaves(node: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"encoder.name": "resnet18", ...}``: every non-mapping value of a nested mapping."""
+    if not isinstance(node, dict):
+        return {prefix: node}
+    out: dict[str, Any] = {}
+    for k, v in node.items():
+        out.update(_leaves(v, f"{prefix}.{k}" if prefix else k))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("group", "option"), [(g, o) for g in ("data", "model") for o in GROUPS[g]]
+)
+def test_an_option_file_holds_only_what_differs_from_the_schema(group: str, option: str) -> None:
+    """One home per default: what a conf/data or conf/model file does not set is the dataclass's
+    default, and what it sets of the schema's keys is set to something else."""
+    schema = {
+        "data": {k: v for k, v in asdict(DataConfig()).items() if k not in LAYOUT_FIELDS},
+        "model": {"name": None, **asdict(ModelConfig())},
+    }[group]
+    own = OmegaConf.to_container(OmegaConf.load(config_dir() / group / f"{option}.yaml"))
+    own.pop("defaults", None)
+    composed = OmegaConf.to_container(compose("train", [f"{group}={option}"])[group])
+    set_here, defaults = _leaves(own), _leaves(schema)
+    for name, default in defaults.items():
+        if name in set_here:
+            assert set_here[name] != default, f"{group}/{option}.yaml repeats {name}'s default"
+        else:
+            assert _leaves(composed)[name] == default, name
+    if (group, option) == ("data", "demo"):
+        assert composed["demo"] == asdict(DemoConfig())
+
+
+def test_train_and_evaluate_defaults_are_the_schemas() -> None:
+    """train.yaml sets no trainer.* or top-level default; evaluate.yaml only decode.seed and the
+    data overrides (all null)."""
+    train = OmegaConf.to_container(compose("train"))
+    assert train["trainer"] == asdict(TrainerConfig())
+    assert {k: train[k] for k in ("seed", "device", "resume", "init_from")} == asdict(RunConfig())
+    evaluate = OmegaConf.to_container(compose("evaluate"))
+    expected = asdict(EvaluateConfig())
+    expected["decode"]["seed"] = 0
+    assert {k: evaluate[k] for k in expected if k != "data"} == {
+        k: v for k, v in expected.items() if k != "data"
+    }
+    assert set(evaluate["data"].values()) == {None}
 
 
 @pytest.mark.parametrize(

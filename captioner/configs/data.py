@@ -9,6 +9,22 @@ from captioner.errors import UserError
 
 SPLITS = ("train", "val", "test")  # what a data config can load
 
+# the keys of one dataset layout (COCO, Karpathy, the demo): each ``conf/data`` option sets those
+# of its own layout and has no others, so the schema's node in Hydra's ConfigStore leaves them out
+LAYOUT_FIELDS = (
+    "year",
+    "demo",
+    "train_annotations",
+    "train_images",
+    "val_annotations",
+    "val_images",
+    "test_annotations",
+    "test_images",
+    "split_file",
+    "images",
+    "restval_in_train",
+)
+
 
 @dataclass
 class DemoConfig:

@@ -9,7 +9,7 @@ from typing import Any
 from captioner.configs.checks import at_least, one_of
 from captioner.configs.data import SPLITS, DataConfig
 from captioner.configs.decode import DecodeConfig
-from captioner.configs.hydra import default_cache_dir
+from captioner.configs.training import default_cache_dir
 from captioner.errors import UserError
 
 
@@ -17,16 +17,24 @@ from captioner.errors import UserError
 class EvaluateConfig:
     """``captioner evaluate``'s settings (``conf/evaluate.yaml``)."""
 
-    checkpoint: str | None = None  # null: the newest best.pt under outputs/train/
-    split: str = "test"
+    checkpoint: str | None = (
+        None  # a best.pt/last.pt; null: the newest best.pt under outputs/train/
+    )
+    split: str = "test"  # val | test (train works too)
     device: str = "auto"
     batch_size: int = 32
     num_workers: int = 0
-    max_images: int | None = None
-    coco_metrics: bool = True
+    max_images: int | None = None  # evaluate on the first N images only
+    coco_metrics: bool = (
+        True  # also the official coco-caption scores when pycocoevalcap is installed
+    )
+    # also write report.html (thumbnails, captions, references, sentence BLEU, worst first)
     report: bool = False
-    cache_features: bool = True  # read/build the feature cache (keyed by the encoder's weights)
-    cache_dir: str | None = None  # null: the training run's trainer.cache_dir, else the default
+    # read the encoder's features from the feature cache (keyed by its weights), building the
+    # entry on first use; false: encode every image every time
+    cache_features: bool = True
+    # null: the checkpoint's training trainer.cache_dir, else $XDG_CACHE_HOME/captioner/features
+    cache_dir: str | None = None
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     data: dict | None = None  # overrides of the checkpoint's training data config
 

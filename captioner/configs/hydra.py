@@ -1,16 +1,18 @@
-"""Hydra: where the configs live (``conf/``), the configs Python registers in the ConfigStore, and
+"""Hydra: where the configs live (``conf/``), the schemas' defaults in the ConfigStore, and
 composing a config as the CLI would."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
 from omegaconf import DictConfig
 
-from captioner.configs.decode import DecodeConfig
+from captioner.configs.data import LAYOUT_FIELDS, DataConfig, DemoConfig
+from captioner.configs.evaluate import EvaluateConfig
+from captioner.configs.model import ModelConfig
+from captioner.configs.training import RunConfig, TrainerConfig
 
 
 def config_dir() -> Path:
@@ -28,11 +30,35 @@ def config_dir() -> Path:
 
 
 def register_configs() -> None:
-    """Put the configs that Python defines into Hydra's ConfigStore (idempotent): the decoding
-    defaults, read by ``train.yaml`` (``trainer.val_decode``) and ``evaluate.yaml`` (``decode``)."""
+    """Put the schemas' defaults into Hydra's ConfigStore (idempotent), so that a YAML file holds
+    only what differs from its dataclass; each file lists its node first in its defaults list,
+    before ``_self_``:
+
+    | node | dataclass | read by |
+    |---|---|---|
+    | ``train_defaults`` | :class:`RunConfig` and ``trainer``: :class:`TrainerConfig` | ``train.yaml`` |
+    | ``data_defaults`` | :class:`DataConfig` less :data:`LAYOUT_FIELDS` | ``data/*.yaml`` |
+    | ``demo_defaults`` | :class:`DemoConfig` | ``data/demo.yaml`` (``data.demo``) |
+    | ``model_defaults`` | :class:`ModelConfig` and ``name`` | ``model/*.yaml`` |
+    | ``evaluate_defaults`` | :class:`EvaluateConfig` | ``evaluate.yaml`` |
+
+    Plain dicts, not the dataclasses: a typed node would make OmegaConf check the values first,
+    with its own messages, where the configs' checks name the key in one line (and it would
+    refuse keys and nulls that the YAML files have). The nodes have no ``hydra`` group, so
+    ``--help`` lists the same options as the files.
+    """
     from hydra.core.config_store import ConfigStore
 
-    ConfigStore.instance().store(name="decode_defaults", node=asdict(DecodeConfig()))
+    data = {k: v for k, v in asdict(DataConfig()).items() if k not in LAYOUT_FIELDS}
+    nodes = {
+        "train_defaults": {"trainer": asdict(TrainerConfig()), **asdict(RunConfig())},
+        "data_defaults": data,
+        "demo_defaults": asdict(DemoConfig()),
+        "model_defaults": {"name": None, **asdict(ModelConfig())},  # name: the option's label
+        "evaluate_defaults": asdict(EvaluateConfig()),
+    }
+    for name, node in nodes.items():
+        ConfigStore.instance().store(name=name, node=node)
 
 
 def compose(config_name: str = "train", overrides: Sequence[str] = ()) -> DictConfig:
@@ -44,11 +70,3 @@ def compose(config_name: str = "train", overrides: Sequence[str] = ()) -> DictCo
     register_configs()
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         return hydra_compose(config_name=config_name, overrides=list(overrides))
-
-
-def default_cache_dir() -> Path:
-    """Where frozen-encoder features are cached unless ``trainer.cache_dir`` says otherwise:
-    ``$XDG_CACHE_HOME/captioner/features``, else ``~/.cache/captioner/features`` (the user cache
-    that torch hub and Hugging Face use too; datasets are often on read-only storage)."""
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "captioner" / "features"

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -13,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 from captioner.configs.checks import at_least, one_of
 from captioner.configs.data import DataConfig
 from captioner.configs.decode import DecodeConfig
-from captioner.configs.hydra import default_cache_dir
 from captioner.configs.model import EncoderConfig, ModelConfig
 from captioner.errors import UserError, first_line
 from captioner.typed import from_dict
@@ -42,8 +42,12 @@ class SCSTConfig:
     batch_size: int | None = None  # images per batch; null: data.batch_size
     lr: float | None = None  # null: keep the optimizer's rate; else every group's rate from here
     max_len: int | None = None  # tokens per sample, <end> included; null: trainer.val_decode's
-    end_in_reward: bool = True  # <end> is a word of the sample and the references for CIDEr-D
-    dropout: bool = False  # sample and score with the decoder's dropout on (independent masks)
+    # <end> is a word of the samples and the references for CIDEr-D, so unfinished fragments
+    # miss the final n-grams
+    end_in_reward: bool = True
+    # sample and score with the decoder's dropout on (each pass its own masks: not the exact
+    # policy gradient)
+    dropout: bool = False
 
     def __post_init__(self) -> None:
         where = "trainer.scst"
@@ -74,14 +78,20 @@ class TrainerConfig:
     max_epochs: int = 20
     grad_clip: float | None = 5.0  # max gradient norm; null: no clipping
     label_smoothing: float = 0.0
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16
-    cache_features: str | bool = "auto"  # auto | true | false (normalised to a string)
-    cache_dir: str | None = None  # null: default_cache_dir()
+    # auto (bf16/fp16 autocast on CUDA, fp32 elsewhere) | fp32 | bf16 | fp16
+    precision: str = "auto"
+    # auto: cache frozen-encoder features when the transform is deterministic | true | false
+    # (normalised to a string)
+    cache_features: str | bool = "auto"
+    cache_dir: str | None = None  # the feature cache; null: default_cache_dir()
     patience: int | None = 5  # epochs without a gain of `monitor` before stopping; null: never
     monitor: str = "val_bleu4"  # what selects best.pt and early-stops: val_bleu4 | val_cider_d
-    val_max_images: int | None = None
+    val_max_images: int | None = None  # validate on the first N val images only
+    # how val captions are decoded for val BLEU, which selects best.pt (greedy; strategy=beam
+    # beam_size=3 to select by the decoding you will evaluate with)
     val_decode: DecodeConfig = field(default_factory=DecodeConfig)
-    ema_decay: float | None = None
+    ema_decay: float | None = None  # e.g. 0.999: validate and save best.pt with a weight average
+    # also log scalars to <run dir>/tensorboard (pip install 'captioner[tensorboard]')
     tensorboard: bool = False
     scst: SCSTConfig = field(default_factory=SCSTConfig)
 
@@ -119,6 +129,14 @@ class TrainerConfig:
         return Path(self.cache_dir) if self.cache_dir else default_cache_dir()
 
 
+def default_cache_dir() -> Path:
+    """Where frozen-encoder features are cached unless ``trainer.cache_dir`` says otherwise:
+    ``$XDG_CACHE_HOME/captioner/features``, else ``~/.cache/captioner/features`` (the user cache
+    that torch hub and Hugging Face use too; datasets are often on read-only storage)."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "captioner" / "features"
+
+
 @dataclass
 class TrainConfig:
     """A whole training run, typed. ``optim`` and ``scheduler`` stay Hydra ``_target_`` nodes
@@ -142,7 +160,7 @@ def parse_train_config(cfg: DictConfig) -> TrainConfig:
     unknown = sorted(k for k in cfg if k not in _TOP_LEVEL and k != "hydra")
     if unknown:
         raise UserError(f"{unknown[0]}: unknown option (known: {', '.join(sorted(_TOP_LEVEL))})")
-    top = from_dict(_TopLevel, {k: cfg.get(k) for k in _TOP_LEVEL_SCALARS}, "")
+    top = from_dict(RunConfig, {k: cfg.get(k) for k in _TOP_LEVEL_SCALARS}, "")
     resolved = _resolve(cfg)
     data = from_dict(DataConfig, resolved.get("data"), "data")
     model = ModelConfig.from_dict(resolved.get("model") or {})
@@ -164,10 +182,14 @@ def parse_train_config(cfg: DictConfig) -> TrainConfig:
 
 
 @dataclass
-class _TopLevel:
+class RunConfig:
+    """The top-level scalars of a training run (``seed``, ``device``, ``resume``, ``init_from``)."""
+
     seed: int = 0
-    device: str = "auto"
-    resume: str | None = None
+    device: str = "auto"  # auto (CUDA > MPS > CPU) | cpu | cuda | cuda:1 | mps
+    resume: str | None = None  # a run directory or its last.pt: continue that run exactly
+    # a checkpoint (best.pt or last.pt) whose weights start this new run: not its optimizer or
+    # counters
     init_from: str | None = None
 
     def __post_init__(self) -> None:
@@ -175,7 +197,7 @@ class _TopLevel:
             raise UserError(f"init_from: {self.init_from}: checkpoint not found")
 
 
-_TOP_LEVEL_SCALARS = [f.name for f in fields(_TopLevel)]
+_TOP_LEVEL_SCALARS = [f.name for f in fields(RunConfig)]
 
 
 _TOP_LEVEL = {"data", "model", "trainer", "optim", "scheduler", *_TOP_LEVEL_SCALARS}
