@@ -17,14 +17,21 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from captioner.checkpoint import find_checkpoint, load_checkpoint, model_from_checkpoint
+from captioner.checkpoint import (
+    find_checkpoint,
+    load_checkpoint,
+    model_from_checkpoint,
+    train_config,
+)
 from captioner.configs.data import DataConfig
 from captioner.configs.evaluate import EvaluateConfig
 from captioner.configs.preprocessing import Preprocessing
+from captioner.datasets.annotations import CaptionRecord
 from captioner.datasets.captions import load_split
 from captioner.datasets.images import (
     ImageLoadError,
@@ -40,6 +47,7 @@ from captioner.evaluation.metrics import coco_caption_metrics, sentence_bleu_fro
 from captioner.evaluation.report import SCORE_KEYS, write_report
 from captioner.features import build_feature_cache, image_source
 from captioner.inference import corpus_scores, generate, hypothesis_text
+from captioner.models.captioning import CaptionModel
 from captioner.runtime import resolve_device
 from captioner.typed import from_dict
 from captioner.vocab import Vocab
@@ -54,7 +62,7 @@ def resolve_data_config(checkpoint: dict[str, Any], overrides: dict[str, Any]) -
     ``data.root`` at another dataset never writes demo images there.
     """
     given = {k: v for k, v in overrides.items() if v is not None}
-    base = dict((checkpoint.get("train_config") or {}).get("data") or {})
+    base = dict(train_config(checkpoint).get("data") or {})
     if not base and not given.get("root"):
         raise UserError(
             "the checkpoint has no training data config: give data.root=... and "
@@ -86,33 +94,8 @@ def evaluate(cfg: DictConfig | EvaluateConfig, out_dir: str | Path) -> dict[str,
     )
 
     start = time.perf_counter()
-    paths = [r.path for r in records]
-    cache = None
-    if cfg.cache_features:  # keyed by the encoder's weights: a hit is always what it computes
-        cache = build_feature_cache(
-            model.encoder,
-            pre,
-            paths,
-            cfg.feature_cache_dir(ckpt.get("train_config")),
-            device=device,
-            batch_size=cfg.batch_size,
-            num_workers=cfg.num_workers,
-            desc=f"{cfg.split} images",
-        )
-    loader = DataLoader(
-        image_source(paths, build_transform(pre), cache),
-        batch_size=cfg.batch_size,
-        num_workers=0 if cache is not None else cfg.num_workers,
-        collate_fn=collate_images,
-    )
-    hyps = generate(
-        model,
-        tqdm(loader, desc="captioning", unit="batch", leave=False, disable=None),
-        vocab,
-        decode_cfg,
-        device,
-        features=cache is not None,
-        attention=cfg.report and model.attends,  # the report shows where each word looked
+    hyps = _caption_images(
+        cfg, model, vocab, pre, [r.path for r in records], train_config(ckpt), device
     )
     seconds = time.perf_counter() - start
     captions = {i: hypothesis_text(h[0], vocab) for i, h in hyps.items()}
@@ -122,16 +105,8 @@ def evaluate(cfg: DictConfig | EvaluateConfig, out_dir: str | Path) -> dict[str,
     if skipped:
         log.warning("%d unreadable images were left out of the scores", skipped)
 
-    scores = corpus_scores(captions, records)  # BLEU, CIDEr-D without Java, distinct
-    coco = None
-    if cfg.coco_metrics:
-        coco = coco_caption_metrics(
-            {records[i].image_id: c for i, c in captions.items()},
-            {records[i].image_id: records[i].captions for i in captions},
-        )
     metrics: dict[str, Any] = {
-        **scores,
-        **(coco or {}),
+        **_scores(captions, records, cfg.coco_metrics),
         "split": cfg.split,
         "num_images": len(captions),
         "skipped_images": skipped,
@@ -139,23 +114,7 @@ def evaluate(cfg: DictConfig | EvaluateConfig, out_dir: str | Path) -> dict[str,
         "decode": asdict(decode_cfg),
         "seconds": round(seconds, 2),
     }
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    results = [{"image_id": records[i].image_id, "caption": c} for i, c in sorted(captions.items())]
-    (out_dir / "results.json").write_text(json.dumps(results) + "\n")
-    rows = [
-        {
-            "image_id": records[i].image_id,
-            "file": str(records[i].path),
-            "caption": cap,
-            "references": records[i].captions,
-            "bleu4": sentence_bleu_from_text(cap, records[i].captions)["bleu4"],
-        }
-        for i, cap in sorted(captions.items())
-    ]
-    with open(out_dir / "per_image.jsonl", "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    rows = _write_run_files(out_dir, metrics, captions, records)
     if cfg.report:
         attention = None
         if model.attends:
@@ -174,6 +133,91 @@ def evaluate(cfg: DictConfig | EvaluateConfig, out_dir: str | Path) -> dict[str,
         log.info("report: %s", report)
     metrics["out_dir"] = str(out_dir)
     return metrics
+
+
+def _caption_images(
+    cfg: EvaluateConfig,
+    model: CaptionModel,
+    vocab: Vocab,
+    pre: Preprocessing,
+    paths: list[Path],
+    train_config: dict[str, Any] | None,
+    device: torch.device,
+) -> dict[int, list[Hypothesis]]:
+    """Decode every readable image of ``paths`` with ``cfg.decode``: {index: hypotheses}.
+
+    With ``cfg.cache_features`` the encoder's features come from the feature cache of
+    ``train_config``'s run (keyed by the encoder's weights: a hit is always what it computes).
+    """
+    cache = None
+    if cfg.cache_features:
+        cache = build_feature_cache(
+            model.encoder,
+            pre,
+            paths,
+            cfg.feature_cache_dir(train_config),
+            device=device,
+            batch_size=cfg.batch_size,
+            num_workers=cfg.num_workers,
+            desc=f"{cfg.split} images",
+        )
+    loader = DataLoader(
+        image_source(paths, build_transform(pre), cache),
+        batch_size=cfg.batch_size,
+        num_workers=0 if cache is not None else cfg.num_workers,
+        collate_fn=collate_images,
+    )
+    return generate(
+        model,
+        tqdm(loader, desc="captioning", unit="batch", leave=False, disable=None),
+        vocab,
+        cfg.decode,
+        device,
+        features=cache is not None,
+        attention=cfg.report and model.attends,  # the report shows where each word looked
+    )
+
+
+def _scores(
+    captions: dict[int, str], records: list[CaptionRecord], coco_metrics: bool
+) -> dict[str, Any]:
+    """BLEU, CIDEr-D without Java and distinct-n of ``captions`` against all references of
+    their images, plus the official COCO metrics when ``coco_metrics`` (and available)."""
+    scores = corpus_scores(captions, records)
+    coco = None
+    if coco_metrics:
+        coco = coco_caption_metrics(
+            {records[i].image_id: c for i, c in captions.items()},
+            {records[i].image_id: records[i].captions for i in captions},
+        )
+    return {**scores, **(coco or {})}
+
+
+def _write_run_files(
+    out_dir: Path,
+    metrics: dict[str, Any],
+    captions: dict[int, str],
+    records: list[CaptionRecord],
+) -> list[dict[str, Any]]:
+    """Write ``metrics.json``, ``results.json`` (the COCO results format) and
+    ``per_image.jsonl`` into ``out_dir``; returns the per-image rows."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    results = [{"image_id": records[i].image_id, "caption": c} for i, c in sorted(captions.items())]
+    (out_dir / "results.json").write_text(json.dumps(results) + "\n")
+    rows = [
+        {
+            "image_id": records[i].image_id,
+            "file": str(records[i].path),
+            "caption": cap,
+            "references": records[i].captions,
+            "bleu4": sentence_bleu_from_text(cap, records[i].captions)["bleu4"],
+        }
+        for i, cap in sorted(captions.items())
+    ]
+    with open(out_dir / "per_image.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    return rows
 
 
 def _attention_panels(
