@@ -368,7 +368,7 @@ def load_pretrained(
         )
     try:
         vocab = Vocab(words)
-    except ValueError as exc:
+    except UserError as exc:
         raise UserError(f"{folder / VOCAB}: {exc}") from exc
     model, _ = build_model(config, len(vocab), pretrained=False)
     _load_weights(model, folder / WEIGHTS, len(vocab))

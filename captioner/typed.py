@@ -91,8 +91,8 @@ def key(where: str, name: str) -> str:
 def from_dict(cls: type[T], data: Any, where: str) -> T:
     """Build dataclass ``cls`` from mapping ``data``; ``where`` is the key prefix in messages.
 
-    Missing keys take the dataclass defaults. A ``UserError`` raised by ``__post_init__`` is
-    expected to name its key already.
+    Missing keys take the dataclass defaults. A ``UserError`` raised by ``__post_init__`` names
+    its full key (``data.batch_size must be >= 1``) or else gets ``where`` in front.
     """
     data = _plain(data)
     if data is None:
@@ -109,7 +109,13 @@ def from_dict(cls: type[T], data: Any, where: str) -> T:
     values = {name: _coerce(value, hints[name], key(where, name)) for name, value in data.items()}
     try:
         return cls(**values)
-    except (TypeError, ValueError) as exc:  # a __post_init__ that raises ValueError
+    except UserError as exc:
+        # a check that names the field alone (DecodeConfig's, which the CLI and the server share)
+        # gets the node's key in front: ``trainer.val_decode: beam_size must be >= 1``
+        if where and not str(exc).startswith(where):
+            raise UserError(f"{where}: {exc}") from exc
+        raise
+    except (TypeError, ValueError) as exc:
         raise UserError(f"{where or 'config'}: {exc}") from exc
 
 

@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from captioner.errors import UserError
 from captioner.files import atomic_write
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
@@ -60,10 +61,10 @@ class Vocab:
     def __init__(self, itos: Sequence[str]):
         itos = list(itos)
         if tuple(itos[: len(SPECIALS)]) != SPECIALS:
-            raise ValueError(f"vocabulary must start with {list(SPECIALS)}, got {itos[:4]}")
+            raise UserError(f"vocabulary must start with {list(SPECIALS)}, got {itos[:4]}")
         if len(set(itos)) != len(itos):
             dup = next(w for w, c in Counter(itos).items() if c > 1)
-            raise ValueError(f"vocabulary has a duplicated word: {dup!r}")
+            raise UserError(f"vocabulary has a duplicated word: {dup!r}")
         self.itos: list[str] = itos
         self.stoi: dict[str, int] = {w: i for i, w in enumerate(itos)}
 
@@ -82,7 +83,7 @@ class Vocab:
         deterministic. ``max_size`` (if given) caps the number of non-special words.
         """
         if min_freq < 1:
-            raise ValueError(f"min_freq must be >= 1, got {min_freq}")
+            raise UserError(f"min_freq must be >= 1, got {min_freq}")
         counts: Counter[str] = Counter()
         for cap in captions:
             counts.update(tokenize(cap) if isinstance(cap, str) else cap)
@@ -129,7 +130,7 @@ class Vocab:
     @classmethod
     def from_dict(cls, data: dict) -> Vocab:
         if not isinstance(data, dict) or not isinstance(data.get("itos"), list):
-            raise ValueError("vocabulary JSON must be an object with an 'itos' list of words")
+            raise UserError("vocabulary JSON must be an object with an 'itos' list of words")
         return cls(data["itos"])
 
     def save(self, path: str | os.PathLike) -> None:
@@ -140,8 +141,8 @@ class Vocab:
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{path}: cannot read vocabulary JSON ({exc})") from exc
+            raise UserError(f"{path}: cannot read vocabulary JSON ({exc})") from exc
         try:
             return cls.from_dict(data)
-        except ValueError as exc:
-            raise ValueError(f"{path}: {exc}") from exc
+        except UserError as exc:
+            raise UserError(f"{path}: {exc}") from exc

@@ -530,7 +530,7 @@ def test_build_transform_eval_is_deterministic_and_shared() -> None:
 def test_preprocessing_round_trip_and_validation() -> None:
     pre = Preprocessing(resize=40, crop=32)
     assert Preprocessing.from_dict(pre.to_dict()) == pre
-    with pytest.raises(ValueError):
+    with pytest.raises(UserError):
         Preprocessing(resize=16, crop=32)
 
 

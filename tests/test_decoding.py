@@ -21,6 +21,7 @@ from captioner.decoding import (
     length_penalty,
     sample,
 )
+from captioner.errors import UserError
 from captioner.models.captioning import Decoder
 
 PAD, START, END, UNK, A, B, C, D = range(8)  # scripted vocabulary (same specials as Vocab)
@@ -421,7 +422,7 @@ def test_decode_dispatch_and_empty_batch(lstm, feats):
     ],
 )
 def test_config_validation(kwargs, field):
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(UserError, match=field):
         DecodeConfig(**kwargs)
 
 

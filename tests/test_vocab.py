@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from captioner.errors import UserError
 from captioner.vocab import END, PAD, SPECIALS, START, UNK, Vocab, detokenize, tokenize
 
 
@@ -65,7 +66,7 @@ def test_build_min_freq_is_greater_or_equal() -> None:
 
 
 def test_build_rejects_min_freq_below_one() -> None:
-    with pytest.raises(ValueError, match="min_freq"):
+    with pytest.raises(UserError, match="min_freq"):
         Vocab.build(["a"], min_freq=0)
 
 
@@ -143,23 +144,23 @@ def test_json_round_trip_exact_with_unicode(tmp_path) -> None:
 def test_load_bad_vocab_json_names_the_file(tmp_path, content: bytes) -> None:
     path = tmp_path / "bad_vocab.json"
     path.write_bytes(content)
-    with pytest.raises(ValueError, match="bad_vocab.json") as info:
+    with pytest.raises(UserError, match="bad_vocab.json") as info:
         Vocab.load(path)
     assert "\n" not in str(info.value)
 
 
 def test_load_missing_vocab_names_the_file(tmp_path) -> None:
-    with pytest.raises(ValueError, match="nope.json"):
+    with pytest.raises(UserError, match="nope.json"):
         Vocab.load(tmp_path / "nope.json")
 
 
 def test_duplicated_words_rejected() -> None:
-    with pytest.raises(ValueError, match="duplicated.*'dog'"):
+    with pytest.raises(UserError, match="duplicated.*'dog'"):
         Vocab([*SPECIALS, "dog", "cat", "dog"])
-    with pytest.raises(ValueError, match="duplicated"):
+    with pytest.raises(UserError, match="duplicated"):
         Vocab([*SPECIALS, "<unk>"])
 
 
 def test_specials_must_come_first() -> None:
-    with pytest.raises(ValueError, match="start with"):
+    with pytest.raises(UserError, match="start with"):
         Vocab([START, PAD, END, UNK, "dog"])

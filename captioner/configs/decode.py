@@ -7,6 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from captioner.configs.checks import at_least, one_of
+from captioner.errors import UserError
 from captioner.typed import from_dict
 
 STRATEGIES: tuple[str, ...] = ("greedy", "beam", "sample")
@@ -14,7 +16,7 @@ STRATEGIES: tuple[str, ...] = ("greedy", "beam", "sample")
 
 @dataclass
 class DecodeConfig:
-    """How to decode; validated on construction (a bad field raises ``ValueError`` naming it)."""
+    """How to decode; validated on construction (a bad field raises ``UserError`` naming it)."""
 
     strategy: str = "greedy"  # "greedy" | "beam" | "sample"
     max_len: int = 20  # max generated tokens per caption, counting <end>
@@ -28,26 +30,24 @@ class DecodeConfig:
     seed: int | None = None  # sample; a local generator is used, never the global RNG
 
     def __post_init__(self) -> None:
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {list(STRATEGIES)}, got {self.strategy!r}")
-        if self.max_len < 1:
-            raise ValueError(f"max_len must be >= 1, got {self.max_len}")
-        if self.beam_size < 1:
-            raise ValueError(f"beam_size must be >= 1, got {self.beam_size}")
+        # messages name the field alone: they serve a config node (from_dict puts its key in
+        # front: ``trainer.val_decode: beam_size must be >= 1``), the CLI and the server alike
+        one_of(self, "", strategy=STRATEGIES)
+        at_least(self, "", max_len=1, beam_size=1)
         if not 1 <= self.n_best <= self.beam_size:
-            raise ValueError(
+            raise UserError(
                 f"n_best must be between 1 and beam_size={self.beam_size}, got {self.n_best}"
             )
         if not 1e-3 <= self.temperature <= 1e3:  # also refuses nan: logits / t must stay finite
-            raise ValueError(f"temperature must be in [0.001, 1000], got {self.temperature}")
+            raise UserError(f"temperature must be in [0.001, 1000], got {self.temperature}")
         if not -10 <= self.length_penalty <= 10:  # ((5 + len) / 6) ** alpha must stay finite
-            raise ValueError(f"length_penalty must be in [-10, 10], got {self.length_penalty}")
+            raise UserError(f"length_penalty must be in [-10, 10], got {self.length_penalty}")
         if self.seed is not None and not -(2**63) <= self.seed < 2**64:
-            raise ValueError(f"seed must fit in 64 bits, got {self.seed}")
+            raise UserError(f"seed must fit in 64 bits, got {self.seed}")
         if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+            raise UserError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str = "decode") -> DecodeConfig:

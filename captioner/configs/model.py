@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from captioner.configs.checks import at_least, one_of
 from captioner.errors import UserError
 from captioner.typed import from_dict
 
@@ -89,14 +90,8 @@ class DecoderConfig:
     attention_penalty: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.cell not in CELLS:
-            raise UserError(f"model.decoder.cell must be one of {list(CELLS)}, got {self.cell!r}")
-        if self.attention not in ATTENTION:
-            raise UserError(
-                f"model.decoder.attention must be one of {list(ATTENTION)}, got {self.attention!r}"
-            )
-        if self.attention_dim < 1:
-            raise UserError(f"model.decoder.attention_dim must be >= 1, got {self.attention_dim}")
+        one_of(self, "model.decoder", cell=CELLS, attention=ATTENTION)
+        at_least(self, "model.decoder", attention_dim=1)
         if not self.attention_penalty >= 0:
             raise UserError(
                 f"model.decoder.attention_penalty must be >= 0, got {self.attention_penalty}"
@@ -106,9 +101,7 @@ class DecoderConfig:
                 "model.decoder.feature_mode must be 'init_state' or 'first_input', "
                 f"got {self.feature_mode!r}"
             )
-        for key in ("embed_dim", "hidden_size", "num_layers"):
-            if getattr(self, key) < 1:
-                raise UserError(f"model.decoder.{key} must be >= 1, got {getattr(self, key)}")
+        at_least(self, "model.decoder", embed_dim=1, hidden_size=1, num_layers=1)
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"model.decoder.dropout must be in [0, 1), got {self.dropout}")
         if self.tie_weights and self.embed_dim != self.hidden_size:

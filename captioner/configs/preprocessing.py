@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from captioner.errors import UserError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 
 
@@ -27,7 +29,7 @@ class Preprocessing:
 
     def __post_init__(self) -> None:
         if self.resize < 1 or self.crop < 1 or self.crop > self.resize:
-            raise ValueError(f"need 1 <= crop <= resize, got resize={self.resize} crop={self.crop}")
+            raise UserError(f"need 1 <= crop <= resize, got resize={self.resize} crop={self.crop}")
         object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
         object.__setattr__(self, "std", tuple(float(s) for s in self.std))
 
