@@ -28,7 +28,7 @@ from captioner.configs.preprocessing import Preprocessing
 from captioner.datasets.images import ImageDataset, build_transform, collate_images
 from captioner.errors import UserError
 from captioner.files import atomic_path, atomic_write
-from captioner.models.captioning import Encoder
+from captioner.models.encoders import Encoder
 
 log = logging.getLogger(__name__)
 

@@ -163,7 +163,7 @@ def _validated_weights(ckpt: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     weights = dict(ckpt["model"])
     ema = ckpt.get("ema") if _is_last(ckpt) else None
     if ema and ema.get("averages"):
-        from captioner.models.captioning import rename_legacy_keys
+        from captioner.models.decoders import rename_legacy_keys
 
         weights.update(rename_legacy_keys(dict(ema["averages"])))
     return weights

@@ -10,7 +10,7 @@ import torch
 
 from captioner.configs.hydra import compose
 from captioner.datasets.synthetic import ensure_demo_dataset
-from captioner.models.captioning import Encoder
+from captioner.models.encoders import Encoder
 from captioner.training.train import train
 
 TINY_SPLITS = {"train": 24, "val": 8, "test": 8}

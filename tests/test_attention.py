@@ -11,6 +11,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
+import helpers
 import numpy as np
 import pytest
 import torch
@@ -35,9 +36,11 @@ from captioner.evaluation.attention_maps import (
 )
 from captioner.features import build_feature_cache
 from captioner.inference import decode_features
-from captioner.models.captioning import CaptionModel, Decoder, Encoder, attention_penalty
-from captioner.training.objectives import TeacherForcing, caption_loss
-from captioner.training.train import _init_weights
+from captioner.models.captioning import CaptionModel
+from captioner.models.encoders import Encoder
+from captioner.training.losses import attention_penalty, caption_loss
+from captioner.training.objectives import TeacherForcing
+from captioner.training.setup import init_weights as _init_weights
 from captioner.vocab import Vocab, tokenize
 
 V, FEAT, PAD, START, END = 12, 8, Vocab.pad_id, Vocab.start_id, Vocab.end_id
@@ -70,25 +73,21 @@ def tiny_model(
     grid: int | None = None,
     **decoder: object,
 ) -> CaptionModel:
-    torch.manual_seed(0)
-    cfg = ModelConfig(
-        EncoderConfig(name="grid", weights=None, grid=grid),
-        DecoderConfig(
-            **{
-                "embed_dim": 6,
-                "hidden_size": 10,
-                "dropout": 0.0,
-                "cell": cell,
-                "attention": attention,
-                "attention_dim": 7,
-                "feature_mode": feature_mode,
-                "num_layers": num_layers,
-                **decoder,
-            }
-        ),
-    )
-    encoder = Encoder(GridBackbone(), FEAT, spatial=attention == "soft", grid=grid)
-    return CaptionModel(encoder, Decoder(FEAT, V, cfg.decoder), cfg).eval()
+    """The tiny captioner of :func:`helpers.tiny_model` on :class:`GridBackbone`, in eval mode."""
+    return helpers.tiny_model(
+        GridBackbone,
+        FEAT,
+        V,
+        {"name": "grid", "weights": None, "grid": grid},
+        **{
+            "cell": cell,
+            "attention": attention,
+            "attention_dim": 7,
+            "feature_mode": feature_mode,
+            "num_layers": num_layers,
+            **decoder,
+        },
+    ).eval()
 
 
 def padded(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -271,11 +270,11 @@ def test_maps_of_decoded_captions_are_the_weights_decoding_used(
     """``generate(..., attention=True)`` teacher-forces each decoded caption once more; its maps
     equal the weights the decoding steps computed for those words."""
     from captioner.inference import generate
-    from captioner.models import captioning as model_module
+    from captioner.models.attention import SoftAttention
 
     model = tiny_model("gru", num_layers=2)
     used: list[torch.Tensor] = []
-    forward = model_module.SoftAttention.forward
+    forward = SoftAttention.forward
 
     def recording(self, grid, projected, query):  # type: ignore[no-untyped-def]
         context, alpha = forward(self, grid, projected, query)
@@ -286,7 +285,7 @@ def test_maps_of_decoded_captions_are_the_weights_decoding_used(
     batch = {"inputs": images, "index": torch.arange(3)}
     config = DecodeConfig(strategy=strategy, beam_size=2, max_len=6)
     hyps = generate(model, [batch], VOCAB, config, "cpu")
-    monkeypatch.setattr(model_module.SoftAttention, "forward", recording)
+    monkeypatch.setattr(SoftAttention, "forward", recording)
     if strategy == "greedy":
         generate(model, [batch], VOCAB, config, "cpu")  # records every step's weights [3, P]
         decoded = torch.stack(used, dim=1)  # [3, steps, P]
@@ -374,7 +373,7 @@ def test_weight_averages_from_before_the_cell_option_still_load() -> None:
 
 def test_a_swin_style_channels_last_map_gives_a_channels_first_grid() -> None:
     """torchvision's Swin gives its map as [B, h, w, F]: the grid has F-d features."""
-    from captioner.models.captioning import create_encoder
+    from captioner.models.encoders import create_encoder
 
     cfg = EncoderConfig(name="swin_t", weights=None, resize=64, crop=64, flip_average=True)
     encoder, _ = create_encoder(cfg, pretrained=False, spatial=True)

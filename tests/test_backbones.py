@@ -35,14 +35,13 @@ from captioner.datasets.images import (
 )
 from captioner.errors import UserError
 from captioner.features import encoder_fingerprint
-from captioner.models import backbones
-from captioner.models import captioning as model
+from captioner.models import backbones, encoders
 from captioner.models.backbones import RESNET_WEIGHTS, RESNETS, resnet
-from captioner.models.captioning import (
+from captioner.models.captioning import build_model
+from captioner.models.encoders import (
     Encoder,
     _strip_torchvision_head,
     _torchvision_backbone,
-    build_model,
     create_encoder,
 )
 from captioner.vocab import Vocab
@@ -71,7 +70,7 @@ def randomise_batchnorm(net: torch.nn.Module, seed: int) -> None:
 @pytest.fixture
 def use_torchvision(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make ``_torchvision_backbone`` take torchvision's path for every name, as it did."""
-    monkeypatch.setattr(model, "RESNETS", {})
+    monkeypatch.setattr(encoders, "RESNETS", {})
 
 
 # -- the native ResNets -------------------------------------------------------------------------
@@ -130,7 +129,7 @@ def test_checkpoint_rebuild_is_native_and_equals_the_torchvision_build(
     torch.manual_seed(3)
     native, native_pre = create_encoder(cfg, pretrained=False, spatial=spatial)
     assert type(native.backbone) is backbones.ResNet  # not torchvision's class
-    monkeypatch.setattr(model, "RESNETS", {})
+    monkeypatch.setattr(encoders, "RESNETS", {})
     torch.manual_seed(3)
     reference, reference_pre = create_encoder(cfg, pretrained=False, spatial=spatial)
     assert type(reference.backbone) is torchvision.models.ResNet
@@ -154,11 +153,11 @@ def test_native_path_returns_the_preprocessing_torchvisions_metadata_gives(
     name: str, weights: str | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # the preprocessing does not depend on the network: build a small one either way
-    monkeypatch.setattr(model, "resnet", lambda name: torch.nn.Linear(1, 1))
+    monkeypatch.setattr(encoders, "resnet", lambda name: torch.nn.Linear(1, 1))
     monkeypatch.setattr(torchvision.models, "get_model", lambda name, weights: small_resnet())
     cfg = EncoderConfig(name=name, weights=weights)
     _, got = _torchvision_backbone(cfg, pretrained=False)
-    monkeypatch.setattr(model, "RESNETS", {})
+    monkeypatch.setattr(encoders, "RESNETS", {})
     _, want = _torchvision_backbone(cfg, pretrained=False)
     assert got == want
 
@@ -183,7 +182,7 @@ def test_unknown_weights_is_the_same_user_error(monkeypatch: pytest.MonkeyPatch)
     cfg = EncoderConfig(name="resnet50", weights="IMAGENET9K_V9")
     with pytest.raises(UserError, match="model.encoder.weights") as native:
         _torchvision_backbone(cfg, pretrained=False)
-    monkeypatch.setattr(model, "RESNETS", {})
+    monkeypatch.setattr(encoders, "RESNETS", {})
     with pytest.raises(UserError) as reference:
         _torchvision_backbone(cfg, pretrained=False)
     assert str(native.value) == str(reference.value)
@@ -338,7 +337,7 @@ def test_a_fresh_process_captions_without_importing_torchvision(
 
     # the same features (pooled, and the grid attention reads) as torchvision's model and
     # transform give, here
-    monkeypatch.setattr(model, "RESNETS", {})
+    monkeypatch.setattr(encoders, "RESNETS", {})
     for checkpoint in checkpoints:
         reference, _, reference_pre = model_from_checkpoint(load_checkpoint(checkpoint))
         assert type(reference.encoder.backbone) is torchvision.models.ResNet

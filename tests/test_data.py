@@ -679,7 +679,7 @@ def test_sampler_no_shuffle_is_identity() -> None:
 def tiny_encoder():
     from torch import nn
 
-    from captioner.models.captioning import Encoder
+    from captioner.models.encoders import Encoder
 
     return Encoder(nn.Sequential(nn.Conv2d(3, 4, 1), nn.AdaptiveAvgPool2d(1)), 4)
 

@@ -22,7 +22,7 @@ from captioner.decoding import (
     sample,
 )
 from captioner.errors import UserError
-from captioner.models.captioning import Decoder
+from captioner.models.decoders import Decoder, build_decoder
 
 PAD, START, END, UNK, A, B, C, D = range(8)  # scripted vocabulary (same specials as Vocab)
 IDS = {"start_id": START, "end_id": END, "unk_id": UNK, "pad_id": PAD}
@@ -119,7 +119,7 @@ def product_decoder(cell: str, attention: str, vocab: int = 12, feat: int = 6) -
         embed_dim=8, hidden_size=16, num_layers=2, dropout=0.0, cell=cell, attention=attention
     )
     cfg.attention_dim = 8
-    decoder = Decoder(feat, vocab, cfg, pad_id=PAD)
+    decoder = build_decoder(cfg, feat, vocab, pad_id=PAD)
     gen = torch.Generator().manual_seed(SEED)
     with torch.no_grad():
         for p in decoder.parameters():

@@ -6,6 +6,7 @@ import pathlib
 import pickle
 import types
 
+import helpers
 import pytest
 import torch
 import torch.nn.functional as F
@@ -23,8 +24,10 @@ from captioner.configs.model import DecoderConfig, EncoderConfig, ModelConfig
 from captioner.configs.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from captioner.errors import UserError
 from captioner.inference import decode_features, hypothesis_text
-from captioner.models.captioning import CaptionModel, Decoder, Encoder, build_model, create_encoder
-from captioner.training.objectives import caption_loss
+from captioner.models.captioning import CaptionModel, build_model
+from captioner.models.decoders import PooledDecoder
+from captioner.models.encoders import Encoder, create_encoder
+from captioner.training.losses import caption_loss
 from captioner.vocab import Vocab
 
 PAD = Vocab.pad_id
@@ -57,14 +60,9 @@ class TinyBackbone(nn.Module):
         return self.pool(self.features(x))
 
 
-def tiny_model(freeze: bool = True, **decoder: object) -> CaptionModel:
-    torch.manual_seed(0)
-    cfg = ModelConfig(
-        EncoderConfig(name="tiny", weights=None, freeze=freeze),
-        DecoderConfig(**{"embed_dim": 6, "hidden_size": 10, "dropout": 0.0, **decoder}),
-    )
-    enc = Encoder(TinyBackbone(), FEAT)
-    return CaptionModel(enc, Decoder(FEAT, V, cfg.decoder), cfg)
+def tiny_model(**decoder: object) -> CaptionModel:
+    """The tiny captioner of :func:`helpers.tiny_model` on :class:`TinyBackbone`."""
+    return helpers.tiny_model(TinyBackbone, FEAT, V, {"name": "tiny", "weights": None}, **decoder)
 
 
 def padded(seqs: list[list[int]], width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -419,7 +417,9 @@ def test_tiny_decoder_overfits_a_handful_of_captions(feature_mode: str) -> None:
     vocab = Vocab.build(captions)
     torch.manual_seed(0)
     feats = torch.randn(4, 16)
-    decoder = Decoder(16, len(vocab), DecoderConfig(32, 64, dropout=0.0, feature_mode=feature_mode))
+    decoder = PooledDecoder(
+        16, len(vocab), DecoderConfig(32, 64, dropout=0.0, feature_mode=feature_mode)
+    )
     caps, lengths = padded([vocab.encode(c) for c in captions])
     opt = torch.optim.Adam(decoder.parameters(), lr=1e-2)
     decoder.train()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
+import helpers
 import pytest
 import torch
 from test_training import assert_same_run_end, assert_same_tensors, interrupt_at
@@ -17,7 +18,9 @@ from captioner.configs.training import SCSTConfig, parse_train_config
 from captioner.datasets.annotations import CaptionRecord
 from captioner.decoding import Hypothesis
 from captioner.errors import UserError
-from captioner.models.captioning import CaptionModel, Decoder, Encoder
+from captioner.models.captioning import CaptionModel
+from captioner.models.decoders import PooledDecoder
+from captioner.models.encoders import Encoder
 from captioner.runtime import setup_runtime
 from captioner.training import scst as scst_module
 from captioner.training.runlog import read_metrics
@@ -44,12 +47,11 @@ def records() -> list[CaptionRecord]:
 
 
 def tiny_model(vocab: Vocab, dropout: float = 0.0, **decoder: str) -> CaptionModel:
-    torch.manual_seed(0)
-    cfg = ModelConfig(
-        decoder=DecoderConfig(embed_dim=8, hidden_size=16, dropout=dropout, **decoder)
+    """The tiny captioner of :func:`helpers.tiny_model` (its encoder unused: the batches hold
+    features)."""
+    return helpers.tiny_model(
+        nn.Flatten, FEATURES, len(vocab), embed_dim=8, hidden_size=16, dropout=dropout, **decoder
     )
-    encoder = Encoder(nn.Flatten(), FEATURES)  # unused: the batches hold features
-    return CaptionModel(encoder, Decoder(FEATURES, len(vocab), cfg.decoder), cfg)
 
 
 def hyp(vocab: Vocab, text: str, finished: bool = True) -> Hypothesis:
@@ -217,7 +219,7 @@ def test_a_trainable_encoder_updates_its_batchnorm_once_per_step(vocab: Vocab, r
         nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.AdaptiveAvgPool2d(1), nn.Flatten()
     )
     cfg = ModelConfig(decoder=DecoderConfig(embed_dim=8, hidden_size=16, dropout=0.0))
-    model = CaptionModel(Encoder(backbone, 4), Decoder(4, len(vocab), cfg.decoder), cfg)
+    model = CaptionModel(Encoder(backbone, 4), PooledDecoder(4, len(vocab), cfg.decoder), cfg)
     model.set_encoder_trainable(None)
     model.train()
     objective = SelfCritical(vocab, records, SCSTConfig(samples=2), max_len=6)

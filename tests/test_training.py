@@ -19,7 +19,7 @@ from captioner.checkpoint import load_checkpoint, model_from_checkpoint
 from captioner.configs.hydra import compose
 from captioner.configs.model import ModelConfig
 from captioner.errors import UserError
-from captioner.models.captioning import create_encoder
+from captioner.models.encoders import create_encoder
 from captioner.runtime import seed_everything
 from captioner.training import objectives
 from captioner.training.runlog import read_metrics

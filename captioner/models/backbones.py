@@ -6,7 +6,7 @@ checkpoint provides, but ``import torchvision`` imports ``torchvision.ops``, whi
 ``torch._dynamo``. Measured with ``python -X importtime`` on the 2-core development machine
 (2026-12-01): torchvision took 1.06 s on top of torch's own 1.1-1.3 s, and the cold start of
 ``captioner caption`` on one image was 2.1x a bare ``python -c "import torch"``
-(``benchmarks/cold_start.py``). So :func:`captioner.models.captioning._torchvision_backbone` builds these
+(``benchmarks/cold_start.py``). So :func:`captioner.models.encoders._torchvision_backbone` builds these
 five architectures from here when a checkpoint provides the weights (``pretrained=False``), and
 uses torchvision for everything else (pretrained or local weights, every other model, the
 training augmentation). A deliberate, measured exception to "use the library".
@@ -15,7 +15,7 @@ The modules are torchvision's own, module for module (``torchvision/models/resne
 same class names (``ResNet``, ``BasicBlock``, ``Bottleneck``: the feature cache's fingerprint
 reads the class name), same attribute names and order, hence the same ``state_dict`` keys and
 shapes as torchvision's model with its classifier replaced by ``nn.Identity`` (what
-:func:`captioner.models.captioning._strip_torchvision_head` does), the same forward, and the same random
+:func:`captioner.models.encoders._strip_torchvision_head` does), the same forward, and the same random
 initialisation: the modules are created and initialised in torchvision's order, the 1000-way
 classifier included before it is dropped, so under one seed the parameters are identical.
 ``tests/test_backbones.py`` checks all of it against torchvision, and

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from captioner.errors import UserError
-from captioner.models.captioning import rename_legacy_keys
+from captioner.models.decoders import rename_legacy_keys
 
 
 class ModelEMA:

@@ -16,10 +16,9 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from captioner.models.captioning import attention_penalty
+from captioner.training.losses import attention_penalty, caption_loss
 
 
 @dataclass
@@ -48,22 +47,6 @@ class Objective(Protocol):
     def __call__(self, model: nn.Module, batch: dict[str, Any], *, features: bool) -> StepLoss: ...
 
 
-def caption_loss(
-    logits: Tensor, captions: Tensor, pad_id: int = 0, label_smoothing: float = 0.0
-) -> Tensor:
-    """Mean cross-entropy over real target tokens only (padding never reaches the loss).
-
-    logits [B, T-1, V], captions [B, T]; targets are captions[:, 1:].
-    """
-    targets = captions[:, 1:]
-    return F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(),
-        targets.reshape(-1),
-        ignore_index=pad_id,
-        label_smoothing=label_smoothing,
-    )
-
-
 def target_tokens(lengths: Tensor) -> int:
     """How many tokens a batch predicts: every caption's length minus its ``<start>``."""
     return int((lengths - 1).sum())
@@ -74,7 +57,7 @@ class TeacherForcing:
     """Cross-entropy of the ground-truth next token given the ground-truth prefix (the XE
     objective of Show and Tell), optionally label-smoothed. For a decoder that attends,
     ``attention_penalty`` > 0 adds lambda times the doubly stochastic regulariser of Show, Attend
-    and Tell (:func:`captioner.models.captioning.attention_penalty`), logged as ``attention_penalty``, and
+    and Tell (:func:`captioner.training.losses.attention_penalty`), logged as ``attention_penalty``, and
     the cross-entropy alone as ``xe_loss`` (``train_loss`` is their sum, what is minimised)."""
 
     pad_id: int = 0
@@ -110,4 +93,4 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     }
 
 
-__all__ = ["Objective", "StepLoss", "TeacherForcing", "caption_loss", "target_tokens", "to_device"]
+__all__ = ["Objective", "StepLoss", "TeacherForcing", "target_tokens", "to_device"]

@@ -21,7 +21,8 @@ from captioner.datasets.annotations import CaptionRecord
 from captioner.inference import corpus_scores, generate, hypothesis_text
 from captioner.models.captioning import CaptionModel
 from captioner.runtime import Runtime, autocast
-from captioner.training.objectives import caption_loss, target_tokens
+from captioner.training.losses import caption_loss
+from captioner.training.objectives import target_tokens
 from captioner.vocab import Vocab
 
 

@@ -1,0 +1,255 @@
+"""Recurrent decoders: word embedding -> recurrent cell (LSTM, GRU or vanilla tanh RNN) ->
+vocabulary logits, the cell's state initialised from the image.
+
+One class per way of reading the image, chosen by ``model.decoder.attention``
+(:func:`build_decoder`):
+
+| ``attention`` | class | reads |
+|---|---|---|
+| ``none`` | :class:`PooledDecoder` | the pooled features [B, F], once, into the initial state |
+| ``soft`` | :class:`SoftAttentionDecoder` | the grid [B, P, F] at every step ("Show, Attend and Tell", Xu et al. 2015) |
+
+What they share (embedding, cell, initial state, output layer, tied weights, teacher forcing,
+one decoding step) is :class:`Decoder`; a new decoder is a subclass that says what its state
+holds besides the cell's and what one step does.
+
+Shapes: B batch, T caption length (with <start>/<end>), F encoder feature size, P grid positions
+(h x w), A attention size, E embedding size, H hidden size, L layers, V vocabulary size.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from captioner.configs.model import DecoderConfig
+from captioner.models.attention import SoftAttention
+
+# the decoder's state, every tensor with the batch in dim 1 (what beam search reorders): the
+# cell's (h, c) for an LSTM or (h,) for a GRU / RNN, each [L, B, H]; then what the decoder keeps
+# besides, e.g. with soft attention the image grid [P, B, F] and its attention projection [P, B, A]
+State = tuple[Tensor, ...]
+
+
+def rename_legacy_keys(state: dict[str, Any], prefix: str = "decoder.") -> dict[str, Any]:
+    """Checkpoints from before the cell was configurable name the decoder's LSTM ``lstm``, now
+    ``rnn``: rename ``{prefix}lstm.*`` keys in place (model weights and weight averages alike)."""
+    for key in [k for k in state if k.startswith(prefix + "lstm.")]:
+        state[prefix + "rnn." + key[len(prefix) + 5 :]] = state.pop(key)
+    return state
+
+
+class Decoder(nn.Module):
+    """What every decoder shares: word embedding -> recurrent cell (LSTM, GRU or vanilla RNN) ->
+    vocabulary logits, the state initialised from pooled image features [B, F] (through
+    ``init_h`` / ``init_c``, or as the cell's input at t = -1 with ``feature_mode=first_input``).
+
+    A subclass sets ``attention_kind`` (the ``model.decoder.attention`` value it implements) and, to
+    read more of the image than its initial state, overrides :meth:`_input_size`,
+    :meth:`_memory` and :meth:`_advance`. Built by :func:`build_decoder`.
+
+    Implements the ``StepDecoder`` protocol of :mod:`captioner.decoding` (``init_state``/``step``).
+    """
+
+    attention_kind: ClassVar[str | None] = None  # the model.decoder.attention it implements
+    attends: ClassVar[bool] = False  # whether steps give attention weights over the grid
+
+    def __init__(self, feature_dim: int, vocab_size: int, cfg: DecoderConfig, pad_id: int = 0):
+        if cfg.attention != self.attention_kind:
+            raise ValueError(
+                f"{type(self).__name__} is no decoder for model.decoder.attention="
+                f"{cfg.attention}: build decoders with build_decoder"
+            )
+        super().__init__()
+        self.cfg = cfg
+        L, H, E = cfg.num_layers, cfg.hidden_size, cfg.embed_dim
+        self.cell_tensors = 2 if cfg.cell == "lstm" else 1  # (h, c) or (h,)
+        self.embed = nn.Embedding(vocab_size, E, padding_idx=pad_id)
+        rnn_kwargs: dict[str, Any] = {"nonlinearity": "tanh"} if cfg.cell == "rnn" else {}
+        self.rnn: nn.RNNBase = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}[cfg.cell](
+            self._input_size(feature_dim),
+            H,
+            num_layers=L,
+            batch_first=True,
+            dropout=cfg.dropout if L > 1 else 0.0,
+            **rnn_kwargs,
+        )
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.out = nn.Linear(H, vocab_size)
+        if cfg.tie_weights:
+            # one [V, E] matrix reads and writes words; N(0, 1) embeddings would make the initial
+            # logits ~10x too large, so start it small as the PyTorch word-language-model does
+            nn.init.uniform_(self.embed.weight, -0.1, 0.1)
+            with torch.no_grad():
+                self.embed.weight[pad_id].zero_()
+            self.out.weight = self.embed.weight
+        if cfg.feature_mode == "init_state":
+            self.init_h = nn.Linear(feature_dim, L * H)
+            if cfg.cell == "lstm":
+                self.init_c = nn.Linear(feature_dim, L * H)
+        else:
+            self.feature_embed = nn.Linear(feature_dim, E)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        rename_legacy_keys(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+    def _input_size(self, feature_dim: int) -> int:
+        """The cell's input size: the word embedding's (E)."""
+        return self.cfg.embed_dim
+
+    # -- state ----------------------------------------------------------------------------------
+    def _cell_state(self, state: State) -> Tensor | tuple[Tensor, Tensor]:
+        """What ``self.rnn`` takes: (h, c) for an LSTM, h for a GRU / RNN."""
+        return (state[0], state[1]) if self.cell_tensors == 2 else state[0]
+
+    def _with_cell(self, state: State, cell: Tensor | tuple[Tensor, ...]) -> State:
+        cell = cell if isinstance(cell, tuple) else (cell,)
+        return (*cell, *state[self.cell_tensors :])
+
+    def _memory(self, features: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """features -> (pooled features [B, F] that initialise the cell, what the state keeps
+        after the cell's tensors): here the features themselves, and nothing."""
+        return features, ()
+
+    def init_state(self, features: Tensor) -> State:
+        """features [B, F] (or the grid [B, P, F] for a decoder that attends) -> the initial
+        state."""
+        B, L, H = features.shape[0], self.cfg.num_layers, self.cfg.hidden_size
+        pooled, memory = self._memory(features)
+        pooled = self.dropout(pooled)
+        if self.cfg.feature_mode == "init_state":
+            h = torch.tanh(self.init_h(pooled)).view(B, L, H).transpose(0, 1).contiguous()
+            if self.cell_tensors == 1:
+                return (h, *memory)
+            c = self.init_c(pooled).view(B, L, H).transpose(0, 1).contiguous()
+            return (h, c, *memory)
+        # first_input: the image is the cell's input at t = -1, from a zero state
+        zeros = pooled.new_zeros(L, B, H)
+        state = ((zeros,) * self.cell_tensors) + memory
+        _, state, _ = self._advance(self.feature_embed(pooled), state)
+        return state
+
+    # -- one step -------------------------------------------------------------------------------
+    def _cell_step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
+        """The cell on one input x [B, input size] -> (top hidden state [B, H], new state)."""
+        out, cell = self.rnn(x.unsqueeze(1), self._cell_state(state))  # [B, 1, H]
+        return out.squeeze(1), self._with_cell(state, cell)
+
+    def _advance(self, x: Tensor, state: State) -> tuple[Tensor, State, Tensor | None]:
+        """One time step: input x [B, E] -> (top hidden state [B, H], new state, attention
+        weights [B, P] or None). The one step function of both teacher forcing and decoding."""
+        out, state = self._cell_step(x, state)
+        return out, state, None
+
+    def _unroll(
+        self, x: Tensor, state: State, lengths: Tensor, return_attention: bool
+    ) -> tuple[Tensor, Tensor | None]:
+        """Teacher forcing through the cell: inputs x [B, T-1, E] -> (top hidden states
+        [B, T-1, H], attention weights [B, T-1, P] with the padded steps' zeroed when
+        ``return_attention`` and the decoder attends, else None). Step by step here, as the
+        input of each step may depend on the previous one's state."""
+        outs, alphas = [], []
+        for t in range(x.shape[1]):
+            o, state, a = self._advance(x[:, t], state)
+            outs.append(o)
+            alphas.append(a)
+        out = torch.stack(outs, dim=1)  # [B, T-1, H]
+        alpha = None
+        if return_attention and self.attends:
+            steps = torch.arange(x.shape[1], device=x.device)
+            real = steps[None, :] < (lengths.to(x.device)[:, None] - 1)  # [B, T-1]
+            alpha = torch.stack(alphas, dim=1) * real[:, :, None]  # [B, T-1, P]
+        return out, alpha
+
+    def forward(
+        self,
+        features: Tensor,
+        captions: Tensor,
+        lengths: Tensor,
+        return_attention: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor | None]:
+        """Teacher forcing. features [B, F] (grid [B, P, F] with attention), captions [B, T]
+        (<start> .. <end> <pad>..), lengths [B] -> logits [B, T-1, V] predicting captions[:, 1:]
+        (padded positions are meaningless). ``return_attention``: (logits, alpha [B, T-1, P]
+        with the weights of padded steps zeroed; None without attention)."""
+        state = self.init_state(features)
+        inputs = captions[:, :-1]  # [B, T-1]: <start> w1 .. wn (and pads)
+        x = self.dropout(self.embed(inputs))  # [B, T-1, E]
+        out, alpha = self._unroll(x, state, lengths, return_attention)
+        logits = self.out(self.dropout(out))  # [B, T-1, V]
+        return (logits, alpha) if return_attention else logits
+
+    def step(self, tokens: Tensor, state: State) -> tuple[Tensor, State]:
+        """One decoding step: tokens [B] -> logits [B, V] and the next state. The same function as
+        one position of :meth:`forward`, dropout included in train mode (self-critical training
+        samples this way); in eval mode dropout is the identity."""
+        out, state, _ = self._advance(self.dropout(self.embed(tokens)), state)
+        return self.out(self.dropout(out)), state
+
+
+class PooledDecoder(Decoder):
+    """The decoder of pooled image features [B, F] (``model.decoder.attention=none``, "Show and
+    Tell", Vinyals et al. 2015): the image only initialises the state; each step reads the
+    previous word."""
+
+    attention_kind = "none"
+
+    def _unroll(
+        self, x: Tensor, state: State, lengths: Tensor, return_attention: bool
+    ) -> tuple[Tensor, Tensor | None]:
+        # The padded batch goes through the cell as it is, without pack_padded_sequence: the
+        # cell runs forward in time and captions are padded at the end, so a real position
+        # never sees a pad, and what the pads produce is masked out of the loss. Same outputs
+        # and gradients as packing, and on a CPU about 1.3x faster a step
+        # (benchmarks/README.md).
+        out, _ = self.rnn(x, self._cell_state(state))  # [B, T-1, H]
+        return out, None
+
+
+class SoftAttentionDecoder(Decoder):
+    """The decoder that attends over the image grid [B, P, F] (``model.decoder.attention=soft``,
+    "Show, Attend and Tell", Xu et al. 2015). The grid's mean initialises the state as pooled
+    features do; each step's input is [embedding of the previous word; beta * context], the
+    context attended over the grid (:class:`~captioner.models.attention.SoftAttention`) from the
+    top layer's previous hidden state, gated by the scalar beta = sigmoid(W_beta h) (section
+    4.2.1). The state keeps the grid [P, B, F] and its attention projection [P, B, A] after the
+    cell's tensors."""
+
+    attention_kind = "soft"
+    attends = True
+
+    def __init__(self, feature_dim: int, vocab_size: int, cfg: DecoderConfig, pad_id: int = 0):
+        super().__init__(feature_dim, vocab_size, cfg, pad_id)
+        self.attention = SoftAttention(feature_dim, cfg.hidden_size, cfg.attention_dim)
+        self.gate = nn.Linear(cfg.hidden_size, 1)  # beta
+
+    def _input_size(self, feature_dim: int) -> int:
+        """The cell's input size: the word embedding's and the context's (E + F)."""
+        return self.cfg.embed_dim + feature_dim
+
+    def _memory(self, features: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
+        grid = features.transpose(0, 1)  # [P, B, F]: the batch in dim 1, as beams reorder it
+        memory = (grid, self.attention.feature_proj(grid))  # [P, B, F], [P, B, A]
+        return features.mean(dim=1), memory  # [B, F]
+
+    def _advance(self, x: Tensor, state: State) -> tuple[Tensor, State, Tensor | None]:
+        query = state[0][-1]  # the top layer's h_{t-1} [B, H]
+        context, alpha = self.attention(state[-2], state[-1], query)  # [B, F], [B, P]
+        x = torch.cat([x, torch.sigmoid(self.gate(query)) * context], dim=-1)
+        out, state = self._cell_step(x, state)
+        return out, state, alpha
+
+
+# model.decoder.attention -> its decoder
+DECODERS: dict[str, type[Decoder]] = {"none": PooledDecoder, "soft": SoftAttentionDecoder}
+
+
+def build_decoder(
+    cfg: DecoderConfig, feature_dim: int, vocab_size: int, pad_id: int = 0
+) -> Decoder:
+    """The decoder of ``cfg.attention`` (:data:`DECODERS`) for features of ``feature_dim`` and a
+    vocabulary of ``vocab_size`` words, ``pad_id`` its padding."""
+    return DECODERS[cfg.attention](feature_dim, vocab_size, cfg, pad_id)
