@@ -30,7 +30,9 @@ from captioner.configs.decode import DecodeConfig  # noqa: E402
 from captioner.decoding import Hypothesis
 from captioner.inference import Captioner  # noqa: E402
 from captioner.pretrained import export_pretrained  # noqa: E402
-from captioner.serve.app import MicroBatcher, ServeSettings, create_app  # noqa: E402
+from captioner.serve.app import create_app  # noqa: E402
+from captioner.serve.batcher import MicroBatcher  # noqa: E402
+from captioner.serve.settings import ServeSettings  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -423,7 +425,7 @@ def test_an_app_starts_twice_and_health_says_when_the_batcher_is_down(
 
 
 def test_false_flags_turn_off_a_model_default(pooled: Captioner) -> None:
-    from captioner.serve.app import parse_options
+    from captioner.serve.requests import parse_options
 
     settings = ServeSettings()
     sampling = DecodeConfig("sample", top_k=3, suppress_unk=True)

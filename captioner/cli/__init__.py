@@ -119,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         _run_argparse_command(export, rest, logging.WARNING)
     elif command == "serve":
-        from captioner.serve.app import main as serve
+        from captioner.cli.serve import run as serve
 
         _run_argparse_command(serve, rest, logging.INFO)
     elif command == "prepare":

@@ -7,17 +7,17 @@ one-line ``error:`` on stderr, the others are still captioned, and the exit stat
 from __future__ import annotations
 
 import argparse
-import functools
 import glob
 import json
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any
 
 from captioner.checkpoint import DEFAULT_RUNS, find_checkpoint
+from captioner.configs import decode_options
 from captioner.configs.decode import DecodeConfig
+from captioner.configs.decode_options import DECODE_OPTIONS
 from captioner.datasets.images import IMAGE_EXTENSIONS
 from captioner.errors import UserError
 
@@ -62,96 +62,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-class OptionError(UserError):
-    """A bad decoding option (argparse's message, as a one-line error)."""
-
-
-class OptionParser(argparse.ArgumentParser):
-    """Raises :class:`OptionError` instead of printing usage and exiting (``captioner serve``
-    parses request fields with it)."""
-
-    def error(self, message: str) -> NoReturn:
-        raise OptionError(message)
-
-
 def add_decoding_options(p: argparse.ArgumentParser) -> None:
-    """Add the decoding flags (also the form/query fields of ``captioner serve``). Options not
-    given stay absent from the namespace, so that :func:`decode_config` lays them over a
-    model's own default decoding."""
-    d = DecodeConfig()  # the one source of the decoding defaults
+    """Add the decoding flags, one per row of :data:`DECODE_OPTIONS` (the table ``captioner
+    serve`` parses its request fields with). Options not given stay absent from the namespace,
+    so that :func:`decode_config` lays them over a model's own default decoding."""
     g = p.add_argument_group(
         "decoding (default: how the model was selected in training, trainer.val_decode; "
         "greedy unless its preset says otherwise)"
     )
-    S = argparse.SUPPRESS
-    g.add_argument(
-        "--beam-size",
-        type=int,
-        default=S,
-        help=f"beam search with this many beams; 1: greedy (with --n-best alone: {d.beam_size}, "
-        "or n-best if larger)",
-    )
-    g.add_argument("--n-best", type=int, default=S, help="beam: print the n best (1)")
-    g.add_argument(
-        "--length-penalty", type=float, default=S, help=f"beam: GNMT alpha ({d.length_penalty})"
-    )
-    g.add_argument(
-        "--suppress-unk", action=argparse.BooleanOptionalAction, default=S, help="never emit <unk>"
-    )
-    g.add_argument(
-        "--sample",
-        action=argparse.BooleanOptionalAction,
-        default=S,
-        help="sample instead of greedy/beam",
-    )
-    g.add_argument("--temperature", type=float, default=S, help=f"sampling ({d.temperature})")
-    g.add_argument(
-        "--top-k", type=int, default=S, help="sample from the k most likely words (0: all)"
-    )
-    g.add_argument("--top-p", type=float, default=S, help=f"nucleus sampling threshold ({d.top_p})")
-    g.add_argument("--seed", type=int, default=S, help="make sampling reproducible")
-    g.add_argument(
-        "--max-len",
-        type=int,
-        default=S,
-        help=f"max caption length in tokens, <end> included ({d.max_len})",
-    )
-
-
-@functools.cache
-def decoding_dests() -> frozenset[str]:
-    """The namespace names of the decoding options (``beam_size``, ``sample`` ...)."""
-    p = argparse.ArgumentParser(add_help=False)
-    add_decoding_options(p)
-    return frozenset(a.dest for a in p._actions)  # noqa: SLF001 - argparse's only registry
+    for option in DECODE_OPTIONS:
+        if option.type is bool:
+            kind: dict[str, Any] = {"action": argparse.BooleanOptionalAction}
+        else:
+            kind = {"type": option.type}
+        g.add_argument(
+            option.flag, dest=option.name, default=argparse.SUPPRESS, help=option.help_text, **kind
+        )
 
 
 def decode_config(args: argparse.Namespace, base: DecodeConfig | None = None) -> DecodeConfig:
-    """The decoding options given in ``args`` laid over ``base`` (default: greedy).
-
-    ``--sample`` samples. ``--beam-size`` > 1 searches a beam and ``--beam-size 1`` is greedy
-    (the n best reset to 1). ``--n-best`` > 1 alone searches a beam of at least n. ``--no-sample``
-    over a sampling default is greedy. With none of them, ``base``'s strategy is kept."""
-    dests = decoding_dests()
-    given = {k: v for k, v in vars(args).items() if k in dests}
-    sample = given.pop("sample", None)
-    options = {**asdict(base or DecodeConfig()), **given}
-    if "beam_size" in given:
-        if given["beam_size"] <= 1 and "n_best" not in given:
-            options["n_best"] = 1
-        options["strategy"] = (
-            "beam" if given["beam_size"] > 1 or options["n_best"] > 1 else "greedy"
-        )
-    elif given.get("n_best", 1) > 1:
-        options["beam_size"] = max(options["beam_size"], given["n_best"])
-        options["strategy"] = "beam"
-    elif sample is False and options["strategy"] == "sample":
-        options["strategy"] = "greedy"
-    if sample:
-        if given.get("beam_size", 1) > 1:
-            raise UserError("--sample and --beam-size are exclusive")
-        options["strategy"] = "sample"
-    return DecodeConfig.from_dict(options, "decoding options")
+    """The decoding options given in ``args`` laid over ``base`` (default: greedy), as
+    :func:`captioner.configs.decode_options.decode_config` does."""
+    given = {o.name: getattr(args, o.name) for o in DECODE_OPTIONS if hasattr(args, o.name)}
+    return decode_options.decode_config(given, base)
 
 
 def expand_inputs(items: Sequence[str]) -> tuple[list[str], list[str]]:

@@ -1,0 +1,138 @@
+"""``captioner serve``: load a model and serve it over HTTP with uvicorn (the app itself is
+:func:`captioner.serve.app.create_app`; it needs the serve extra, ``pip install
+'captioner[serve]'``)."""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import sys
+from collections.abc import Sequence
+from dataclasses import fields
+
+from captioner.checkpoint import DEFAULT_RUNS, find_checkpoint
+from captioner.errors import UserError
+from captioner.serve.settings import ServeSettings
+
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    s = ServeSettings()
+    p = argparse.ArgumentParser(
+        prog="captioner serve",
+        description="Serve a model over HTTP: POST /caption, GET /health, GET /model, and a web "
+        "page at /. Needs the serve extra: pip install 'captioner[serve]'.",
+    )
+    p.add_argument(
+        "--model",
+        "-m",
+        metavar="DIR_OR_CHECKPOINT",
+        help="a folder written by `captioner export` (or its Hub id), a checkpoint or a run "
+        f"directory (default: the newest best.pt under {DEFAULT_RUNS}/)",
+    )
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default: this machine only)"
+    )
+    p.add_argument("--port", type=int, default=8000, help="port (0: any free port)")
+    p.add_argument("--device", default="auto", help="auto (CUDA > MPS > CPU), cpu, cuda ...")
+    g = p.add_argument_group("batching and limits")
+    g.add_argument(
+        "--max-batch",
+        type=int,
+        default=s.max_batch,
+        help="images decoded together (1: no micro-batching)",
+    )
+    g.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=s.max_wait_ms,
+        help="how long a batch waits for more requests",
+    )
+    g.add_argument("--max-images", type=int, default=s.max_images, help="images per request")
+    g.add_argument(
+        "--max-upload-mb", type=float, default=s.max_upload_mb, help="size limit per image"
+    )
+    g.add_argument(
+        "--max-beam-size",
+        type=int,
+        default=s.max_beam_size,
+        help="largest beam a request may ask for",
+    )
+    g.add_argument(
+        "--max-len", type=int, default=s.max_len, help="longest caption a request may ask for"
+    )
+    return p
+
+
+def check_serve_extra() -> None:
+    """FastAPI, its form parser and uvicorn are installed, else a UserError saying what to do."""
+    try:
+        import fastapi  # noqa: F401
+        import python_multipart  # noqa: F401 - FastAPI's form parser
+        import uvicorn  # noqa: F401
+    except ImportError as exc:
+        raise UserError(
+            f"captioner serve needs the serve extra ({exc.name} is missing): "
+            "pip install 'captioner[serve]'"
+        ) from exc
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` (port 0: any free one); a UserError if it cannot."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise UserError(f"--host {host} --port {port}: cannot bind ({exc.strerror})") from exc
+    return sock
+
+
+def announce(source: str, host_arg: str, sock: socket.socket, settings: ServeSettings) -> None:
+    """On stderr: a warning when reachable from other machines, then where the server is."""
+    host, port = sock.getsockname()[:2]
+    url_host = f"[{host}]" if ":" in host else host
+    if host_arg not in LOCAL_HOSTS:
+        print(
+            f"warning: bound to {host_arg}, reachable from other machines; the server has no "
+            "authentication (the default --host 127.0.0.1 serves this machine only)",
+            file=sys.stderr,
+        )
+    batching = (
+        f"micro-batches of up to {settings.max_batch} images, {settings.max_wait_ms:g} ms wait"
+        if settings.max_batch > 1
+        else "no micro-batching"
+    )
+    print(
+        f"serving {source} at http://{url_host}:{port}/ ({batching}); ctrl-c stops",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def run(argv: Sequence[str]) -> int:
+    args = build_parser().parse_args(argv)
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port must be between 0 and 65535, got {args.port}")
+    settings = ServeSettings(**{f.name: getattr(args, f.name) for f in fields(ServeSettings)})
+    check_serve_extra()
+    import uvicorn
+
+    from captioner.inference import Captioner
+    from captioner.serve.app import create_app
+
+    source = args.model
+    if source is None:
+        source = str(find_checkpoint())
+        print(f"using checkpoint {source}", file=sys.stderr)
+    captioner = Captioner.load(source, device=args.device)
+    app = create_app(captioner, settings)
+    sock = bind(args.host, args.port)
+    announce(source, args.host, sock, settings)
+    config = uvicorn.Config(app, log_level="warning", access_log=False)
+    uvicorn.Server(config).run(sockets=[sock])
+    return 0
