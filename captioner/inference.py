@@ -201,11 +201,11 @@ class Captioner:
     def load(cls, source: str | Path, device: str = "auto") -> Captioner:
         """Whatever ``source`` is: a checkpoint file, a run directory (its best.pt, else its
         last.pt), an exported folder (it has config.json) or a Hub id."""
-        from captioner.checkpoint import run_checkpoint
+        from captioner.checkpoint import resolve_checkpoint
         from captioner.pretrained import CONFIG
 
-        path = run_checkpoint(source)
-        if path.is_file() or (path.is_dir() and not (path / CONFIG).is_file()):
+        path, given = resolve_checkpoint(source, prefer="best"), Path(source)
+        if path.is_file() or (given.is_dir() and not (given / CONFIG).is_file()):
             return cls.from_checkpoint(path, device)
         return cls.from_pretrained(source, device)
 

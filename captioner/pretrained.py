@@ -27,13 +27,21 @@ from typing import Any
 import torch
 
 from captioner import __version__
-from captioner.checkpoint import load_checkpoint, run_checkpoint
+from captioner.checkpoint import (
+    load_checkpoint,
+    rebuild_model,
+    resolve_checkpoint,
+    saved_metrics,
+    train_config,
+    validated_weights,
+    weights_epoch,
+)
 from captioner.configs.decode import DecodeConfig
 from captioner.configs.model import ModelConfig
 from captioner.configs.preprocessing import Preprocessing
 from captioner.errors import UserError, first_line
 from captioner.files import atomic_path, atomic_write, read_json
-from captioner.models.captioning import CaptionModel, build_model
+from captioner.models.captioning import CaptionModel
 from captioner.vocab import Vocab
 
 log = logging.getLogger(__name__)
@@ -65,17 +73,13 @@ class ModelInfo:
 
     @classmethod
     def from_checkpoint(cls, ckpt: Mapping[str, Any], path: str | Path) -> ModelInfo:
-        train_config = ckpt.get("train_config") or {}
+        config = train_config(ckpt)
         return cls(
             source=str(path),
-            decoding=_decoding(train_config),
+            decoding=_decoding(config),
             scores=_scores(ckpt, Path(path)),
-            trained_on=_trained_on(ckpt, train_config),
+            trained_on=_trained_on(ckpt, config),
         )
-
-
-# ---------------------------------------------------------------------------------------------
-# export
 
 
 def export_pretrained(checkpoint: str | Path, out_dir: str | Path, half: bool = False) -> Path:
@@ -83,7 +87,7 @@ def export_pretrained(checkpoint: str | Path, out_dir: str | Path, half: bool = 
     ``out_dir``. The folder is created if needed, or must be empty or an earlier export (whose
     files are replaced, each atomically). A ``last.pt`` of a run with a weight average exports
     the average: the weights its val scores were measured with."""
-    checkpoint = run_checkpoint(checkpoint)
+    checkpoint = resolve_checkpoint(checkpoint, prefer="best")
     ckpt = load_checkpoint(checkpoint)
     out = Path(out_dir)
     _check_out_dir(out)
@@ -95,7 +99,7 @@ def export_pretrained(checkpoint: str | Path, out_dir: str | Path, half: bool = 
     from safetensors.torch import save_file
 
     tensors = {}
-    for name, value in _validated_weights(ckpt).items():
+    for name, value in validated_weights(ckpt).items():
         # tied weights share storage, which safetensors refuses: every tensor gets its own copy
         t = value.detach().to("cpu").contiguous().clone()
         if half and t.is_floating_point():
@@ -145,38 +149,14 @@ def vocab_digest(words: Sequence[str]) -> str:
     return hashlib.sha256(json.dumps(list(words), ensure_ascii=False).encode()).hexdigest()
 
 
-def _is_last(ckpt: Mapping[str, Any]) -> bool:
-    """A last.pt (training state; ``epoch`` counts completed epochs) vs a best.pt (``epoch`` is
-    the 0-based epoch it was validated at)."""
-    return "optimizer" in ckpt
-
-
-def _epoch(ckpt: Mapping[str, Any]) -> int | None:
-    """The 1-based epoch (as metrics.jsonl numbers them) whose weights the checkpoint holds."""
-    if ckpt.get("epoch") is None:
-        return None
-    return int(ckpt["epoch"]) if _is_last(ckpt) else int(ckpt["epoch"]) + 1
-
-
-def _validated_weights(ckpt: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """best.pt's weights; a last.pt's weight average when it has one (what validation used)."""
-    weights = dict(ckpt["model"])
-    ema = ckpt.get("ema") if _is_last(ckpt) else None
-    if ema and ema.get("averages"):
-        from captioner.models.decoders import rename_legacy_keys
-
-        weights.update(rename_legacy_keys(dict(ema["averages"])))
-    return weights
-
-
 def _scores(ckpt: Mapping[str, Any], checkpoint: Path) -> dict[str, float]:
     """The val metrics of the exported weights: best.pt carries them; for a last.pt, its epoch's
     row of the run's metrics.jsonl (torn lines skipped), if there is one."""
-    metrics = ckpt.get("metrics")
+    metrics = saved_metrics(ckpt)
     if not metrics and checkpoint.is_file():
         from captioner.training.runlog import read_metrics
 
-        epoch = _epoch(ckpt)
+        epoch = weights_epoch(ckpt)
         rows = [r for r in read_metrics(checkpoint.parent / "metrics.jsonl") if r["epoch"] == epoch]
         metrics = rows[-1] if rows else {}
     return {
@@ -191,7 +171,7 @@ def _trained_on(ckpt: Mapping[str, Any], train_config: Mapping[str, Any]) -> dic
     named = {
         "dataset": data.get("name"),
         "dataset_format": data.get("format"),
-        "epoch": _epoch(ckpt),
+        "epoch": weights_epoch(ckpt),
     }
     out: dict[str, Any] = {k: v for k, v in named.items() if v is not None}
     scst = (train_config.get("trainer") or {}).get("scst") or {}
@@ -281,10 +261,6 @@ def model_card(manifest: Mapping[str, Any], checkpoint_name: str) -> str:
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------------------------------------
-# load
-
-
 def resolve_pretrained(path_or_id: str | Path) -> Path:
     """A local folder as it is; ``owner/name`` that is no local path: the Hub snapshot (cached
     by ``huggingface_hub``)."""
@@ -370,8 +346,9 @@ def load_pretrained(
         vocab = Vocab(words)
     except UserError as exc:
         raise UserError(f"{folder / VOCAB}: {exc}") from exc
-    model, _ = build_model(config, len(vocab), pretrained=False)
-    _load_weights(model, folder / WEIGHTS, len(vocab))
+    model, _ = rebuild_model(
+        config, len(vocab), lambda m: _load_weights(m, folder / WEIGHTS, len(vocab))
+    )
     info = ModelInfo(
         source=str(path_or_id),
         decoding=decoding,
@@ -414,26 +391,3 @@ def _load_weights(model: CaptionModel, path: Path, vocab_size: int) -> None:
                 f"{tuple(want.shape)}{vocab_note}"
             )
     model.load_state_dict(tensors)  # copying into the float32 parameters widens float16
-
-
-# ---------------------------------------------------------------------------------------------
-# ``captioner export``
-
-
-def main(argv: Sequence[str]) -> int:
-    import argparse
-
-    p = argparse.ArgumentParser(
-        prog="captioner export",
-        description=f"Write a trained model as a folder ({', '.join(FILES)}) that "
-        "`captioner caption --model`, `captioner serve --model` and Captioner.from_pretrained "
-        "load with no training code, config or pickle.",
-    )
-    p.add_argument("checkpoint", type=Path, help="best.pt or last.pt, or a run directory")
-    p.add_argument("out_dir", type=Path, help="the folder to write (created if needed)")
-    p.add_argument("--half", action="store_true", help="store float16 weights (half the size)")
-    args = p.parse_args(argv)
-    out = export_pretrained(args.checkpoint, args.out_dir, half=args.half)
-    size = (out / WEIGHTS).stat().st_size / 2**20
-    print(f"exported to {out} ({WEIGHTS} {size:.1f} MiB)")
-    return 0

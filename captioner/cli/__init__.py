@@ -115,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         _run_argparse_command(caption, rest, logging.WARNING)
     elif command == "export":
-        from captioner.pretrained import main as export
+        from captioner.cli.export import run as export
 
         _run_argparse_command(export, rest, logging.WARNING)
     elif command == "serve":
