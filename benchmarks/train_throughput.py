@@ -7,9 +7,10 @@ For each preset (``data=coco``: batch 128, frozen ResNet-50, Adam, grad clip 5;
 512/512 LSTM, AdamW, EMA 0.999) on the same image-caption pairs, this measures pairs per second
 three ways, in alternating rounds to cancel machine noise:
 
-* product: the product's own training code, ``captioner.training.train.Trainer`` built from the composed
-  Hydra config, fed by its own loader from its feature cache: ``Trainer.start_epoch`` then
-  ``Trainer.train_step`` per batch (the body of ``Trainer.train_epoch``, minus the progress bar);
+* product: the product's own training code, ``captioner.training.trainer.Trainer`` built from the
+  composed Hydra config, fed by its own loader from its feature cache: ``Trainer.start_epoch``
+  then ``Trainer.train_batch`` per batch (what ``Trainer.train_epoch`` does with each batch, minus
+  the progress bar);
 * bare: a plain PyTorch loop over the same batches (pre-collated from the product's loader) and
   the same in-memory features: two Linear layers to (h0, c0), Embedding, LSTM on the padded
   batch, Linear, cross-entropy, the same optimizer class and settings; nothing else (the limit).
@@ -51,7 +52,7 @@ from torch import Tensor, nn
 from captioner.configs.hydra import compose
 from captioner.configs.training import TrainConfig, parse_train_config
 from captioner.runtime import setup_runtime
-from captioner.training.train import Trainer
+from captioner.training.trainer import Trainer
 
 log = logging.getLogger("train_throughput")
 
@@ -230,8 +231,8 @@ def make_trainer(overrides: list[str], out_dir: Path) -> Trainer:
 
 class ProductPath:
     """The product's loop (``Trainer.train_epoch`` without its progress bar): batches from the
-    trainer's own loader, ``Trainer.train_step`` on each, the epoch's counters, and a new epoch
-    (``Trainer.start_epoch``) when the loader runs out. The first ``start_epoch`` (the feature
+    trainer's own loader, ``Trainer.train_batch`` on each (the step and the epoch's counters),
+    and a new epoch (``Trainer.start_epoch``) when the loader runs out. The first ``start_epoch`` (the feature
     cache build, when cached) is timed on its own."""
 
     def __init__(self, trainer: Trainer):
@@ -258,14 +259,8 @@ class ProductPath:
         start = time.perf_counter()
         batch = self._next_batch()
         self.fetch_s += time.perf_counter() - start
-        p = self.trainer.progress
-        p.epoch_skipped.update(batch["skipped"])
-        pairs = len(batch["lengths"])
-        if pairs:
-            self.trainer.train_step(self.module, batch, self.cached)
-        p.batch_in_epoch += 1
-        p.global_step += 1
-        return pairs
+        self.trainer.train_batch(self.module, batch, self.cached)
+        return len(batch["lengths"])
 
 
 class BareDecoder(nn.Module):

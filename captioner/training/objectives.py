@@ -1,6 +1,6 @@
 """Per-batch training objectives: what one optimizer step minimises.
 
-The training loop (:class:`captioner.training.train.Trainer`) owns everything around a step (device
+The training loop (:class:`captioner.training.trainer.Trainer`) owns everything around a step (device
 placement, autocast, backward, clipping, the optimizer, the weight average, counters); an
 objective only turns a batch into a loss. Any callable with :class:`Objective`'s signature can
 replace teacher forcing without touching the loop.

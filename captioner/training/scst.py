@@ -29,6 +29,7 @@ under another draw of the dropout noise: a regularised, no longer exact, policy 
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from typing import Any
@@ -45,8 +46,11 @@ from captioner.datasets.captions import pad_captions
 from captioner.decoding import Hypothesis, banned_ids, decode, mask_logits
 from captioner.evaluation.cider import CiderD
 from captioner.models.captioning import CaptionModel
-from captioner.training.objectives import StepLoss
+from captioner.training.monitor import Monitor
+from captioner.training.objectives import Objective, StepLoss
 from captioner.vocab import Vocab, tokenize
+
+log = logging.getLogger(__name__)
 
 END_WORD = "<end>"
 
@@ -191,4 +195,78 @@ class SelfCritical:
         return StepLoss(loss, B * K, logs)
 
 
-__all__ = ["SelfCritical", "mean_of_others", "sequence_log_probs", "training_mode"]
+class ScstSwitch:
+    """Which objective trains an epoch: ``teacher_forcing`` until ``trainer.scst.start_epoch``,
+    :class:`SelfCritical` from it on (never, when it is null), with batches of each image once.
+    ``default_max_len`` (``trainer.val_decode.max_len``) bounds the samples unless
+    ``trainer.scst.max_len`` does."""
+
+    def __init__(
+        self,
+        config: SCSTConfig,
+        teacher_forcing: Objective,
+        vocab: Vocab,
+        records: Sequence[CaptionRecord],
+        default_max_len: int,
+    ):
+        self.config, self.teacher_forcing = config, teacher_forcing
+        max_len = config.max_len if config.max_len is not None else default_max_len
+        self.self_critical = (
+            SelfCritical(vocab, records, config, max_len)
+            if config.start_epoch is not None
+            else None
+        )
+
+    def active(self, epoch: int) -> bool:
+        """Whether ``epoch`` (0-based) trains self-critically."""
+        return self.config.active(epoch) and self.self_critical is not None
+
+    def objective(self, epoch: int) -> Objective:
+        return (
+            self.self_critical
+            if self.active(epoch) and self.self_critical
+            else self.teacher_forcing
+        )
+
+    def loader_options(self, epoch: int) -> dict[str, Any]:
+        """How :meth:`captioner.training.loaders.RunLoaders.train` batches ``epoch``."""
+        if self.active(epoch):
+            return {"per_image": True, "batch_size": self.config.batch_size}
+        return {}
+
+    def ahead(self, epoch: int) -> bool:
+        """Whether the switch is still to come after ``epoch`` starts: early stopping never ends
+        a run before its SCST epochs."""
+        return (self.config.start_epoch or 0) > epoch
+
+    def begin_epoch(
+        self,
+        epoch: int,
+        batch_in_epoch: int,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        monitor: Monitor,
+    ) -> None:
+        """At the first batch of the first SCST epoch (a resumed run restores what this set):
+        early stopping counts the new objective's epochs afresh, and ``trainer.scst.lr`` (when
+        set) becomes every group's rate, from which the schedule continues."""
+        if not self.active(epoch) or epoch != self.config.start_epoch or batch_in_epoch != 0:
+            return
+        log.info("epoch %d on: self-critical training", epoch + 1)
+        monitor.restart()
+        lr = self.config.lr
+        if lr is None:
+            return
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] = lr
+        if hasattr(scheduler, "base_lrs"):
+            scheduler.base_lrs = [lr for _ in optimizer.param_groups]
+
+
+__all__ = [
+    "ScstSwitch",
+    "SelfCritical",
+    "mean_of_others",
+    "sequence_log_probs",
+    "training_mode",
+]

@@ -1,0 +1,208 @@
+"""Setting up a run: what it starts from (``resume=``, ``init_from=`` or pretrained weights),
+its data, vocabulary and model, and its optimization (optimizer, schedule, precision, weight
+average). :class:`~captioner.training.trainer.Trainer` calls these in this order, which is the
+order of the random draws a seeded run makes (a resumed one restores them afterwards)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from hydra.utils import instantiate
+
+from captioner.checkpoint import (
+    TrainingState,
+    is_training_state,
+    load_checkpoint,
+    rebuild_model,
+    resolve_checkpoint,
+    saved_metrics,
+)
+from captioner.configs.model import ARCHITECTURE_FIELDS, ModelConfig
+from captioner.configs.preprocessing import Preprocessing
+from captioner.configs.training import TrainConfig, TrainerConfig, check_cache_features
+from captioner.datasets.annotations import CaptionRecord
+from captioner.datasets.captions import load_split
+from captioner.errors import UserError, first_line
+from captioner.models.captioning import CaptionModel
+from captioner.runtime import Runtime, autocast_dtype
+from captioner.training.ema import ModelEMA
+from captioner.training.objectives import TeacherForcing
+from captioner.vocab import Vocab
+
+log = logging.getLogger(__name__)
+
+
+def load_resume(resume: str | None) -> tuple[dict[str, Any] | None, Path]:
+    """``resume=`` (a run directory or its last.pt) loaded, and the path it names."""
+    if not resume:
+        return None, Path()
+    path = resolve_checkpoint(resume, prefer="last")
+    ckpt = load_checkpoint(path, map_location="cpu")
+    if not is_training_state(ckpt):
+        raise UserError(f"resume: {resume} is a best.pt without training state; use last.pt")
+    log.info(
+        "resuming from %s (epoch %d, batch %d)", path, ckpt["epoch"] + 1, ckpt["batch_in_epoch"]
+    )
+    return ckpt, path
+
+
+def init_weights(model: CaptionModel, vocab: Vocab, path: str) -> None:
+    """``init_from=``: load a checkpoint's model weights (not its optimizer or counters) into
+    this run's model; another vocabulary or architecture is one clear error."""
+    try:
+        ckpt = load_checkpoint(path, map_location="cpu")
+    except UserError as exc:
+        raise UserError(f"init_from: {exc}") from exc
+    if list(ckpt["vocab"]) != list(vocab.itos):
+        raise UserError(
+            f"init_from: {path} has a vocabulary of {len(ckpt['vocab'])} words, this run's data "
+            f"gives {len(vocab)} (or other words): train on the same data with the same "
+            "data.min_freq"
+        )
+    theirs, ours = ModelConfig.from_dict(ckpt["model_config"]), model.config
+    for part in ("encoder", "decoder"):
+        a, b = vars(getattr(theirs, part)), vars(getattr(ours, part))
+        for name in ARCHITECTURE_FIELDS[part]:
+            if name == "attention_dim" and a["attention"] == b["attention"] == "none":
+                continue  # no attention, no attention weights
+            if a[name] != b[name]:
+                raise UserError(
+                    f"init_from: {path} has model.{part}.{name}={a[name]}, this run "
+                    f"model.{part}.{name}={b[name]}"
+                )
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:
+        raise UserError(f"init_from: {path} does not fit this model ({first_line(exc)})") from exc
+    scores = saved_metrics(ckpt)
+    log.info(
+        "weights from %s%s",
+        path,
+        f" (epoch {scores['epoch']} of its run, val BLEU-4 {scores['val_bleu4']:.4f})"
+        if "epoch" in scores and "val_bleu4" in scores
+        else "",
+    )
+
+
+class RunData(NamedTuple):
+    """A run's records, vocabulary, model (on its device) and preprocessing."""
+
+    train_records: list[CaptionRecord]
+    val_records: list[CaptionRecord]
+    vocab: Vocab
+    model: CaptionModel
+    preprocessing: Preprocessing
+
+
+def vocab_and_model(
+    config: TrainConfig, train_records: list[CaptionRecord], resume: dict[str, Any] | None
+) -> tuple[Vocab, CaptionModel, Preprocessing]:
+    """A new run: the vocabulary of the TRAIN captions and a model with pretrained weights (or
+    those of ``init_from``); a resumed one: both as ``last.pt`` saved them (no download)."""
+    if resume is not None:
+        vocab, model_cfg = Vocab(resume["vocab"]), ModelConfig.from_dict(resume["model_config"])
+    else:
+        captions = (c for r in train_records for c in r.captions)
+        vocab, model_cfg = Vocab.build(captions, min_freq=config.data.min_freq), config.model
+    init_from = config.init_from
+    if resume is not None:
+        weights: Any = resume["model"]
+    elif init_from is not None:
+        weights = lambda model: init_weights(model, vocab, init_from)  # noqa: E731
+    else:
+        weights = None  # the encoder's pretrained weights
+    model, preprocessing = rebuild_model(model_cfg, len(vocab), weights, pretrained=weights is None)
+    if resume is not None:
+        preprocessing = Preprocessing.from_dict(resume["preprocessing"])
+    log.info(
+        "model: %s encoder (%d-d features, %.1fM params), decoder %.1fM params; preprocessing %s",
+        model_cfg.encoder.name,
+        model.encoder.feature_dim,
+        sum(p.numel() for p in model.encoder.parameters()) / 1e6,
+        sum(p.numel() for p in model.decoder.parameters()) / 1e6,
+        preprocessing,
+    )
+    return vocab, model, preprocessing
+
+
+def load_data_and_model(config: TrainConfig, rt: Runtime, resume: dict[str, Any] | None) -> RunData:
+    """The splits (val cut to ``trainer.val_max_images``), the vocabulary and the model, moved
+    to the run's device; a feature-cache setting the model's encoder cannot use fails here."""
+    dcfg, tcfg = config.data, config.trainer
+    train_records = load_split(dcfg, "train")
+    val_records = load_split(dcfg, "val")[: tcfg.val_max_images]
+    vocab, model, preprocessing = vocab_and_model(config, train_records, resume)
+    check_cache_features(dcfg, model.config.encoder, tcfg)  # resumed: its own encoder
+    log.info(
+        "data: %d train images, %d val images; vocabulary: %d words (min_freq >= %d)",
+        len(train_records),
+        len(val_records),
+        len(vocab),
+        dcfg.min_freq,
+    )
+    model.to(rt.device)
+    return RunData(train_records, val_records, vocab, model, preprocessing)
+
+
+def teacher_forcing_for(model: CaptionModel, vocab: Vocab, tcfg: TrainerConfig) -> TeacherForcing:
+    """The default objective: teacher forcing with ``trainer.label_smoothing``, and the decoder's
+    attention penalty when it attends."""
+    decoder = model.config.decoder
+    penalty = decoder.attention_penalty if decoder.attention == "soft" else 0.0
+    return TeacherForcing(vocab.pad_id, tcfg.label_smoothing, penalty)
+
+
+@dataclass
+class Optimization:
+    """What updates the weights: the optimizer over the model's parameter groups, its
+    schedule, the autocast dtype with its gradient scaler, and the weight average (or None)."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    autocast_dtype: torch.dtype | None
+    scaler: torch.amp.GradScaler
+    ema: ModelEMA | None
+
+    @classmethod
+    def build(cls, config: TrainConfig, model: CaptionModel, rt: Runtime) -> Optimization:
+        optimizer = instantiate(config.optim, params=model.param_groups(), _convert_="all")
+        scheduler = instantiate(config.scheduler, optimizer=optimizer)
+        dtype = autocast_dtype(config.trainer.precision, rt.device)
+        scaler = torch.amp.GradScaler(rt.device.type, enabled=dtype == torch.float16)
+        decay = config.trainer.ema_decay
+        ema = ModelEMA(model, decay) if decay is not None else None
+        return cls(optimizer, scheduler, dtype, scaler, ema)
+
+    def state(self) -> dict[str, Any]:
+        """The parts of :class:`~captioner.checkpoint.TrainingState` this holds."""
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+        }
+
+    def restore(self, state: TrainingState, source: Path) -> None:
+        self.optimizer.load_state_dict(state.optimizer)
+        self.scheduler.load_state_dict(state.scheduler)
+        self.scaler.load_state_dict(state.scaler)
+        if self.ema is not None:
+            if state.ema is not None:
+                self.ema.load_state_dict(state.ema)
+            else:
+                log.warning("resume: %s has no weight average; starting one now", source)
+
+
+__all__ = [
+    "Optimization",
+    "RunData",
+    "init_weights",
+    "load_data_and_model",
+    "load_resume",
+    "teacher_forcing_for",
+    "vocab_and_model",
+]
