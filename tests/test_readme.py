@@ -99,15 +99,18 @@ def _anchors(path: Path) -> frozenset[str]:
 
 
 def _captioner_invocations(text: str) -> list[list[str]]:
-    """`captioner CMD ARGS...` (also under `python -m` or torchrun) in the page's bash blocks,
-    placeholders such as `<run>` made plain words, `[--optional]` brackets dropped."""
+    """`captioner CMD ARGS...` (also under `python -m` or torchrun) in the page's bash blocks and
+    inline code: placeholders such as `<run>` made plain words, `[--optional]` brackets and
+    `...` dropped."""
+    inline = re.findall(r"`((?:captioner|python -m captioner|torchrun) [^`]*)`", _prose(text))
     out = []
-    for line in _commands(text):
+    for line in [*_commands(text), *(span.replace("\n", " ") for span in inline)]:
         for part in line.split("&&"):
             part = re.sub(r"<[^>]*>", "x", part).replace("[", "").replace("]", "")
-            words = shlex.split(part)
-            if "captioner" in words and words[0] in ("captioner", "python", "torchrun"):
-                out.append(words[words.index("captioner") + 1 :])
+            words = [w.replace("...", "x") for w in shlex.split(part) if w != "..."]
+            if "captioner" in words[1:] or words[:1] == ["captioner"]:
+                if len(words) > words.index("captioner") + 1:
+                    out.append(words[words.index("captioner") + 1 :])
     return out
 
 
@@ -206,6 +209,8 @@ def test_argparse_commands_and_flags_exist(page: Path) -> None:
             continue
         command = words[:2] if words[0] == "prepare" else words[:1]
         flags = {w.split("=", 1)[0] for w in words if w.startswith("--")} - {"--help"}
+        if not flags:
+            continue
         usage = _help(*command)
         unknown = sorted(
             f for f in flags if not re.search(rf"(?<![\w-]){re.escape(f)}(?![\w-])", usage)
@@ -227,7 +232,7 @@ def test_train_and_evaluate_commands_compose_and_parse(
     for words in _captioner_invocations(page.read_text()):
         if words[0] not in ("train", "evaluate") or "--help" in words:
             continue
-        overrides = [w.replace("...", "x") for w in words[1:]]
+        overrides = words[1:]
         monkeypatch.chdir(tmp_path)
         for key, value in (o.split("=", 1) for o in overrides if "=" in o):
             if key in ("init_from", "resume"):  # the checkpoint a command starts from
