@@ -3,11 +3,12 @@
 The README and the pages under docs/ are checked the same cheap way, so that moving a module, a
 config, a flag or a section shows up here rather than in a newcomer's terminal:
 
-- every relative link points to a file that exists, and every `#anchor` to a heading of it;
+- every relative link points to a file that exists, and every `#anchor` to a heading of it
+  (benchmarks/README.md and data/README.md too);
 - every `import` of a ```python block imports, every dotted `captioner.x.y` name resolves, every
   `captioner/...` or `conf/...` path in backticks exists;
 - every `captioner <command>` is a command, and every `--flag` of it is in its `--help`;
-- every `captioner train` / `captioner evaluate` command in a ```bash block composes and parses
+- every `captioner train` / `captioner evaluate` command (bash block or inline) composes and parses
   (Hydra overrides and the typed configs; nothing runs), and every config group choice exists.
 """
 
@@ -27,6 +28,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+LINKED = [*PAGES, ROOT / "benchmarks" / "README.md", ROOT / "data" / "README.md"]  # links only
 IDS = [str(p.relative_to(ROOT)) for p in PAGES]
 
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
@@ -117,7 +119,7 @@ def _captioner_invocations(text: str) -> list[list[str]]:
 # --- links ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("page", PAGES, ids=IDS)
+@pytest.mark.parametrize("page", LINKED, ids=[str(p.relative_to(ROOT)) for p in LINKED])
 def test_relative_links_point_to_existing_files_and_headings(page: Path) -> None:
     broken = []
     for target in LINK.findall(_prose(page.read_text())):
