@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 
 import torch
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from captioner.checkpoint import (
     TrainingState,
@@ -148,6 +149,14 @@ def load_data_and_model(config: TrainConfig, rt: Runtime, resume: dict[str, Any]
     return RunData(train_records, val_records, vocab, model, preprocessing)
 
 
+def saved_train_config(config: TrainConfig) -> dict[str, Any]:
+    """The composed config as a run's checkpoints keep it (``train_config``), with the folder
+    the features were cached in made absolute, so that evaluate finds it from anywhere."""
+    saved: Any = OmegaConf.to_container(config.raw, resolve=True)
+    saved["trainer"]["cache_dir"] = str(config.trainer.feature_cache_dir.resolve())
+    return saved
+
+
 def teacher_forcing_for(model: CaptionModel, vocab: Vocab, tcfg: TrainerConfig) -> TeacherForcing:
     """The default objective: teacher forcing with ``trainer.label_smoothing``, and the decoder's
     attention penalty when it attends."""
@@ -203,6 +212,7 @@ __all__ = [
     "init_weights",
     "load_data_and_model",
     "load_resume",
+    "saved_train_config",
     "teacher_forcing_for",
     "vocab_and_model",
 ]

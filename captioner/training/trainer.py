@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -54,6 +53,7 @@ from captioner.training.setup import (
     Optimization,
     load_data_and_model,
     load_resume,
+    saved_train_config,
     teacher_forcing_for,
 )
 from captioner.training.validation import validate
@@ -153,10 +153,8 @@ class Trainer:
         self.rng_states = state.rng
 
     def _payload(self) -> dict[str, Any]:
-        train_config: Any = OmegaConf.to_container(self.config.raw, resolve=True)
-        # the folder the features were cached in, absolute, so that evaluate finds it from anywhere
-        train_config["trainer"]["cache_dir"] = str(self.tcfg.feature_cache_dir.resolve())
-        return model_payload(self.model, self.vocab, self.preprocessing, train_config)
+        config = saved_train_config(self.config)
+        return model_payload(self.model, self.vocab, self.preprocessing, config)
 
     # -- one epoch ------------------------------------------------------------------------------
     def _forward_model(self, epoch: int) -> torch.nn.Module:
