@@ -105,6 +105,7 @@ def test_val_split_and_beam_settings(
     assert not val_files & {r["file"] for r in default_run["rows"]}
 
 
+@pytest.mark.slow
 def test_cache_dir_reuses_the_training_features(
     tiny_demo: Path, tiny_checkpoint: Path, tmp_path: Path, encoder_calls: dict[str, int]
 ) -> None:

@@ -289,6 +289,7 @@ def switched(make_cfg, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_a_run_switches_to_scst_and_logs_its_figures(switched: Path) -> None:
     rows = read_metrics(switched / "metrics.jsonl")
     assert [r["epoch"] for r in rows] == [1, 2, 3]
@@ -306,6 +307,7 @@ def test_a_run_switches_to_scst_and_logs_its_figures(switched: Path) -> None:
     assert best["metrics"]["val_cider_d"] == max(r["val_cider_d"] for r in rows)
 
 
+@pytest.mark.slow
 def test_resume_in_the_first_scst_epoch_equals_uninterrupted(
     make_cfg, switched: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -319,6 +321,7 @@ def test_resume_in_the_first_scst_epoch_equals_uninterrupted(
     assert_same_run_end(tmp_path / "b", switched)
 
 
+@pytest.mark.slow
 def test_resume_at_the_switch_equals_uninterrupted(
     make_cfg, switched: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -342,6 +345,7 @@ def test_resume_at_the_switch_equals_uninterrupted(
     assert_same_run_end(tmp_path / "b", switched)
 
 
+@pytest.mark.slow
 def test_scst_from_the_feature_cache(make_cfg, tmp_path: Path) -> None:
     frozen = ["model.encoder.freeze=true", "trainer.cache_features=true"]
     train(make_cfg(*frozen, *SWITCH[1:5], "trainer.max_epochs=2"), tmp_path / "run")
@@ -360,6 +364,7 @@ def trained(make_cfg, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out / "best.pt"
 
 
+@pytest.mark.slow
 def test_init_from_loads_the_weights_only(make_cfg, trained: Path, tmp_path: Path) -> None:
     config = parse_train_config(make_cfg(f"init_from={trained}"))
     trainer = Trainer(config, tmp_path / "run", setup_runtime("cpu"))
@@ -372,6 +377,7 @@ def test_init_from_loads_the_weights_only(make_cfg, trained: Path, tmp_path: Pat
     assert trainer.optimizer.state_dict()["state"] == {}  # a fresh optimizer
 
 
+@pytest.mark.slow
 def test_scst_from_the_start_of_a_run_from_a_trained_model(
     make_cfg, trained: Path, tmp_path: Path
 ) -> None:
@@ -392,6 +398,7 @@ def test_scst_from_the_start_of_a_run_from_a_trained_model(
         ("model.encoder.name=resnet34", r"^init_from: .*model\.encoder\.name=resnet18, this run "),
     ],
 )
+@pytest.mark.slow
 def test_init_from_another_model_is_one_clear_error(
     make_cfg, trained: Path, tmp_path: Path, override: str, message: str
 ) -> None:

@@ -82,6 +82,7 @@ def interrupt_at(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
 # a run's files
 
 
+@pytest.mark.slow
 def test_run_directory(reference: Path) -> None:
     assert {"best.pt", "last.pt", "vocab.json", "metrics.jsonl"} <= {
         p.name for p in reference.iterdir()
@@ -110,6 +111,7 @@ def test_run_directory(reference: Path) -> None:
 # resume
 
 
+@pytest.mark.slow
 def test_resume_mid_epoch_equals_uninterrupted(
     make_cfg, reference: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -129,6 +131,7 @@ def test_resume_mid_epoch_equals_uninterrupted(
     assert_same_run_end(tmp_path / "b", reference)
 
 
+@pytest.mark.slow
 def test_resume_at_epoch_boundary_equals_uninterrupted(
     make_cfg, reference: Path, tmp_path: Path
 ) -> None:
@@ -152,6 +155,7 @@ def reference_ema(make_cfg, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_ema_changes_what_is_validated_not_the_training(
     reference_ema: Path, reference: Path
 ) -> None:
@@ -165,6 +169,7 @@ def test_ema_changes_what_is_validated_not_the_training(
     assert [m["val_loss"] for m in rows] != [m["val_loss"] for m in ref_rows]
 
 
+@pytest.mark.slow
 def test_resume_mid_epoch_continues_the_weight_average(
     make_cfg, reference_ema: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -182,6 +187,7 @@ def test_resume_mid_epoch_continues_the_weight_average(
     assert_same_tensors(got["ema"]["averages"], want["ema"]["averages"])
 
 
+@pytest.mark.slow
 def test_best_pt_is_the_validated_model(make_cfg, tmp_path: Path) -> None:
     """With a weight average and beam validation, evaluating best.pt the same way on val gives
     exactly the val BLEU that selected it: best.pt holds the averaged weights that were scored."""
@@ -222,6 +228,7 @@ def test_bad_validation_settings_fail_before_training(
     assert not (tmp_path / "last.pt").exists()
 
 
+@pytest.mark.slow
 def test_resume_refuses_best_pt(make_cfg, reference: Path, tmp_path: Path) -> None:
     with pytest.raises(UserError, match="last.pt"):
         train(make_cfg(f"resume={reference / 'best.pt'}"), tmp_path / "x")
@@ -240,6 +247,7 @@ def _initial_encoder(cfg) -> dict[str, torch.Tensor]:
     return {f"encoder.{k}": v for k, v in enc.state_dict().items()}
 
 
+@pytest.mark.slow
 def test_frozen_encoder_unchanged_by_training(make_cfg, reference: Path, tmp_path: Path) -> None:
     cfg = make_cfg(
         "model.encoder.freeze=true", "trainer.cache_features=false", "trainer.max_epochs=1"
@@ -256,6 +264,7 @@ def test_frozen_encoder_unchanged_by_training(make_cfg, reference: Path, tmp_pat
     )
 
 
+@pytest.mark.slow
 def test_feature_cache_reuse_and_invalidation(
     make_cfg, tmp_path: Path, encoder_calls: dict[str, int]
 ) -> None:
@@ -298,6 +307,7 @@ def test_feature_cache_reuse_and_invalidation(
     assert json.loads(meta_file.read_text())["key"] != "other"
 
 
+@pytest.mark.slow
 def test_cached_and_in_loop_training_agree(
     make_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -454,6 +464,7 @@ def test_resume_after_kill_9_loses_at_most_the_current_epoch(
     assert_same_run_end(resumed, tmp_path / "ref")
 
 
+@pytest.mark.slow
 def test_another_objective_plugs_in_without_touching_the_loop(make_cfg, tmp_path: Path) -> None:
     """make_objective(trainer) gets the built trainer; its loss is what is minimised and its
     logs are averaged into metrics.jsonl."""
