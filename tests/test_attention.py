@@ -135,6 +135,9 @@ def test_stepping_equals_teacher_forcing(cell: str, attention: str, feature_mode
         for t in range(caps.shape[1] - 1):
             out, state = model.decoder.step(caps[:, t], state)
             steps.append(out)
+    # one step at a time vs the whole sequence through nn.LSTM/GRU/RNN: other kernels and shapes,
+    # the same math. 1e-5 = 84 eps covers a few roundings per value over <= 5 steps of a
+    # contractive (default init) recurrence; observed <= 0.01 of it on scalar, AVX2 and AVX-512
     torch.testing.assert_close(torch.stack(steps, dim=1), logits, atol=1e-5, rtol=1e-5)
 
 
