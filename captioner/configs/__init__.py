@@ -10,6 +10,7 @@ captioner.configs.training`` stays light (no torch):
 | :mod:`~captioner.configs.preprocessing` | :class:`Preprocessing`: resize, crop, mean, std of an encoder's input |
 | :mod:`~captioner.configs.model` | ``model.*``: :class:`EncoderConfig`, :class:`DecoderConfig`, :class:`ModelConfig` |
 | :mod:`~captioner.configs.decode` | :class:`DecodeConfig`: how captions are decoded |
+| :mod:`~captioner.configs.decode_options` | the decoding options' table: CLI flags and HTTP query parameters |
 | :mod:`~captioner.configs.data` | ``data.*``: :class:`DataConfig`, the splits |
 | :mod:`~captioner.configs.training` | ``trainer.*`` and the whole run: :class:`TrainConfig`, :func:`parse_train_config` |
 | :mod:`~captioner.configs.evaluate` | ``captioner evaluate``'s :class:`EvaluateConfig` |

@@ -104,7 +104,7 @@ def parse_options(
     given.update((BY_QUERY[name].name, _typed(name, value)) for name, value in values)
     try:
         config = decode_config(given, base)
-    except (UserError, ValueError) as exc:  # DecodeConfig's checks raise either
+    except UserError as exc:  # DecodeConfig's checks
         raise RequestError(400, str(exc)) from exc
     problem = check_limits(config, settings)
     if problem:
