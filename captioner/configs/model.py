@@ -15,7 +15,7 @@ from captioner.typed import from_dict
 CELLS = ("lstm", "gru", "rnn")
 
 
-ATTENTION = ("none", "soft")
+ATTENTION = ("none", "soft", "topdown")
 
 
 @dataclass
@@ -38,8 +38,9 @@ class EncoderConfig:
     # features = mean over the image and its mirror image: a flip-invariant summary, for the
     # feature cache, evaluation and captioning alike (costs a second encoder pass)
     flip_average: bool = False
-    # with model.decoder.attention=soft: adaptive-average-pool the CNN's spatial grid to
-    # grid x grid positions (null: the grid the CNN gives, e.g. 9 x 9 at 260 px)
+    # with a decoder that attends (model.decoder.attention=soft|topdown): adaptive-average-pool
+    # the CNN's spatial grid to grid x grid positions (null: the grid the CNN gives, e.g. 9 x 9
+    # at 260 px)
     grid: int | None = None
 
     def __post_init__(self) -> None:
@@ -84,7 +85,9 @@ class DecoderConfig:
     # the output layer reuses the word embeddings (Press & Wolf 2017): needs embed_dim == hidden_size
     tie_weights: bool = False
     cell: str = "lstm"  # lstm | gru | rnn (vanilla tanh RNN); GRU and RNN have no c0
-    attention: str = "none"  # none (pooled features) | soft (attend over the image grid)
+    # none (pooled features) | soft (attend over the image grid) | topdown (an attention cell's
+    # h attends over the grid, a language cell reads the context and predicts the word)
+    attention: str = "none"
     attention_dim: int = 512  # A: size of the additive attention's hidden layer
     # lambda of the doubly stochastic regulariser, lambda * sum_p (1 - sum_t alpha_tp)^2
     attention_penalty: float = 1.0

@@ -3,7 +3,8 @@ recurrent decoder (:mod:`captioner.models.decoders`), joined and built from a ty
 
 The decoder's cell is an LSTM, a GRU or a vanilla (tanh) RNN (``model.decoder.cell``); the image
 initialises its state. With ``model.decoder.attention=soft`` ("Show, Attend and Tell", Xu et al.
-2015) the encoder keeps its spatial grid and every step attends over it.
+2015) or ``topdown`` (Anderson et al. 2018) the encoder keeps its spatial grid and every step
+attends over it.
 
 Shapes: B batch, N captions, T caption length (with <start>/<end>), F encoder feature size,
 P grid positions (h x w), V vocabulary size.
@@ -19,7 +20,7 @@ from torch import Tensor, nn
 from captioner.configs.model import ModelConfig
 from captioner.configs.preprocessing import Preprocessing
 from captioner.errors import UserError
-from captioner.models.decoders import Decoder, build_decoder
+from captioner.models.decoders import DECODERS, Decoder, build_decoder
 from captioner.models.encoders import Encoder, create_encoder
 
 
@@ -127,7 +128,7 @@ def build_model(
     config: ModelConfig, vocab_size: int, pretrained: bool = True
 ) -> tuple[CaptionModel, Preprocessing]:
     """Build the captioner from its typed config; ``pretrained=False`` skips weight loading."""
-    spatial = config.decoder.attention == "soft"
+    spatial = DECODERS[config.decoder.attention].attends
     encoder, pre = create_encoder(config.encoder, pretrained=pretrained, spatial=spatial)
     decoder = build_decoder(config.decoder, encoder.feature_dim, vocab_size)
     return CaptionModel(encoder, decoder, config), pre

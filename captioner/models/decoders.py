@@ -8,6 +8,7 @@ One class per way of reading the image, chosen by ``model.decoder.attention``
 |---|---|---|
 | ``none`` | :class:`PooledDecoder` | the pooled features [B, F], once, into the initial state |
 | ``soft`` | :class:`SoftAttentionDecoder` | the grid [B, P, F] at every step ("Show, Attend and Tell", Xu et al. 2015) |
+| ``topdown`` | :class:`TopDownDecoder` | the grid at every step, through a second cell (Anderson et al. 2018) |
 
 What they share (embedding, cell, initial state, output layer, tied weights, teacher forcing,
 one decoding step) is :class:`Decoder`; a new decoder is a subclass that says what its state
@@ -31,6 +32,27 @@ from captioner.models.attention import SoftAttention
 # cell's (h, c) for an LSTM or (h,) for a GRU / RNN, each [L, B, H]; then what the decoder keeps
 # besides, e.g. with soft attention the image grid [P, B, F] and its attention projection [P, B, A]
 State = tuple[Tensor, ...]
+Cell = tuple[Tensor, ...]  # one cell's part of the state: (h, c) or (h,)
+
+
+def recurrent_cell(cfg: DecoderConfig, input_size: int) -> nn.RNNBase:
+    """A ``model.decoder.cell`` of ``num_layers`` layers and ``hidden_size`` units, batch first."""
+    rnn_kwargs: dict[str, Any] = {"nonlinearity": "tanh"} if cfg.cell == "rnn" else {}
+    return {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}[cfg.cell](
+        input_size,
+        cfg.hidden_size,
+        num_layers=cfg.num_layers,
+        batch_first=True,
+        dropout=cfg.dropout if cfg.num_layers > 1 else 0.0,
+        **rnn_kwargs,
+    )
+
+
+def run_cell(rnn: nn.RNNBase, x: Tensor, cell: Cell) -> tuple[Tensor, Cell]:
+    """``rnn`` on one input x [B, input size] from ``cell`` -> (top hidden state [B, H], the
+    new (h, c) or (h,))."""
+    out, new = rnn(x.unsqueeze(1), cell if len(cell) == 2 else cell[0])  # [B, 1, H]
+    return out.squeeze(1), new if isinstance(new, tuple) else (new,)
 
 
 def rename_legacy_keys(state: dict[str, Any], prefix: str = "decoder.") -> dict[str, Any]:
@@ -55,6 +77,7 @@ class Decoder(nn.Module):
 
     attention_kind: ClassVar[str | None] = None  # the model.decoder.attention it implements
     attends: ClassVar[bool] = False  # whether steps give attention weights over the grid
+    cells: ClassVar[int] = 1  # how many cells' tensors the state starts with (self.rnn's first)
 
     def __init__(self, feature_dim: int, vocab_size: int, cfg: DecoderConfig, pad_id: int = 0):
         if cfg.attention != self.attention_kind:
@@ -67,15 +90,7 @@ class Decoder(nn.Module):
         L, H, E = cfg.num_layers, cfg.hidden_size, cfg.embed_dim
         self.cell_tensors = 2 if cfg.cell == "lstm" else 1  # (h, c) or (h,)
         self.embed = nn.Embedding(vocab_size, E, padding_idx=pad_id)
-        rnn_kwargs: dict[str, Any] = {"nonlinearity": "tanh"} if cfg.cell == "rnn" else {}
-        self.rnn: nn.RNNBase = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}[cfg.cell](
-            self._input_size(feature_dim),
-            H,
-            num_layers=L,
-            batch_first=True,
-            dropout=cfg.dropout if L > 1 else 0.0,
-            **rnn_kwargs,
-        )
+        self.rnn = recurrent_cell(cfg, self._input_size(feature_dim))
         self.dropout = nn.Dropout(cfg.dropout)
         self.out = nn.Linear(H, vocab_size)
         if cfg.tie_weights:
@@ -105,14 +120,27 @@ class Decoder(nn.Module):
         """What ``self.rnn`` takes: (h, c) for an LSTM, h for a GRU / RNN."""
         return (state[0], state[1]) if self.cell_tensors == 2 else state[0]
 
-    def _with_cell(self, state: State, cell: Tensor | tuple[Tensor, ...]) -> State:
-        cell = cell if isinstance(cell, tuple) else (cell,)
+    def _with_cell(self, state: State, cell: Cell) -> State:
+        """``state`` with ``self.rnn``'s tensors (its first) replaced by ``cell``."""
         return (*cell, *state[self.cell_tensors :])
 
     def _memory(self, features: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
         """features -> (pooled features [B, F] that initialise the cell, what the state keeps
         after the cell's tensors): here the features themselves, and nothing."""
         return features, ()
+
+    def _from_image(self, pooled: Tensor, init_h: nn.Linear, init_c: nn.Linear | None) -> Cell:
+        """pooled features [B, F] -> one cell's initial (h, c) or (h,), each [L, B, H]."""
+        B, L, H = pooled.shape[0], self.cfg.num_layers, self.cfg.hidden_size
+        h = torch.tanh(init_h(pooled)).view(B, L, H).transpose(0, 1).contiguous()
+        if init_c is None:
+            return (h,)
+        return (h, init_c(pooled).view(B, L, H).transpose(0, 1).contiguous())
+
+    def _initial_cells(self, pooled: Tensor) -> tuple[Tensor, ...]:
+        """The cells' initial tensors from pooled features [B, F] (``feature_mode=init_state``):
+        here ``self.rnn``'s."""
+        return self._from_image(pooled, self.init_h, getattr(self, "init_c", None))
 
     def init_state(self, features: Tensor) -> State:
         """features [B, F] (or the grid [B, P, F] for a decoder that attends) -> the initial
@@ -121,22 +149,18 @@ class Decoder(nn.Module):
         pooled, memory = self._memory(features)
         pooled = self.dropout(pooled)
         if self.cfg.feature_mode == "init_state":
-            h = torch.tanh(self.init_h(pooled)).view(B, L, H).transpose(0, 1).contiguous()
-            if self.cell_tensors == 1:
-                return (h, *memory)
-            c = self.init_c(pooled).view(B, L, H).transpose(0, 1).contiguous()
-            return (h, c, *memory)
-        # first_input: the image is the cell's input at t = -1, from a zero state
+            return (*self._initial_cells(pooled), *memory)
+        # first_input: the image is the cells' input at t = -1, from a zero state
         zeros = pooled.new_zeros(L, B, H)
-        state = ((zeros,) * self.cell_tensors) + memory
+        state = ((zeros,) * (self.cells * self.cell_tensors)) + memory
         _, state, _ = self._advance(self.feature_embed(pooled), state)
         return state
 
     # -- one step -------------------------------------------------------------------------------
     def _cell_step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
         """The cell on one input x [B, input size] -> (top hidden state [B, H], new state)."""
-        out, cell = self.rnn(x.unsqueeze(1), self._cell_state(state))  # [B, 1, H]
-        return out.squeeze(1), self._with_cell(state, cell)
+        out, cell = run_cell(self.rnn, x, state[: self.cell_tensors])
+        return out, self._with_cell(state, cell)
 
     def _advance(self, x: Tensor, state: State) -> tuple[Tensor, State, Tensor | None]:
         """One time step: input x [B, E] -> (top hidden state [B, H], new state, attention
@@ -243,8 +267,69 @@ class SoftAttentionDecoder(Decoder):
         return out, state, alpha
 
 
+class TopDownDecoder(Decoder):
+    """The top-down attention decoder over the image grid [B, P, F]
+    (``model.decoder.attention=topdown``; Anderson et al. 2018, "Bottom-Up and Top-Down
+    Attention", section 3.2, over the CNN's grid rather than detected regions). Two cells per
+    step: the attention cell reads [the language cell's previous top h; the grid's mean; the
+    word's embedding], its top h queries an additive attention over the grid
+    (:class:`~captioner.models.attention.SoftAttention`), and the language cell (``self.rnn``)
+    reads [the attended context; the attention cell's top h] and predicts the word.
+
+    Unlike the paper's zero start, the grid's mean initialises both cells' state (through
+    ``init_h`` / ``init_c`` and ``init_attention_h`` / ``init_attention_c``), or is both cells'
+    input at t = -1 with ``feature_mode=first_input``. ``cell`` and ``num_layers`` apply to both
+    cells (the paper's: one-layer LSTMs). The state is (language cell's tensors, attention
+    cell's tensors, grid [P, B, F], its attention projection [P, B, A], the grid's mean
+    [1, B, F])."""
+
+    attention_kind = "topdown"
+    attends = True
+    cells = 2
+
+    def __init__(self, feature_dim: int, vocab_size: int, cfg: DecoderConfig, pad_id: int = 0):
+        super().__init__(feature_dim, vocab_size, cfg, pad_id)
+        H, E, L = cfg.hidden_size, cfg.embed_dim, cfg.num_layers
+        self.attention_rnn = recurrent_cell(cfg, H + feature_dim + E)
+        self.attention = SoftAttention(feature_dim, H, cfg.attention_dim)
+        if cfg.feature_mode == "init_state":
+            self.init_attention_h = nn.Linear(feature_dim, L * H)
+            if cfg.cell == "lstm":
+                self.init_attention_c = nn.Linear(feature_dim, L * H)
+
+    def _input_size(self, feature_dim: int) -> int:
+        """The language cell's input size: the context's and the attention cell's h (F + H)."""
+        return feature_dim + self.cfg.hidden_size
+
+    def _initial_cells(self, pooled: Tensor) -> tuple[Tensor, ...]:
+        attention_c = getattr(self, "init_attention_c", None)
+        return (
+            *super()._initial_cells(pooled),
+            *self._from_image(pooled, self.init_attention_h, attention_c),
+        )
+
+    def _memory(self, features: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
+        grid, mean = features.transpose(0, 1), features.mean(dim=1)  # [P, B, F], [B, F]
+        return mean, (grid, self.attention.feature_proj(grid), mean[None])
+
+    def _advance(self, x: Tensor, state: State) -> tuple[Tensor, State, Tensor | None]:
+        n = self.cell_tensors
+        language, attention, memory = state[:n], state[n : 2 * n], state[2 * n :]
+        grid, projected, mean = memory
+        query, attention = run_cell(
+            self.attention_rnn, torch.cat([language[0][-1], mean[0], x], dim=-1), attention
+        )  # query: the attention cell's top h_t [B, H]
+        context, alpha = self.attention(grid, projected, query)  # [B, F], [B, P]
+        out, language = run_cell(self.rnn, torch.cat([context, query], dim=-1), language)
+        return out, (*language, *attention, *memory), alpha
+
+
 # model.decoder.attention -> its decoder
-DECODERS: dict[str, type[Decoder]] = {"none": PooledDecoder, "soft": SoftAttentionDecoder}
+DECODERS: dict[str, type[Decoder]] = {
+    "none": PooledDecoder,
+    "soft": SoftAttentionDecoder,
+    "topdown": TopDownDecoder,
+}
 
 
 def build_decoder(
