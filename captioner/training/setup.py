@@ -161,7 +161,7 @@ def teacher_forcing_for(model: CaptionModel, vocab: Vocab, tcfg: TrainerConfig) 
     """The default objective: teacher forcing with ``trainer.label_smoothing``, and the decoder's
     attention penalty when it attends."""
     decoder = model.config.decoder
-    penalty = decoder.attention_penalty if decoder.attention == "soft" else 0.0
+    penalty = decoder.attention_penalty if model.attends else 0.0
     return TeacherForcing(vocab.pad_id, tcfg.label_smoothing, penalty)
 
 
