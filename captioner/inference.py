@@ -67,7 +67,7 @@ def generate(
     ``attention``: set every hypothesis's ``attention`` maps (a model that attends only).
     """
     if attention and not model.attends:
-        raise UserError("attention maps need a model with model.decoder.attention=soft")
+        raise UserError("attention maps need a model with model.decoder.attention=soft or topdown")
     device = torch.device(device)
     out: dict[int, list[Hypothesis]] = {}
     for batch in batches:
@@ -226,7 +226,9 @@ class Captioner:
         model that attends only; else a ``UserError``)."""
         config = config or self.default_decoding
         if attention and not self.model.attends:
-            raise UserError("attention maps need a model with model.decoder.attention=soft")
+            raise UserError(
+                "attention maps need a model with model.decoder.attention=soft or topdown"
+            )
         results: list[CaptionResult] = []
         for start in range(0, len(images), batch_size):
             chunk = images[start : start + batch_size]

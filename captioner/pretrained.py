@@ -195,7 +195,7 @@ def model_card(manifest: Mapping[str, Any], checkpoint_name: str) -> str:
     enc, dec = manifest["model"]["encoder"], manifest["model"]["decoder"]
     trained = manifest["trained_on"]
     dataset = trained.get("dataset", "an unrecorded dataset")
-    if dec["attention"] == "soft":
+    if dec["attention"] != "none":
         grid = f"{enc['grid']}x{enc['grid']} " if enc.get("grid") else ""
         reads = f"the decoder attends over its {grid}feature grid at every word"
     else:

@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         metavar="DIR",
         help="write DIR/<image>.png per image: the image and, for every word, where the model "
-        "looked (a model with model.decoder.attention=soft)",
+        "looked (a model with model.decoder.attention=soft or topdown)",
     )
     return p
 
@@ -138,7 +138,7 @@ def run(argv: Sequence[str]) -> int:
         if not captioner.model.attends:
             raise UserError(
                 f"--attention-map: {checkpoint} does not attend (model.decoder.attention=none): "
-                "train with model.decoder.attention=soft for attention maps"
+                "train with model.decoder.attention=soft or topdown for attention maps"
             )
         try:
             maps.mkdir(parents=True, exist_ok=True)
