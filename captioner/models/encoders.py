@@ -66,8 +66,8 @@ class Encoder(nn.Module):
             maps = maps.permute(0, 3, 1, 2)
         if maps.dim() != 4:
             raise UserError(
-                "model.decoder.attention=soft: the encoder gives no spatial grid (its feature "
-                f"map has shape {tuple(maps.shape)})"
+                "model.decoder.attention: the encoder gives no spatial grid to attend over (its "
+                f"feature map has shape {tuple(maps.shape)})"
             )
         return maps
 
@@ -84,7 +84,7 @@ class Encoder(nn.Module):
             x = b.maxpool(b.relu(b.bn1(b.conv1(images))))
             return b.layer4(b.layer3(b.layer2(b.layer1(x))))
         raise UserError(
-            f"model.decoder.attention=soft: no spatial feature map known for {type(b).__name__}"
+            f"model.decoder.attention: no spatial feature map known for {type(b).__name__}"
         )
 
     def stages(self) -> list[nn.Module]:
@@ -282,7 +282,7 @@ def create_encoder(
                 maps = maps.permute(0, 3, 1, 2)
             if maps.dim() != 4 or maps.shape[1] != encoder.feature_dim:
                 raise UserError(
-                    f"model.decoder.attention=soft: {cfg.name} gives no spatial grid of its "
+                    f"model.decoder.attention: {cfg.name} gives no spatial grid of its "
                     f"{encoder.feature_dim}-d features (its feature map has shape "
                     f"{tuple(maps.shape)})"
                 )
