@@ -1,6 +1,7 @@
-"""Soft attention and the recurrent cells (LSTM, GRU, vanilla RNN): shapes of every variant, the
-attention weights and the doubly stochastic regulariser, a tiny attention model that learns to
-look at a planted shape, checkpoints of every variant, the grid feature cache, attention maps."""
+"""Soft and top-down attention and the recurrent cells (LSTM, GRU, vanilla RNN): shapes of every
+variant, the attention weights and the doubly stochastic regulariser, tiny attention models that
+learn to look at a planted shape, checkpoints of every variant, the grid feature cache, attention
+maps."""
 
 from __future__ import annotations
 
@@ -46,7 +47,8 @@ from captioner.vocab import Vocab, tokenize
 V, FEAT, PAD, START, END = 12, 8, Vocab.pad_id, Vocab.start_id, Vocab.end_id
 VOCAB = Vocab(["<pad>", "<start>", "<end>", "<unk>", *(f"w{i}" for i in range(4, V))])
 CELLS = ["lstm", "gru", "rnn"]
-ATTENTION = ["none", "soft"]
+ATTENTION = ["none", "soft", "topdown"]
+ATTENDING = ["soft", "topdown"]
 SEQS = [[START, 4, 5, 6, 7, END], [START, 8, END], [START, 9, 10, 4, END]]
 
 
@@ -106,13 +108,15 @@ def test_shapes_of_every_variant(cell: str, attention: str, feature_mode: str, l
     images = torch.randn(3, 3, 16, 16)  # a 4 x 4 grid
     caps, lengths = padded(SEQS)
     feats = model.encode(images)
-    assert feats.shape == ((3, 16, FEAT) if attention == "soft" else (3, FEAT))
+    assert feats.shape == ((3, FEAT) if attention == "none" else (3, 16, FEAT))
     state = model.decoder.init_state(feats)
-    assert len(state) == (2 if cell == "lstm" else 1) + (2 if attention == "soft" else 0)
-    for h in state[: 2 if cell == "lstm" else 1]:
-        assert h.shape == (layers, 3, 10)
-    if attention == "soft":
-        assert state[-2].shape == (16, 3, FEAT) and state[-1].shape == (16, 3, 7)
+    # the cells' tensors (top-down: the language cell's, then the attention cell's), then memory
+    cells = (2 if cell == "lstm" else 1) * (2 if attention == "topdown" else 1)
+    memory = {"none": [], "soft": [(16, 3, FEAT), (16, 3, 7)]}
+    memory["topdown"] = [*memory["soft"], (1, 3, FEAT)]  # and the grid's mean
+    assert [tuple(s.shape) for s in state] == [(layers, 3, 10)] * cells + memory[attention]
+    if attention == "topdown":
+        torch.testing.assert_close(state[-1][0], feats.mean(dim=1))
     logits, alpha = model(images, caps, lengths, return_attention=True)
     assert logits.shape == (3, 5, V)
     assert alpha is None if attention == "none" else alpha.shape == (3, 5, 16)
@@ -161,8 +165,9 @@ def test_encoder_without_a_spatial_map_is_a_user_error() -> None:
 # -- the attention weights ---------------------------------------------------------------------
 
 
-def test_weights_sum_to_one_over_positions_and_padded_steps_are_zero() -> None:
-    model = tiny_model("gru")
+@pytest.mark.parametrize("attention", ATTENDING)
+def test_weights_sum_to_one_over_positions_and_padded_steps_are_zero(attention: str) -> None:
+    model = tiny_model("gru", attention)
     feats = model.encode(torch.randn(3, 3, 16, 16))
     caps, lengths = padded(SEQS)
     _, alpha = model.decoder(feats, caps, lengths, return_attention=True)
@@ -192,8 +197,9 @@ def test_regulariser_is_zero_when_every_position_gets_total_weight_one() -> None
     assert batch.shape == (2, P + 1, P) and float(attention_penalty(batch)) == 6.0
 
 
-def test_teacher_forcing_adds_the_weighted_regulariser() -> None:
-    model = tiny_model("lstm").train()
+@pytest.mark.parametrize("attention", ATTENDING)
+def test_teacher_forcing_adds_the_weighted_regulariser(attention: str) -> None:
+    model = tiny_model("lstm", attention).train()
     caps, lengths = padded(SEQS)
     batch = {
         "inputs": model.encode(torch.randn(3, 3, 16, 16)),
@@ -211,7 +217,8 @@ def test_teacher_forcing_adds_the_weighted_regulariser() -> None:
     assert "attention_penalty" not in plain.logs
     out.loss.backward()
     assert model.decoder.attention.score.weight.grad.abs().sum() > 0
-    assert model.decoder.gate.weight.grad.abs().sum() > 0
+    attends = model.decoder.gate if attention == "soft" else model.decoder.attention_rnn
+    assert all(p.grad.abs().sum() > 0 for p in attends.parameters())
 
 
 # -- a tiny attention model learns where to look -------------------------------------------------
@@ -240,10 +247,11 @@ def corner_cells(corner: int) -> list[int]:
     return [(2 * r + i) * 4 + 2 * c + j for i in (0, 1) for j in (0, 1)]
 
 
-def test_tiny_attention_model_looks_at_the_planted_shape() -> None:
+@pytest.mark.parametrize("attention", ATTENDING)
+def test_tiny_attention_model_looks_at_the_planted_shape(attention: str) -> None:
     """Captions "a <shape>": to name the shape, the trained model's map for that word puts most
     of its weight on the corner where the shape is."""
-    model = tiny_model("lstm", hidden_size=16, embed_dim=8, attention_dim=16)
+    model = tiny_model("lstm", attention, hidden_size=16, embed_dim=8, attention_dim=16)
     cases = [(s, k) for s in SHAPES for k in range(4)]
     images = torch.stack([planted(s, k) for s, k in cases])
     with torch.no_grad():
@@ -266,16 +274,17 @@ def test_tiny_attention_model_looks_at_the_planted_shape() -> None:
         assert int(weights.argmax()) in corner_cells(corner)
 
 
+@pytest.mark.parametrize("attention", ATTENDING)
 @pytest.mark.parametrize("strategy", ["greedy", "beam"])
 def test_maps_of_decoded_captions_are_the_weights_decoding_used(
-    monkeypatch: pytest.MonkeyPatch, strategy: str
+    monkeypatch: pytest.MonkeyPatch, strategy: str, attention: str
 ) -> None:
     """``generate(..., attention=True)`` teacher-forces each decoded caption once more; its maps
     equal the weights the decoding steps computed for those words."""
     from captioner.inference import generate
     from captioner.models.attention import SoftAttention
 
-    model = tiny_model("gru", num_layers=2)
+    model = tiny_model("gru", attention, num_layers=2)
     used: list[torch.Tensor] = []
     forward = SoftAttention.forward
 
@@ -323,7 +332,7 @@ def test_checkpoints_of_every_variant_round_trip(cell: str, attention: str, tmp_
     torch.manual_seed(1)
     loaded, _, _ = model_from_checkpoint(load_checkpoint(path))
     assert loaded.config == model.config
-    assert loaded.encoder.grid_shape == ((2, 2) if attention == "soft" else None)
+    assert loaded.encoder.grid_shape == (None if attention == "none" else (2, 2))
     images = torch.randn(2, 3, 64, 64)
     caps, lengths = padded([vocab.encode("a red circle"), vocab.encode("a blue square")])
     model.eval()
@@ -338,6 +347,7 @@ def test_checkpoint_of_one_variant_refuses_to_load_as_another(tmp_path: Path) ->
     for other, field in (
         (tiny_model("lstm", "soft"), "cell"),
         (tiny_model("gru", "none"), "attention"),
+        (tiny_model("gru", "topdown"), "attention"),  # init_from a soft checkpoint into topdown
         (tiny_model("gru", "soft", attention_dim=9), "attention_dim"),
     ):
         with pytest.raises(UserError) as info:
