@@ -6,16 +6,21 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import http.client
 import io
 import json
 import os
+import select
 import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pytest
 import torch
@@ -486,37 +491,170 @@ def test_concurrent_clients_get_their_own_captions_and_a_bad_one_fails_alone(
 # -- the command -------------------------------------------------------------------------------
 
 
-def start_server(model: Path, *args: str) -> tuple[subprocess.Popen, str, list[str]]:
-    """A real ``captioner serve`` on a free port -> (process, base URL, its stderr lines)."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "captioner", "serve", "--model", str(model), "--port", "0", *args],
-        stderr=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        text=True,
-    )
-    lines: list[str] = []
+def start_server(
+    model: Path, *args: str, log: Path | None = None
+) -> tuple[subprocess.Popen, str, list[str]]:
+    """A real ``captioner serve`` on a free port -> (process, base URL, its stderr lines so far).
+    Its stderr goes to ``log`` (a temporary file by default), read as it grows."""
+    if log is None:
+        fd, name = tempfile.mkstemp(prefix="serve-", suffix=".log")
+        os.close(fd)
+        log = Path(name)
+    with log.open("w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "captioner", "serve", "--model", str(model), "--port", "0"]
+            + list(args),
+            stderr=err,
+            stdout=subprocess.DEVNULL,
+            text=True,
+        )
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        if not line:
-            break
-        lines.append(line)
-        if line.startswith("serving "):
-            url = line.split(" at ", 1)[1].split(" ", 1)[0]
-            for _ in range(100):  # uvicorn is up once /health answers
-                try:
-                    with urllib.request.urlopen(url + "health", timeout=5) as r:
-                        if json.load(r)["status"] == "ok":
-                            return proc, url, lines
-                except OSError:
-                    time.sleep(0.1)
+    lines: list[str] = []
+    while time.monotonic() < deadline and proc.poll() is None:
+        lines = log.read_text().splitlines(keepends=True)
+        serving = [line for line in lines if line.startswith("serving ")]
+        if not serving:
+            time.sleep(0.1)
+            continue
+        url = serving[0].split(" at ", 1)[1].split(" ", 1)[0]
+        for _ in range(100):  # uvicorn is up once /health answers
+            try:
+                with urllib.request.urlopen(url + "health", timeout=5) as r:
+                    if json.load(r)["status"] == "ok":
+                        return proc, url, lines
+            except OSError:
+                time.sleep(0.1)
+        break
     proc.kill()
-    raise AssertionError("server did not start: " + "".join(lines))
+    raise AssertionError("server did not start: " + log.read_text())
 
 
 def stop(proc: subprocess.Popen) -> None:
     proc.terminate()
-    proc.communicate(timeout=30)
+    proc.wait(timeout=30)
+
+
+# -- hostile clients: raw sockets against a real server -----------------------------------------
+
+HOSTILE_LIMIT = 2 * int(0.05 * 2**20) + 2**20  # --max-images 2 --max-upload-mb 0.05: the body limit
+PART = (
+    b'--b\r\nContent-Disposition: form-data; name="image"; filename="big.png"\r\n'
+    b"Content-Type: image/png\r\n\r\n"
+)
+
+
+@pytest.fixture(scope="module")
+def hostile(models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
+    """A real server with small limits and a 1 s body timeout -> ((host, port), its log)."""
+    log = tmp_path_factory.mktemp("hostile") / "stderr.log"
+    limits = ("--max-upload-mb", "0.05", "--max-images", "2", "--body-timeout", "1")
+    proc, url, _ = start_server(models["pooled"], *limits, log=log)
+    u = urlparse(url)
+    yield (u.hostname, u.port), log
+    stop(proc)
+
+
+def _head(length: int | None, chunked: bool = False) -> bytes:
+    lines = [b"POST /caption HTTP/1.1", b"Host: 127.0.0.1"]
+    lines.append(b"Content-Type: multipart/form-data; boundary=b")
+    if length is not None:
+        lines.append(b"Content-Length: %d" % length)
+    if chunked:
+        lines.append(b"Transfer-Encoding: chunked")
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+def _response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """The status, headers and body of the response on ``sock`` (its socket timeout bounds the
+    wait)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise AssertionError(f"connection closed without a response: {data!r}")
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    status_line, *fields = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, v in (f.split(":", 1) for f in fields)}
+    while len(body) < int(headers.get("content-length", 0)):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return int(status_line.split()[1]), headers, body
+
+
+def _lines_after(log: Path, start: int, settle_s: float = 1.5) -> list[str]:
+    """The server's log lines from line ``start``, once it has had ``settle_s`` to write them."""
+    time.sleep(settle_s)
+    return log.read_text().splitlines()[start:]
+
+
+def test_a_chunked_body_is_cut_off_at_the_limit_whatever_content_length_says(hostile) -> None:
+    address, log = hostile
+    start = len(log.read_text().splitlines())
+    chunk = os.urandom(2**16)
+    sent = 0
+    with socket.create_connection(address, timeout=10) as sock:
+        sock.sendall(_head(5, chunked=True) + b"%x\r\n%s\r\n" % (len(PART), PART))
+        try:
+            while sent < 64 * 2**20:  # stop sending once the server has answered
+                if select.select([sock], [], [], 0)[0]:
+                    break
+                sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                sent += len(chunk)
+        except OSError:  # the server answered and closed the connection
+            pass
+        status, headers, body = _response(sock)
+    assert status == 413 and headers.get("connection") == "close"
+    error = json.loads(body)["error"]
+    assert "request body over the limit" in error and "--max-upload-mb" in error
+    # what the server read, plus what the loopback buffers held, is far under the 64 MB sent
+    assert sent < HOSTILE_LIMIT + 16 * 2**20
+    assert _lines_after(log, start) == []
+
+
+def test_a_stalled_body_is_answered_408_within_the_body_timeout(hostile) -> None:
+    address, log = hostile
+    start = len(log.read_text().splitlines())
+    with socket.create_connection(address, timeout=10) as sock:
+        sock.sendall(_head(10_000) + PART)  # then nothing more
+        t0 = time.monotonic()
+        status, headers, body = _response(sock)
+        took = time.monotonic() - t0
+        assert sock.recv(1) == b""  # and the connection is closed
+    assert status == 408 and headers.get("connection") == "close"
+    assert "--body-timeout" in json.loads(body)["error"] and took < 8
+    assert _lines_after(log, start) == []
+
+
+def test_a_client_that_disconnects_mid_request_costs_one_log_line(hostile, pics) -> None:
+    address, log = hostile
+    start = len(log.read_text().splitlines())
+    for _ in range(3):
+        with socket.create_connection(address, timeout=10) as sock:
+            sock.sendall(_head(10_000) + PART)
+        time.sleep(0.2)
+    lines = _lines_after(log, start)
+    assert len(lines) <= 3, "\n".join(lines)
+    assert all("disconnected" in line for line in lines), lines
+    body = PART + pics[0].read_bytes() + b"\r\n--b--\r\n"
+    with socket.create_connection(address, timeout=30) as sock:  # still serving
+        sock.sendall(_head(len(body)) + body)
+        status, _, answer = _response(sock)
+    assert status == 200 and json.loads(answer)["results"][0]["image"] == "big.png"
+
+
+def test_head_answers_on_the_get_routes(hostile) -> None:
+    (host, port), _ = hostile
+    conn = http.client.HTTPConnection(host, port, timeout=10)
+    try:
+        for path in ("/health", "/model", "/"):
+            conn.request("HEAD", path)
+            r = conn.getresponse()
+            assert (r.status, r.read()) == (200, b""), path
+    finally:
+        conn.close()
 
 
 @pytest.mark.slow
@@ -560,6 +698,7 @@ def test_serve_without_the_extra_says_what_to_install(
         (["--max-upload-mb", "0"], "--max-upload-mb must be a number > 0"),
         (["--max-upload-mb", "inf"], "--max-upload-mb must be a number > 0"),
         (["--max-wait-ms", "nan"], "--max-wait-ms must be in [0, 10000]"),
+        (["--body-timeout", "0"], "--body-timeout must be in (0, 3600] seconds"),
         (["--max-len", "10"], "default decoding is over the server's limits: max-len: at most 10"),
         (["--model", "/no/such/model"], "no such folder"),
         (["--port", "70000"], "--port must be between 0 and 65535"),

@@ -62,6 +62,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--max-len", type=int, default=s.max_len, help="longest caption a request may ask for"
     )
+    g.add_argument(
+        "--body-timeout",
+        dest="body_timeout_s",
+        type=float,
+        default=s.body_timeout_s,
+        metavar="SECONDS",
+        help="a request's body must arrive within this once the server starts reading it, "
+        "else a 408 (a stalled upload holds no connection longer)",
+    )
     return p
 
 

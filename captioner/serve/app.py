@@ -28,7 +28,8 @@ from starlette.exceptions import HTTPException
 from captioner import __version__
 from captioner.errors import UserError
 from captioner.serve.batcher import MicroBatcher
-from captioner.serve.requests import RequestError, check_limits
+from captioner.serve.limits import BodyLimits
+from captioner.serve.requests import RequestError, check_limits, error_response
 from captioner.serve.routes import model_summary, read_page, router
 from captioner.serve.settings import ServeSettings
 from captioner.serve.state import ServeState
@@ -57,6 +58,7 @@ def create_app(captioner: "Captioner", settings: ServeSettings | None = None) ->
     app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.include_router(router)
+    app.add_middleware(BodyLimits, settings=settings)  # bounds every body as it arrives
     return app
 
 
@@ -74,7 +76,7 @@ def error(status: int, message: str) -> JSONResponse:
 
 
 async def request_error(request: Request, exc: RequestError) -> JSONResponse:
-    return error(exc.status, exc.message)
+    return error_response(exc)
 
 
 async def http_error(request: Request, exc: HTTPException) -> JSONResponse:

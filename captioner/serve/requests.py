@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
+from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException
@@ -31,6 +32,11 @@ OPTION_NAMES: tuple[str, ...] = tuple(sorted([*BY_QUERY, ATTENTION]))
 FLAGS = frozenset([*(o.query for o in DECODE_OPTIONS if o.type is bool), ATTENTION])
 
 
+# answers given before the body was read to its end: the connection closes, so that the rest of
+# the body is never read (uvicorn would otherwise read and drop it for as long as it comes)
+UNREAD_BODY = frozenset({408, 411, 413})
+
+
 class RequestError(Exception):
     """A client's mistake: answered with ``status`` and ``{"error": message}``."""
 
@@ -38,6 +44,15 @@ class RequestError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+def error_response(exc: RequestError) -> JSONResponse:
+    """``{"error": message}`` with the error's status (closing the connection when the body may
+    be unread)."""
+    response = JSONResponse({"error": exc.message}, status_code=exc.status)
+    if exc.status in UNREAD_BODY:
+        response.headers["connection"] = "close"
+    return response
 
 
 @dataclass
@@ -120,8 +135,7 @@ def check_headers(request: Request, settings: ServeSettings) -> None:
     if int(length) > settings.max_body_bytes:
         raise RequestError(
             413,
-            f"request of {int(length) / 2**20:.1f} MB is over the limit of "
-            f"{settings.max_images} images x {settings.max_upload_mb:g} MB (--max-upload-mb)",
+            f"request of {int(length) / 2**20:.1f} MB is over the limit of {settings.body_limit}",
         )
     content_type = request.headers.get("content-type", "").lower()
     if not content_type.startswith("multipart/form-data"):

@@ -63,17 +63,20 @@ def model_summary(captioner: "Captioner", settings: ServeSettings) -> dict[str, 
             "max_upload_mb": settings.max_upload_mb,
             "max_beam_size": settings.max_beam_size,
             "max_len": settings.max_len,
+            "body_timeout_s": settings.body_timeout_s,
         },
         "batching": {"max_batch": settings.max_batch, "max_wait_ms": settings.max_wait_ms},
     }
 
 
-@router.get("/", response_class=HTMLResponse, include_in_schema=False)
+@router.api_route(
+    "/", methods=["GET", "HEAD"], response_class=HTMLResponse, include_in_schema=False
+)
 async def index(state: State) -> HTMLResponse:
     return HTMLResponse(state.page)
 
 
-@router.get("/health")
+@router.api_route("/health", methods=["GET", "HEAD"])  # HEAD: curl -I, load balancers
 async def health(state: State) -> Any:
     batcher = state.batcher
     if not batcher.running:
@@ -85,7 +88,7 @@ async def health(state: State) -> Any:
     }
 
 
-@router.get("/model")
+@router.api_route("/model", methods=["GET", "HEAD"])
 async def model(state: State) -> dict[str, Any]:
     return state.summary
 

@@ -18,6 +18,7 @@ class ServeSettings:
     max_upload_mb: float = 10.0  # bytes per image
     max_beam_size: int = 16  # the largest beam (and n-best) a request may ask for
     max_len: int = 100  # the longest caption a request may ask for, in tokens
+    body_timeout_s: float = 30.0  # a request body must arrive within this, once its read starts
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_images", "max_beam_size", "max_len"):
@@ -29,6 +30,10 @@ class ServeSettings:
             raise UserError(f"--max-wait-ms must be in [0, 10000], got {self.max_wait_ms}")
         if not (self.max_upload_mb > 0 and math.isfinite(self.max_upload_mb)):
             raise UserError(f"--max-upload-mb must be a number > 0, got {self.max_upload_mb}")
+        if not 0 < self.body_timeout_s <= 3600:  # also refuses nan
+            raise UserError(
+                f"--body-timeout must be in (0, 3600] seconds, got {self.body_timeout_s}"
+            )
 
     @property
     def max_upload_bytes(self) -> int:
@@ -38,3 +43,8 @@ class ServeSettings:
     def max_body_bytes(self) -> int:
         """A request's largest body: its images and the form around them."""
         return self.max_images * self.max_upload_bytes + 2**20
+
+    @property
+    def body_limit(self) -> str:
+        """The body limit as a 413 states it."""
+        return f"{self.max_images} images x {self.max_upload_mb:g} MB (--max-upload-mb)"
