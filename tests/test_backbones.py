@@ -271,7 +271,7 @@ def test_eval_transform_is_the_shared_eval_path_and_pickles() -> None:
     clone = pickle.loads(pickle.dumps(transform))  # DataLoader workers get a copy
     img = sample_images()[0]
     assert torch.equal(clone(img), torchvision_eval_transform(pre)(img))
-    with pytest.raises(ValueError, match="interpolation"):
+    with pytest.raises(UserError, match="interpolation"):  # Preprocessing itself refuses it
         EvalTransform(Preprocessing(8, 8, interpolation="cubic-ish"))
 
 

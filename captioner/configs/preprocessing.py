@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from captioner.errors import UserError
@@ -11,6 +12,19 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 
 
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# torchvision's InterpolationMode values; captioner.datasets.images maps each to its Pillow filter
+INTERPOLATIONS = ("nearest", "nearest-exact", "bilinear", "bicubic", "box", "hamming", "lanczos")
+
+# The largest resize / crop: 8x the largest input of common pretrained encoders (torchvision's
+# 518 px ViT-H/14, timm's 800 px EfficientNet-L2). It bounds one image's tensor at 4096^2 * 3
+# floats = 192 MiB; a checkpoint or config.json asking for more is refused, not obeyed until the
+# kernel kills the process.
+MAX_SIZE = 4096
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(frozen=True)
@@ -28,14 +42,40 @@ class Preprocessing:
     interpolation: str = "bilinear"
 
     def __post_init__(self) -> None:
-        if self.resize < 1 or self.crop < 1 or self.crop > self.resize:
-            raise UserError(f"need 1 <= crop <= resize, got resize={self.resize} crop={self.crop}")
-        object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
-        object.__setattr__(self, "std", tuple(float(s) for s in self.std))
+        """Each value checked (they may come from a checkpoint or an exported ``config.json``):
+        one :class:`UserError` line naming the field."""
+        for name, top in (("resize", MAX_SIZE), ("crop", self.resize)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= top:
+                raise UserError(
+                    f"preprocessing.{name} must be an integer in 1..{top}, got {value!r}"
+                )
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            ok = isinstance(value, (list, tuple)) and len(value) == 3
+            ok = ok and all(_is_number(v) and (name == "mean" or v > 0) for v in value)
+            if not ok:
+                need = "3 numbers" if name == "mean" else "3 numbers > 0"
+                raise UserError(f"preprocessing.{name} must be {need}, got {value!r}")
+            object.__setattr__(self, name, tuple(float(v) for v in value))
+        if self.interpolation not in INTERPOLATIONS:
+            raise UserError(
+                f"preprocessing.interpolation must be one of {', '.join(INTERPOLATIONS)}, "
+                f"got {self.interpolation!r}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
+        if not isinstance(d, dict):
+            raise UserError(f"preprocessing: expected an object, got {d!r}")
+        known = [f.name for f in fields(cls)]
+        for key in d:
+            if key not in known:
+                raise UserError(f"preprocessing: unknown key {key!r}")
+        for key in ("resize", "crop"):
+            if key not in d:
+                raise UserError(f"preprocessing: missing {key!r}")
         return cls(**d)

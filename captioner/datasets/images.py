@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 from captioner.configs.preprocessing import Preprocessing
@@ -29,7 +29,8 @@ class ImageLoadError(UserError):
 
 
 def load_image(path: str | Path) -> Image.Image:
-    """Open any image Pillow reads as 8-bit RGB (grayscale, palette, RGBA, CMYK, 16-bit)."""
+    """Open any image Pillow reads as 8-bit RGB (grayscale, palette, RGBA, CMYK, 16-bit, float),
+    upright: its EXIF orientation applied (a phone photo taken sideways is read as seen)."""
     return _open_rgb(Path(path), Path(path))
 
 
@@ -44,6 +45,7 @@ def _open_rgb(source: Path | io.BytesIO, label: str | Path) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(source) as img:
                 img.load()
+                _apply_orientation(img, label)
                 return to_rgb(img)
     except FileNotFoundError as exc:
         raise ImageLoadError(f"{label}: no such file") from exc
@@ -56,12 +58,20 @@ def _open_rgb(source: Path | io.BytesIO, label: str | Path) -> Image.Image:
         raise ImageLoadError(f"{label}: {reason}") from exc
 
 
+def _apply_orientation(img: Image.Image, label: str | Path) -> None:
+    """Turn ``img`` upright in place by its EXIF orientation tag (if any). An EXIF block Pillow
+    cannot parse leaves the image as stored, with a warning: the pixels themselves are fine."""
+    try:
+        ImageOps.exif_transpose(img, in_place=True)
+    except (OSError, ValueError, SyntaxError, KeyError, TypeError) as exc:
+        log.warning("%s: unreadable EXIF orientation (%s); read as stored", label, exc)
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Convert to RGB: 16-bit is scaled (not clipped), transparency is put on white."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    """Convert to RGB: transparency is put on white; 16-bit, 32-bit and float grayscale are
+    scaled to 8 bits (:func:`_gray_to_8bit`), not clipped."""
+    if img.mode == "F" or img.mode.startswith("I"):
+        img = _gray_to_8bit(img)
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA"):
@@ -71,8 +81,33 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-# the interpolations a Preprocessing may name (torchvision's InterpolationMode values) -> the
-# Pillow filter torchvision resizes PIL images with (its ``pil_modes_mapping``)
+def _gray_to_8bit(img: Image.Image) -> Image.Image:
+    """A mode I / I;16 / F image as 8-bit "L": the nominal range of its type when its values lie
+    within it, else its actual range, to 0..255.
+
+    Nominal ranges: 0..255 and then 0..65535 for integers (16-bit data is often stored as mode I),
+    always 0..65535 for I;16, 0..1 for floats (the usual convention: a dim float image stays
+    dim). Values outside them (a float image in [0, 1000] or [-1, 1], a 32-bit count) are
+    stretched from their minimum to their maximum; a constant one becomes black. NaN reads as
+    the minimum, +-inf as the maximum / minimum."""
+    arr = np.asarray(img, dtype=np.float32)
+    finite = arr[np.isfinite(arr)]
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    nominal = [(0.0, 1.0)] if img.mode == "F" else [(0.0, 65535.0)]
+    if img.mode == "I":
+        nominal.insert(0, (0.0, 255.0))
+    for low, top in nominal:
+        if low <= lo and hi <= top:
+            lo, hi = low, top
+            break
+    arr = np.nan_to_num(arr, nan=lo, posinf=hi, neginf=lo)
+    scale = 255.0 / (hi - lo) if hi > lo else 0.0
+    out = np.clip((arr - lo) * scale + 0.5, 0, 255).astype(np.uint8)
+    return Image.fromarray(out)
+
+
+# the interpolations a Preprocessing may name (INTERPOLATIONS: torchvision's InterpolationMode
+# values) -> the Pillow filter torchvision resizes PIL images with (its ``pil_modes_mapping``)
 PIL_FILTERS = {
     "nearest": Image.Resampling.NEAREST,
     "nearest-exact": Image.Resampling.NEAREST,
@@ -91,16 +126,18 @@ class EvalTransform:
     CenterCrop(crop), ToTensor(), Normalize(mean, std)])`` on PIL images (``tests/test_backbones.py``
     compares them), without importing torchvision, whose import costs about as much as torch's
     (see :mod:`captioner.models.backbones`): what captioning a single image waits for.
+
+    That is, as long as the resized image has at most :attr:`max_resized_pixels`. An extreme
+    aspect ratio (a 4 KB PNG of 1 x 1,000,000 pixels would be 256 x 256,000,000 at resize 256)
+    resamples only the region of the source the crop keeps: the same sample positions up to float
+    rounding, at a cost bounded by the crop (``tests/test_hostile_images.py``).
     """
 
+    # 48 MiB as RGB: at resize 256 every aspect ratio up to 256:1 takes the exact path
+    max_resized_pixels = 2**24
+
     def __init__(self, pre: Preprocessing):
-        if pre.interpolation not in PIL_FILTERS:
-            raise ValueError(
-                f"interpolation {pre.interpolation!r} is not one of {', '.join(PIL_FILTERS)}"
-            )
-        if 0.0 in pre.std:
-            raise ValueError(f"std {pre.std} has a zero: division by zero")
-        self.pre = pre
+        self.pre = pre  # its interpolation, std, sizes are checked by Preprocessing itself
         self.filter = PIL_FILTERS[pre.interpolation]
 
     def geometry(self, img: Image.Image) -> Image.Image:
@@ -110,11 +147,16 @@ class EvalTransform:
         short, long = (w, h) if w <= h else (h, w)
         new_short, new_long = self.pre.resize, int(self.pre.resize * long / short)
         new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
-        if (new_w, new_h) != (w, h):
-            img = img.resize((new_w, new_h), self.filter)
         crop = self.pre.crop  # <= resize (Preprocessing checks it): no padding is ever needed
         top = int(round((new_h - crop) / 2.0))
         left = int(round((new_w - crop) / 2.0))
+        if (new_w, new_h) != (w, h) and new_w * new_h > self.max_resized_pixels:
+            # the crop's box in source coordinates: resample that region alone
+            sx, sy = w / new_w, h / new_h
+            box = (left * sx, top * sy, (left + crop) * sx, (top + crop) * sy)
+            return img.resize((crop, crop), self.filter, box=box)
+        if (new_w, new_h) != (w, h):
+            img = img.resize((new_w, new_h), self.filter)
         return img.crop((left, top, left + crop, top + crop))
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
