@@ -24,6 +24,9 @@ class Progress:
     epoch_logs: dict[str, float] = field(default_factory=dict)
     epoch_log_weights: dict[str, int] = field(default_factory=dict)  # a log may skip batches
     epoch_skipped: set[int] = field(default_factory=set)  # unreadable record indices
+    # the metrics.jsonl row of the last completed epoch: last.pt is saved before the row is
+    # appended, so that a resume can write the row when the append failed
+    last_record: dict[str, Any] | None = None
 
     def add_batch(self, loss: float, weight: int, logs: dict[str, float]) -> None:
         self.epoch_loss_sum += loss * weight
@@ -65,6 +68,7 @@ class Progress:
                 setattr(self, f.name, state[f.name])
         self.epoch_skipped = set(self.epoch_skipped)
         self.epoch_logs = dict(self.epoch_logs)
+        self.last_record = dict(self.last_record) if self.last_record is not None else None
         # a last.pt from before per-log weights: every log had been counted with every batch
         saved = state.get("epoch_log_weights")
         self.epoch_log_weights = (

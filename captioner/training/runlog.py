@@ -1,9 +1,10 @@
 """A training run's record: ``metrics.jsonl`` (one JSON object per epoch), the log lines, and
 TensorBoard scalars when asked for. Only rank 0 writes.
 
-``metrics.jsonl`` is appended to once per epoch. A process killed mid-write (``kill -9``, power
-loss) can leave a torn last line; :func:`read_metrics` skips it with a warning, so a resume or a
-report never fails on it, and a resume rewrites the file without it.
+``metrics.jsonl`` is appended to once per epoch, after ``last.pt`` is saved (which holds the row
+too, so a resume writes it when the append failed). A process killed mid-write (``kill -9``,
+power loss) or a full disk can leave a torn last line; :func:`read_metrics` skips it with a
+warning, so a resume or a report never fails on it, and a resume rewrites the file without it.
 """
 
 from __future__ import annotations
@@ -11,14 +12,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from captioner.errors import UserError
-from captioner.files import atomic_write
+from captioner.files import append_line, atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +54,18 @@ class RunLog:
         self.metrics_file = out_dir / METRICS_FILE
         self._tensorboard = _open_tensorboard(out_dir) if enabled and tensorboard else None
 
-    def continue_from(self, old_dir: Path, epochs_done: int) -> None:
+    def continue_from(
+        self, old_dir: Path, epochs_done: int, last_record: dict[str, Any] | None = None
+    ) -> None:
         """On resume: keep the old run's records of the epochs ``last.pt`` holds (dropping a torn
-        line, and any epoch recorded after ``last.pt`` was written), and its ``best.pt``."""
+        line, and any epoch recorded after ``last.pt`` was written), and its ``best.pt``.
+        ``last_record``, the row of the last epoch ``last.pt`` holds, is written when its append
+        failed."""
         if not self.enabled:
             return
         kept = [r for r in read_metrics(old_dir / METRICS_FILE) if r["epoch"] <= epochs_done]
+        if last_record is not None and last_record["epoch"] not in {r["epoch"] for r in kept}:
+            kept.append(last_record)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(self.metrics_file, "".join(json.dumps(r) + "\n" for r in kept))
         same = old_dir.resolve() == self.out_dir.resolve()
@@ -73,10 +79,7 @@ class RunLog:
         sample captions, and the TensorBoard scalars."""
         if not self.enabled:
             return
-        with open(self.metrics_file, "a", encoding="utf-8") as f:
-            f.write(json.dumps(metrics) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        append_line(self.metrics_file, json.dumps(metrics))
         log.info(
             "epoch %d: train_loss %.4f val_loss %.4f val_bleu4 %.4f%s (%.0fs)",
             metrics["epoch"],

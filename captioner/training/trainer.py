@@ -14,6 +14,7 @@ run's records in :class:`~captioner.training.runlog.RunLog`, the checkpoint's sc
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -129,7 +130,8 @@ class Trainer:
         self.runlog = RunLog(out_dir, enabled=rt.is_main, tensorboard=self.tcfg.tensorboard)
         if resume is not None:
             self.load_state_dict(resume)
-            self.runlog.continue_from(self._resume_path.parent, self.progress.epoch)
+            p = self.progress
+            self.runlog.continue_from(self._resume_path.parent, p.epoch, p.last_record)
         if rt.is_main:
             out_dir.mkdir(parents=True, exist_ok=True)
             self.vocab.save(out_dir / "vocab.json")
@@ -309,12 +311,16 @@ class Trainer:
         if p.epoch_skipped:
             log.warning("epoch %d: skipped %d unreadable images", p.epoch + 1, len(p.epoch_skipped))
         improved = self.monitor.record(metrics)
-        self.runlog.epoch(metrics, improved, samples)
+        # best.pt, last.pt, metrics.jsonl: a failed write (a full disk) loses nothing a resume
+        # cannot redo: without last.pt the epoch is redone (and best.pt with it); last.pt
+        # holds the row, for a resume to write when the append failed
         if improved:
             with self.averaged_weights():
                 self.save_best(metrics)
         p.next_epoch()
+        p.last_record = json.loads(json.dumps(metrics))  # plain types: a weights_only load
         self.save_last()
+        self.runlog.epoch(metrics, improved, samples)
         return metrics
 
 
