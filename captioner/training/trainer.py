@@ -311,9 +311,8 @@ class Trainer:
         if p.epoch_skipped:
             log.warning("epoch %d: skipped %d unreadable images", p.epoch + 1, len(p.epoch_skipped))
         improved = self.monitor.record(metrics)
-        # best.pt, last.pt, metrics.jsonl: a failed write (a full disk) loses nothing a resume
-        # cannot redo: without last.pt the epoch is redone (and best.pt with it); last.pt
-        # holds the row, for a resume to write when the append failed
+        # best.pt, last.pt (holding the row), metrics.jsonl: a failed write loses nothing a
+        # resume cannot redo (no last.pt: the epoch and its best.pt are redone)
         if improved:
             with self.averaged_weights():
                 self.save_best(metrics)
