@@ -41,14 +41,13 @@ from captioner.configs.model import ModelConfig
 from captioner.configs.preprocessing import Preprocessing
 from captioner.errors import UserError, first_line
 from captioner.files import atomic_path, atomic_write, read_json
+from captioner.manifest import CONFIG, FORMAT_NAME, FORMAT_VERSION, read_manifest
 from captioner.models.captioning import CaptionModel
 from captioner.vocab import Vocab
 
 log = logging.getLogger(__name__)
 
-FORMAT_NAME = "captioner-pretrained"
-FORMAT_VERSION = 1
-WEIGHTS, CONFIG, VOCAB, CARD = "model.safetensors", "config.json", "vocab.json", "README.md"
+WEIGHTS, VOCAB, CARD = "model.safetensors", "vocab.json", "README.md"
 FILES = (WEIGHTS, CONFIG, VOCAB, CARD)
 # the metrics a model card reports, in this order, with their display names
 CARD_METRICS = {
@@ -290,29 +289,6 @@ def resolve_pretrained(path_or_id: str | Path) -> Path:
         ) from exc
 
 
-def read_manifest(folder: Path) -> dict[str, Any]:
-    """config.json, checked for the format this captioner reads."""
-    path = folder / CONFIG
-    manifest = read_json(path, "exported model config")
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
-        raise UserError(f'{path}: not a captioner model config (no "format": "{FORMAT_NAME}")')
-    version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        newer = isinstance(version, int) and version > FORMAT_VERSION
-        hint = (
-            "written by a newer captioner: upgrade captioner"
-            if newer
-            else "re-export it with this captioner's `captioner export`"
-        )
-        raise UserError(
-            f"{path}: format version {version!r}, this captioner reads version {FORMAT_VERSION} ({hint})"
-        )
-    for key in ("vocab_size", "model", "preprocessing", "decoding"):
-        if key not in manifest:
-            raise UserError(f"{path}: missing '{key}'")
-    return manifest
-
-
 def load_pretrained(
     path_or_id: str | Path, device: str | torch.device = "cpu"
 ) -> tuple[CaptionModel, Vocab, Preprocessing, ModelInfo]:
@@ -320,23 +296,16 @@ def load_pretrained(
     preprocessing and :class:`ModelInfo`. Every problem with the folder is one
     :class:`UserError` naming the file."""
     folder = resolve_pretrained(path_or_id)
-    manifest = read_manifest(folder)
-    config_path = folder / CONFIG
-    try:
-        config = ModelConfig.from_dict(manifest["model"])
-        preprocessing = Preprocessing.from_dict(manifest["preprocessing"])
-        decoding = DecodeConfig.from_dict(manifest["decoding"], f"{config_path}: decoding")
-    except (UserError, TypeError, ValueError) as exc:
-        raise UserError(f"{config_path}: {first_line(exc)}") from exc
+    manifest = read_manifest(folder)  # every field checked
     words = read_json(folder / VOCAB, "exported vocabulary")
     if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
         raise UserError(f"{folder / VOCAB}: expected a JSON list of words")
-    if len(words) != manifest["vocab_size"]:
+    if len(words) != manifest.vocab_size:
         raise UserError(
             f"{folder / VOCAB}: {len(words)} words, but {CONFIG} says vocab_size="
-            f"{manifest['vocab_size']} (the vocabulary does not belong to these weights)"
+            f"{manifest.vocab_size} (the vocabulary does not belong to these weights)"
         )
-    digest = manifest.get("vocab_sha256")
+    digest = manifest.vocab_sha256
     if digest is not None and digest != vocab_digest(words):
         raise UserError(
             f"{folder / VOCAB}: not the vocabulary these weights were trained with (its SHA-256 "
@@ -347,16 +316,16 @@ def load_pretrained(
     except UserError as exc:
         raise UserError(f"{folder / VOCAB}: {exc}") from exc
     model, _ = rebuild_model(
-        config, len(vocab), lambda m: _load_weights(m, folder / WEIGHTS, len(vocab))
+        manifest.model, len(vocab), lambda m: _load_weights(m, folder / WEIGHTS, len(vocab))
     )
     info = ModelInfo(
         source=str(path_or_id),
-        decoding=decoding,
-        dtype=str(manifest.get("dtype", "float32")),
-        scores={k: float(v) for k, v in (manifest.get("scores") or {}).items()},
-        trained_on=dict(manifest.get("trained_on") or {}),
+        decoding=manifest.decoding,
+        dtype=manifest.dtype,
+        scores=dict(manifest.scores),
+        trained_on=dict(manifest.trained_on),
     )
-    return model.to(device).eval(), vocab, preprocessing, info
+    return model.to(device).eval(), vocab, manifest.preprocessing, info
 
 
 def _load_weights(model: CaptionModel, path: Path, vocab_size: int) -> None:
