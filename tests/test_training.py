@@ -18,11 +18,13 @@ from conftest import tiny_overrides
 from captioner.checkpoint import load_checkpoint, model_from_checkpoint
 from captioner.configs.hydra import compose
 from captioner.configs.model import ModelConfig
+from captioner.configs.training import parse_train_config
 from captioner.errors import UserError
 from captioner.models.encoders import create_encoder
 from captioner.runtime import seed_everything
 from captioner.training import objectives
 from captioner.training.runlog import read_metrics
+from captioner.training.setup import check_resume, saved_train_config
 from captioner.training.train import Trainer, TrainingInterrupted, train
 from captioner.vocab import Vocab
 
@@ -487,3 +489,46 @@ def test_another_objective_plugs_in_without_touching_the_loop(make_cfg, tmp_path
     assert record["doubled"] == pytest.approx(4 * record["train_loss"])
     saved = load_checkpoint(tmp_path / "run" / "last.pt")
     assert Path(saved["train_config"]["trainer"]["cache_dir"]).is_absolute()
+
+
+# ---------------------------------------------------------------------------------------------
+# what a resume may change
+
+
+def saved_checkpoint(make_cfg, *overrides: str) -> dict:
+    """What check_resume reads of a last.pt whose run was composed with ``overrides``."""
+    config = parse_train_config(make_cfg(*overrides))
+    return {"model_config": config.model.to_dict(), "train_config": saved_train_config(config)}
+
+
+def test_resume_refuses_another_architecture_and_changed_settings(make_cfg) -> None:
+    ckpt, where = saved_checkpoint(make_cfg), Path("runs/base/last.pt")
+
+    def check(*overrides: str) -> None:
+        check_resume(parse_train_config(make_cfg("resume=runs/base", *overrides)), ckpt, where)
+
+    with pytest.raises(UserError) as info:
+        check("model.decoder.hidden_size=512", "optim.lr=0.5")
+    assert str(info.value).startswith(
+        "resume: runs/base/last.pt has model.decoder.hidden_size=32, this run "
+        "model.decoder.hidden_size=512"
+    )
+    with pytest.raises(UserError) as info:
+        check("optim.lr=0.5", "model.decoder.dropout=0.3")
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("resume: runs/base/last.pt was trained with")
+    assert "optim.lr=0.001" in message and "optim.lr=0.5" in message
+    assert "model.decoder.dropout=0.2" in message and "model.decoder.dropout=0.3" in message
+    # the run's length, its early stopping and where it runs are applied; a cosine schedule's
+    # T_max follows trainer.max_epochs and is restored with the schedule
+    check("trainer.max_epochs=7", "trainer.patience=null", "data.num_workers=1", "device=cpu")
+    check("scheduler=cosine", "trainer.max_epochs=9")
+
+
+@pytest.mark.slow
+def test_resume_with_another_architecture_fails_before_training(
+    make_cfg, reference: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(UserError, match=r"model\.decoder\.hidden_size=64"):
+        train(make_cfg(*SCHEDULE, f"resume={reference}", "model.decoder.hidden_size=64"), tmp_path)
+    assert not list(tmp_path.iterdir())

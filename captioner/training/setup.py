@@ -21,6 +21,7 @@ from captioner.checkpoint import (
     rebuild_model,
     resolve_checkpoint,
     saved_metrics,
+    train_config,
 )
 from captioner.configs.model import ARCHITECTURE_FIELDS, ModelConfig
 from captioner.configs.preprocessing import Preprocessing
@@ -37,18 +38,91 @@ from captioner.vocab import Vocab
 log = logging.getLogger(__name__)
 
 
-def load_resume(resume: str | None) -> tuple[dict[str, Any] | None, Path]:
-    """``resume=`` (a run directory or its last.pt) loaded, and the path it names."""
+def load_resume(config: TrainConfig) -> tuple[dict[str, Any] | None, Path]:
+    """``resume=`` (a run directory or its last.pt) loaded, and the path it names; settings it
+    cannot continue with are refused (:func:`check_resume`)."""
+    resume = config.resume
     if not resume:
         return None, Path()
     path = resolve_checkpoint(resume, prefer="last")
     ckpt = load_checkpoint(path, map_location="cpu")
     if not is_training_state(ckpt):
         raise UserError(f"resume: {resume} is a best.pt without training state; use last.pt")
+    check_resume(config, ckpt, path)
     log.info(
         "resuming from %s (epoch %d, batch %d)", path, ckpt["epoch"] + 1, ckpt["batch_in_epoch"]
     )
     return ckpt, path
+
+
+def check_architecture(theirs: ModelConfig, ours: ModelConfig, where: str, hint: str = "") -> None:
+    """Refuse, in one line starting with ``where``, a model whose weights would not fit: the
+    first of :data:`ARCHITECTURE_FIELDS` that differs."""
+    for part in ("encoder", "decoder"):
+        a, b = vars(getattr(theirs, part)), vars(getattr(ours, part))
+        for name in ARCHITECTURE_FIELDS[part]:
+            if name == "attention_dim" and a["attention"] == b["attention"] == "none":
+                continue  # no attention, no attention weights
+            if a[name] != b[name]:
+                raise UserError(
+                    f"{where} has model.{part}.{name}={a[name]}, this run "
+                    f"model.{part}.{name}={b[name]}{hint}"
+                )
+
+
+# what a resumed run may set otherwise than the run it continues, and gets: its length, early
+# stopping, where it runs and where its files are; a cosine schedule's T_max, which follows
+# trainer.max_epochs, goes on as saved
+RESUME_MAY_CHANGE = (
+    "resume",
+    "init_from",
+    "device",
+    "trainer.max_epochs",
+    "trainer.patience",
+    "trainer.tensorboard",
+    "trainer.cache_dir",
+    "data.root",
+    "data.num_workers",
+)
+
+
+def check_resume(config: TrainConfig, ckpt: dict[str, Any], path: Path) -> None:
+    """A resumed run continues its saved model, optimizer and schedule, so an option set
+    otherwise is refused in one line naming it, unless it is one of :data:`RESUME_MAY_CHANGE`:
+    another architecture first, then every other setting the saved ``train_config`` records."""
+    check_architecture(
+        ModelConfig.from_dict(ckpt["model_config"]),
+        config.model,
+        f"resume: {path}",
+        ": a resumed run keeps its architecture (start a new run to change it)",
+    )
+    saved = _flat(train_config(ckpt))
+    if not saved:  # a last.pt from before train_config
+        return
+    raw = OmegaConf.create(OmegaConf.to_container(config.raw, resolve=False))
+    for key in RESUME_MAY_CHANGE:  # set as saved, so that what follows them compares equal
+        if key in saved:
+            OmegaConf.update(raw, key, saved[key], merge=False)
+    ours = _flat(OmegaConf.to_container(raw, resolve=True))
+    changed = [k for k in ours if k in saved and k not in RESUME_MAY_CHANGE and ours[k] != saved[k]]
+    if changed:
+        was = ", ".join(f"{k}={saved[k]}" for k in changed)
+        now = ", ".join(f"{k}={ours[k]}" for k in changed)
+        raise UserError(
+            f"resume: {path} was trained with {was}, this run sets {now}: a resumed run keeps "
+            f"its settings but {', '.join(RESUME_MAY_CHANGE[2:])} (to change others, start a "
+            f"new run with init_from={path})"
+        )
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config as ``{"a.b": value}``."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        flat.update(_flat(value, f"{prefix}{key}."))
+    return {k.rstrip("."): v for k, v in flat.items()}
 
 
 def init_weights(model: CaptionModel, vocab: Vocab, path: str) -> None:
@@ -64,17 +138,9 @@ def init_weights(model: CaptionModel, vocab: Vocab, path: str) -> None:
             f"gives {len(vocab)} (or other words): train on the same data with the same "
             "data.min_freq"
         )
-    theirs, ours = ModelConfig.from_dict(ckpt["model_config"]), model.config
-    for part in ("encoder", "decoder"):
-        a, b = vars(getattr(theirs, part)), vars(getattr(ours, part))
-        for name in ARCHITECTURE_FIELDS[part]:
-            if name == "attention_dim" and a["attention"] == b["attention"] == "none":
-                continue  # no attention, no attention weights
-            if a[name] != b[name]:
-                raise UserError(
-                    f"init_from: {path} has model.{part}.{name}={a[name]}, this run "
-                    f"model.{part}.{name}={b[name]}"
-                )
+    check_architecture(
+        ModelConfig.from_dict(ckpt["model_config"]), model.config, f"init_from: {path}"
+    )
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as exc:
@@ -207,8 +273,11 @@ class Optimization:
 
 
 __all__ = [
+    "RESUME_MAY_CHANGE",
     "Optimization",
     "RunData",
+    "check_architecture",
+    "check_resume",
     "init_weights",
     "load_data_and_model",
     "load_resume",

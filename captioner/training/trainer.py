@@ -89,7 +89,7 @@ class Trainer:
         self.tcfg, self.dcfg = config.trainer, config.data
         seed_everything(config.seed + rt.rank)
 
-        resume, self._resume_path = load_resume(config.resume)
+        resume, self._resume_path = load_resume(config)
         self.train_records, self.val_records, self.vocab, self.model, self.preprocessing = (
             load_data_and_model(config, rt, resume)
         )
