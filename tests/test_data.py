@@ -401,6 +401,70 @@ def test_karpathy_not_a_split_file(tmp_path: Path) -> None:
     assert_one_line(info.value, "absent.json", "not found")
 
 
+# -- duplicate and uncaptioned images ----------------------------------------------------------
+
+
+def test_coco_image_id_listed_with_another_file_is_refused(coco_dir: Path) -> None:
+    data = json.loads(json.dumps(COCO))
+    data["images"] += [{"id": 10, "file_name": "c.png"}, {"id": 30, "file_name": "b.png"}]
+    ann = write_json(coco_dir / "annotations" / "dup.json", data)
+    with pytest.raises(UserError) as info:
+        load_coco_captions(ann, coco_dir / "images")
+    # scored against the first entry's references otherwise: refused, every clashing id named
+    assert_one_line(info.value, "dup.json", "image id 10", "'a.jpg'", "'c.png'", "ids: 10, 30")
+
+
+def test_coco_exact_repeat_is_kept_once_with_a_warning(
+    coco_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = json.loads(json.dumps(COCO))
+    data["images"] += [{"id": 10, "file_name": "a.jpg"}, {"id": 10, "file_name": "a.jpg"}]
+    ann = write_json(coco_dir / "annotations" / "repeat.json", data)
+    with caplog.at_level(logging.WARNING, logger="captioner.datasets.annotations"):
+        records = load_coco_captions(ann, coco_dir / "images")
+    assert [r.image_id for r in records] == [30, 10]  # counted once, in first-listed order
+    assert records[1].captions == ["A red square.", "a small red square"]
+    assert "repeat.json" in caplog.text and "listed more than once" in caplog.text
+    assert "10" in caplog.text
+
+
+def test_coco_uncaptioned_images_are_left_out_with_a_warning(
+    coco_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = json.loads(json.dumps(COCO))
+    data["images"] += [{"id": 40 + i, "file_name": "b.png"} for i in range(7)]
+    ann = write_json(coco_dir / "annotations" / "sparse.json", data)
+    with caplog.at_level(logging.WARNING, logger="captioner.datasets.annotations"):
+        records = load_coco_captions(ann, coco_dir / "images")
+    assert [r.image_id for r in records] == [30, 10]
+    [message] = [r.getMessage() for r in caplog.records]
+    assert "sparse.json: 8 images without a caption left out" in message
+    assert "20, 40, 41, 42, 43 (and 3 more)" in message
+
+
+def karpathy_file(tmp_path: Path, *entries: tuple[int, str, str]) -> Path:
+    images = [
+        {"filename": name, "cocoid": cocoid, "split": "test", "sentences": sentences(raw)}
+        for cocoid, name, raw in entries
+    ]
+    return write_json(tmp_path / "dataset_coco.json", {"images": images})
+
+
+def test_karpathy_duplicate_ids(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    f = karpathy_file(tmp_path, (1, "a.jpg", "a dog"), (2, "b.jpg", "a cat"), (1, "c.jpg", "x"))
+    with pytest.raises(UserError) as info:
+        load_karpathy_split(f, tmp_path, "test", check_images=False)
+    assert_one_line(info.value, "dataset_coco.json", "image id 1", "'a.jpg'", "'c.jpg'")
+    f = karpathy_file(tmp_path, (1, "a.jpg", "a dog"), (1, "a.jpg", "a big dog"))
+    with pytest.raises(UserError, match="image id 1 .*different"):  # same file, other sentences
+        load_karpathy_split(f, tmp_path, "test", check_images=False)
+    f = karpathy_file(tmp_path, (1, "a.jpg", "a dog"), (2, "b.jpg", "a cat"), (1, "a.jpg", "a dog"))
+    with caplog.at_level(logging.WARNING, logger="captioner.datasets.annotations"):
+        records = load_karpathy_split(f, tmp_path, "test", check_images=False)
+    assert [(r.image_id, r.captions) for r in records] == [(1, ["a dog"]), (2, ["a cat"])]
+    assert "dataset_coco.json" in caplog.text and "listed more than once" in caplog.text
+
+
 # -- images -------------------------------------------------------------------------------------
 
 

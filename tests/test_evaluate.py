@@ -172,6 +172,23 @@ def test_data_overrides_evaluate_another_coco_split(tiny_checkpoint: Path, tmp_p
     assert sorted(p.relative_to(root) for p in root.rglob("*")) == before  # no demo written there
 
 
+def test_an_image_listed_twice_is_scored_once(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """A repeated ``images`` entry made results.json hold the id twice, which the product's BLEU
+    counted twice (0.6992 against the official scorer's 0.6833 in issue 21)."""
+    root = write_coco_split(tmp_path / "other")
+    data = json.loads((root / "caps.json").read_text())
+    data["images"].append(dict(data["images"][2]))
+    (root / "caps.json").write_text(json.dumps(data))
+    data_overrides = [
+        f"data.root={root}",
+        "data.test_annotations=caps.json",
+        "data.test_images=pics",
+    ]
+    run = run_eval(tiny_checkpoint, tmp_path / "out", *data_overrides, "cache_features=false")
+    assert run["metrics"]["num_images"] == 5 and len(run["rows"]) == 5
+    assert sorted(r["image_id"] for r in run["results"]) == list(range(100, 105))
+
+
 @pytest.mark.parametrize("cached", [False, True])
 def test_unreadable_image_is_left_out_and_counted(
     tiny_checkpoint: Path, tmp_path: Path, cached: bool

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import posixpath
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter, itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,8 @@ from captioner.configs.data import SPLITS
 from captioner.errors import UserError
 from captioner.files import read_json
 from captioner.vocab import tokenize
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -46,6 +50,46 @@ def _check_caption(path: Path, where: str, caption: Any) -> str:
     return caption
 
 
+def _few(ids: Sequence[int], n: int = 5) -> str:
+    """``"3, 7, 9 (and 12 more)"``: the first ``n`` ids of a list, for a message."""
+    more = f" (and {len(ids) - n} more)" if len(ids) > n else ""
+    return ", ".join(map(str, ids[:n])) + more
+
+
+def _unique_by_id(
+    source: Path, entries: Sequence[Any], key: Any, what: Any, label: Any
+) -> list[Any]:
+    """``entries`` with each image id once, in first-listed order.
+
+    A second entry with the same id is either an exact repeat (``what`` equal: dropped, and the
+    ids named in one warning) or another image under a taken id (refused: it would be scored
+    against the first one's references). ``key(entry)`` is the id, ``what(entry)`` what must
+    agree, ``label(entry)`` the image's file, quoted in the error."""
+    first: dict[int, Any] = {}
+    repeated: dict[int, None] = {}  # an ordered set
+    clashes: list[tuple[int, Any, Any]] = []
+    for entry in entries:
+        seen = first.setdefault(key(entry), entry)
+        if seen is not entry:
+            same = what(seen) == what(entry)
+            if same:
+                repeated[key(entry)] = None
+            else:
+                clashes.append((key(entry), label(seen), label(entry)))
+    if clashes:
+        image_id, a, b = clashes[0]
+        ids = sorted({c[0] for c in clashes})
+        raise UserError(
+            f"{source}: image id {image_id} is listed twice with different entries ({a!r} and "
+            f"{b!r}); an id names one image (clashing ids: {_few(ids)})"
+        )
+    if repeated:
+        log.warning(
+            "%s: image ids listed more than once, counted once: %s", source, _few(list(repeated))
+        )
+    return list(first.values())
+
+
 def _check_images_exist(records: Sequence[CaptionRecord], source: Path) -> None:
     missing = [r.path for r in records if not r.path.is_file()]
     if missing:
@@ -62,8 +106,10 @@ def load_coco_captions(
 ) -> list[CaptionRecord]:
     """Load a COCO captions file (``captions_*.json``) through pycocotools.
 
-    Images without a caption are dropped (COCO test-style files may have none); the order of the
-    records follows the ``images`` list, so it is stable across runs.
+    Images without a caption are left out with a warning (COCO test-style files may have none);
+    an ``images`` entry repeated exactly is counted once (a warning), an id given to two files
+    is refused. The order of the records follows the ``images`` list, so it is stable across
+    runs.
     """
     from pycocotools.coco import COCO
 
@@ -99,12 +145,24 @@ def load_coco_captions(
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):
         coco.createIndex()
-    records = []
-    for img in data["images"]:
+    file_name = itemgetter("file_name")  # what a repeat must agree on, and what is quoted
+    images = _unique_by_id(annotation_file, data["images"], itemgetter("id"), file_name, file_name)
+    records, uncaptioned = [], []
+    for img in images:
         anns = coco.imgToAnns.get(img["id"], [])
         if anns:
             captions = [a["caption"] for a in anns]
             records.append(CaptionRecord(int(img["id"]), image_dir / img["file_name"], captions))
+        else:
+            uncaptioned.append(img["id"])
+    if uncaptioned and records:
+        log.warning(
+            "%s: %d image%s without a caption left out: %s",
+            annotation_file,
+            len(uncaptioned),
+            "" if len(uncaptioned) == 1 else "s",
+            _few(uncaptioned),
+        )
     if not records:
         raise UserError(f"{annotation_file}: contains no captioned images")
     if check_images:
@@ -187,15 +245,23 @@ def load_karpathy_split(
     """Load one split of Karpathy's ``dataset_{coco,flickr8k,flickr30k}.json``.
 
     Image paths are ``image_root / filepath / filename`` (Flickr files have no ``filepath``).
-    ``restval`` images (COCO) join the training split when ``restval_in_train``.
+    ``restval`` images (COCO) join the training split when ``restval_in_train``. An entry
+    repeated exactly in the split is counted once (a warning); an id given to two different
+    entries is refused.
     """
     split_file, image_root = Path(split_file), Path(image_root)
     if split not in SPLITS:
         raise UserError(f"split must be one of {SPLITS}, got {split!r}")
+    entries = read_karpathy(split_file, restval="train" if restval_in_train else "restval")
+    entries = [e for e in entries if e.split == split]
     records = []
-    for entry in read_karpathy(split_file, restval="train" if restval_in_train else "restval"):
-        if entry.split != split:
-            continue
+    for entry in _unique_by_id(
+        split_file,
+        entries,
+        attrgetter("image_id"),
+        attrgetter("file_name", "sentences"),
+        attrgetter("file_name"),
+    ):
         where = f"images[{entry.index}]"
         if not entry.sentences:
             raise UserError(f"{split_file}: {where} ({entry.filename}) has no 'sentences'")
