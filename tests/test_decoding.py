@@ -121,9 +121,10 @@ def rounding(decoder: StepDecoder, feats: Tensor, hyp: Hypothesis, **cfg) -> tup
     initial state) of |v * d score / d v|, in float64: the first-order change of the score when
     each value is off by one float32 rounding (relative eps); two runs round independently. S is
     the score's condition number: with N(0, 1) weights some paths amplify a rounding at step t
-    over the steps after it, and their tolerance is larger (up to ~1e-3, against ~1e-6 for the
-    tame ones) because the computation itself is that sensitive, on any machine. Every comparison
-    below uses at most 0.24 of its tolerance under the default (scalar), AVX2 and AVX-512 kernels.
+    over the steps after it, and their tolerance is larger (up to ~1e-2 for the top-down RNN,
+    ~1e-3 for the others, against ~1e-6 for the tame ones) because the computation itself is that sensitive, on any machine. Every comparison
+    below uses at most 0.28 of its tolerance (the top-down RNN; the others <= 0.24) under the
+    default (scalar), AVX2 and AVX-512 kernels.
 
     margin = the smallest gap, along the path, between the chosen token's log-prob and the best
     other one's, so callers can check that a greedy choice cannot flip within the tolerance."""
@@ -157,7 +158,11 @@ def rounding(decoder: StepDecoder, feats: Tensor, hyp: Hypothesis, **cfg) -> tup
     return 2 * EPS * sensitivity, margin
 
 
-SEED = 1  # every variant's greedy captions end at varied lengths, as the tests need
+# seeds with which every variant's greedy captions end at varied lengths and its greedy choices
+# are clear of its rounding tolerance, as the tests need (with seed 1 the top-down LSTM's captions
+# all run to max_len; two stacked cells of N(0, 1) weights make the top-down RNN's scores the
+# most sensitive, up to ~1e-2, and with seed 7 its greedy margins are >= 4.9x that)
+SEEDS = {"none": 1, "soft": 1, "topdown": 7}
 
 
 def product_decoder(cell: str, attention: str, vocab: int = 12, feat: int = 6) -> Decoder:
@@ -168,7 +173,7 @@ def product_decoder(cell: str, attention: str, vocab: int = 12, feat: int = 6) -
     )
     cfg.attention_dim = 8
     decoder = build_decoder(cfg, feat, vocab, pad_id=PAD)
-    gen = torch.Generator().manual_seed(SEED)
+    gen = torch.Generator().manual_seed(SEEDS[attention])
     with torch.no_grad():
         for p in decoder.parameters():
             p.copy_(torch.randn(p.shape, generator=gen))
@@ -176,7 +181,10 @@ def product_decoder(cell: str, attention: str, vocab: int = 12, feat: int = 6) -
     return decoder.eval()
 
 
-VARIANTS = ["fake", *(f"{c}-{a}" for a in ("none", "soft") for c in ("lstm", "gru", "rnn"))]
+VARIANTS = [
+    "fake",
+    *(f"{c}-{a}" for a in ("none", "soft", "topdown") for c in ("lstm", "gru", "rnn")),
+]
 
 
 @pytest.fixture(scope="module", params=VARIANTS)
