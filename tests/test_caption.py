@@ -208,6 +208,61 @@ def test_cli_one_tab_separated_line_per_image(
     assert all(len(ln.split("\t")) == 2 and ln.split("\t")[1].strip() for ln in out)
 
 
+def test_cli_control_characters_in_names_are_escaped_not_records(
+    capsys, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    """A name with a tab and a newline would forge a record; a backslash would make the escapes
+    ambiguous: each is written as its escape, so every image is one line of two fields."""
+    names = ["a\tforged caption\nb.png", "back\\slash.png", "bell\x07.png"]
+    for i, name in enumerate(names):
+        _rgb(i).save(tmp_path / name, "PNG")
+    (tmp_path / "bad\nname.png").write_text("not an image")
+    args = [*(tmp_path / n for n in names), tmp_path / "bad\nname.png"]
+    code, out, err = caption_cli(capsys, *args, "-c", tiny_checkpoint, "--device", "cpu")
+    assert code == 1
+    assert len(out) == 3 and all(len(ln.split("\t")) == 2 for ln in out), out
+    escaped = ["a\\tforged caption\\nb.png", "back\\\\slash.png", "bell\\x07.png"]
+    assert [ln.split("\t")[0] for ln in out] == [f"{tmp_path}/{e}" for e in escaped]
+    assert err == [f"error: {tmp_path}/bad\\nname.png: not an image"], err
+
+
+def test_cli_a_name_that_is_not_utf8_is_escaped_not_fatal(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A non-UTF-8 name under a strict UTF-8 stdout: its bytes are written as \\xNN and the
+    other captions still come."""
+    d = tmp_path / "photos"
+    d.mkdir()
+    for i, name in enumerate([b"caf\xe9.png", "z\u00e9.png".encode()]):
+        _rgb(i).save(os.path.join(os.fsencode(d), name), "PNG")
+    stdout = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict")
+    monkeypatch.setattr(sys, "stdout", stdout)
+    with pytest.raises(SystemExit) as code:
+        main(["caption", str(d), "-c", str(tiny_checkpoint), "--device", "cpu"])
+    stdout.flush()
+    out = stdout.buffer.getvalue().decode("utf-8").splitlines()
+    assert code.value.code == 0
+    assert [ln.split("\t")[0] for ln in out] == [f"{d}/caf\\xe9.png", f"{d}/z\u00e9.png"]
+
+
+def test_cli_prints_each_batch_as_it_is_ready(
+    capsys, tiny_checkpoint: Path, images: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run interrupted while captioning its second batch has printed the first."""
+    caption = Captioner.caption
+
+    def interrupted(self, paths, *args, **kwargs):
+        if str(images[2]) in map(str, paths):
+            raise KeyboardInterrupt
+        return caption(self, paths, *args, **kwargs)
+
+    monkeypatch.setattr(Captioner, "caption", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        main(["caption", *map(str, images[:4]), "-c", str(tiny_checkpoint), "--batch-size", "2"])
+    out = capsys.readouterr().out.splitlines()
+    assert [ln.split("\t")[0] for ln in out] == [str(p) for p in images[:2]]
+
+
 def test_cli_directory_and_glob_expand_to_images(
     capsys, tiny_checkpoint: Path, tmp_path: Path
 ) -> None:

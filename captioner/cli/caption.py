@@ -1,14 +1,22 @@
-"""``captioner caption IMAGE [IMAGE ...]``: print a caption for each image.
+r"""``captioner caption IMAGE [IMAGE ...]``: print a caption for each image.
 
-One line per image on stdout (``path<TAB>caption``, or JSON with ``--json``); a bad image gets a
-one-line ``error:`` on stderr, the others are still captioned, and the exit status is 1.
+One line per image on stdout (``path<TAB>caption``, or JSON with ``--json``), printed batch by
+batch as each is captioned; a bad image gets a one-line ``error:`` on stderr, the others are still
+captioned, and the exit status is 1.
+
+In the plain output every field is escaped (:func:`escape`) so that a file name can neither forge
+a record nor stop the output: a backslash, tab, newline and carriage return are written ``\\``,
+``\t``, ``\n``, ``\r``; any other control character, and each byte of a name that is not valid
+UTF-8, ``\xNN``. A character stdout's encoding cannot write is backslash-escaped too.
 """
 
 from __future__ import annotations
 
 import argparse
 import glob
+import io
 import json
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -120,7 +128,7 @@ def run(argv: Sequence[str]) -> int:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     paths, errors = expand_inputs(args.images)
     for err in errors:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {escape(err)}", file=sys.stderr)
 
     from captioner.inference import Captioner
 
@@ -145,28 +153,59 @@ def run(argv: Sequence[str]) -> int:
         except OSError as exc:
             raise UserError(f"--attention-map: cannot create {maps}: {exc.strerror}") from exc
     config = decode_config(args, captioner.info.decoding if captioner.info else None)
+    if isinstance(sys.stdout, io.TextIOWrapper):  # a name stdout's encoding lacks: escaped
+        sys.stdout.reconfigure(errors="backslashreplace")
     failed = len(errors)
-    results = captioner.caption(
-        paths, config, batch_size=args.batch_size, attention=maps is not None
-    )
     names: set[str] = set()
-    for res in results:
-        record = res.to_dict()
-        if maps is not None and res.error is None:
-            record["attention_map"] = str(_write_map(maps, res, captioner, names))
-        if res.error is not None:
-            failed += 1
-            print(f"error: {res.error}", file=sys.stderr)
-            if args.json:
-                print(json.dumps(record), flush=True)
-        elif args.json:
-            print(json.dumps(record), flush=True)
-        else:
-            n_best = config.n_best > 1 and config.strategy == "beam"
-            for text, score in res.hypotheses if n_best else [(res.caption, res.score)]:
-                extra = f"\t{score:.3f}" if n_best else ""
-                print(f"{res.source}\t{text}{extra}", flush=True)
+    size = args.batch_size
+    for start in range(0, len(paths), size):  # printed batch by batch: a stop keeps what is done
+        batch = paths[start : start + size]
+        for res in captioner.caption(batch, config, batch_size=size, attention=maps is not None):
+            failed += not _print_result(res, args.json, config, maps, captioner, names)
+        sys.stdout.flush()
     return 1 if failed else 0
+
+
+_ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
+# a backslash, the C0 and C1 control characters and DEL, and os.fsdecode's escapes of the bytes of
+# a name that is not valid UTF-8 (U+DC80..U+DCFF)
+_UNSAFE = re.compile(r"[\\\x00-\x1f\x7f-\x9f\udc80-\udcff]")
+
+
+def escape(text: str) -> str:
+    r"""``text`` as one field of one line: ``\\``, ``\t``, ``\n``, ``\r``, else ``\xNN`` for a
+    control character or a byte of a non-UTF-8 name."""
+
+    def one(match: re.Match[str]) -> str:
+        char = match.group()
+        code = ord(char)
+        return _ESCAPES.get(char) or f"\\x{code - 0xDC00 if code >= 0xDC80 else code:02x}"
+
+    return _UNSAFE.sub(one, text)
+
+
+def _print_result(
+    res: CaptionResult,
+    as_json: bool,
+    config: DecodeConfig,
+    maps: Path | None,
+    captioner: Captioner,
+    names: set[str],
+) -> bool:
+    """Print one image's result (an error on stderr too); False if it failed."""
+    record = res.to_dict()
+    if maps is not None and res.error is None:
+        record["attention_map"] = str(_write_map(maps, res, captioner, names))
+    if res.error is not None:
+        print(f"error: {escape(res.error)}", file=sys.stderr)
+    if as_json:
+        print(json.dumps(record))  # JSON's own escapes (ASCII only)
+    elif res.error is None:
+        n_best = config.n_best > 1 and config.strategy == "beam"
+        for text, score in res.hypotheses if n_best else [(res.caption, res.score)]:
+            extra = f"\t{score:.3f}" if n_best else ""
+            print(f"{escape(res.source)}\t{escape(text)}{extra}")
+    return res.error is None
 
 
 def _write_map(directory: Path, res: CaptionResult, captioner: Captioner, names: set[str]) -> Path:
