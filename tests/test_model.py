@@ -75,6 +75,13 @@ def padded(seqs: list[list[int]], width: int | None = None) -> tuple[torch.Tenso
 
 
 SEQS = [[1, 4, 5, 6, 7, 2], [1, 8, 2], [1, 9, 10, 4, 2]]  # <start> .. <end>
+ATTENTION = ["none", "soft", "topdown"]
+
+
+def features(n: int, attention: str) -> torch.Tensor:
+    """n random pooled features [n, F], or grids of 4 positions [n, 4, F] for a decoder that
+    attends."""
+    return torch.randn(n, FEAT) if attention == "none" else torch.randn(n, 4, FEAT)
 
 
 def resnet18_config(**encoder: object) -> ModelConfig:
@@ -127,10 +134,11 @@ def test_loss_ignores_padding_and_is_mean_ce_over_real_tokens() -> None:
     assert torch.equal(caption_loss(garbage, caps, PAD), loss)
 
 
-def test_padding_tokens_do_not_reach_logits_or_loss() -> None:
-    model = tiny_model(feature_mode="init_state").eval()
+@pytest.mark.parametrize("attention", ATTENTION)
+def test_padding_tokens_do_not_reach_logits_or_loss(attention: str) -> None:
+    model = tiny_model(feature_mode="init_state", attention=attention).eval()
     caps, lengths = padded(SEQS)
-    feats = torch.randn(3, FEAT)
+    feats = features(3, attention)
     noisy = caps.clone()
     noisy[caps == PAD] = 9  # real word ids where the padding was
     clean_logits = model.decoder(feats, caps, lengths)
@@ -140,10 +148,13 @@ def test_padding_tokens_do_not_reach_logits_or_loss() -> None:
     assert torch.equal(caption_loss(clean_logits, caps, PAD), caption_loss(noisy_logits, caps, PAD))
 
 
+@pytest.mark.parametrize("attention", ATTENTION)
 @pytest.mark.parametrize("feature_mode", ["init_state", "first_input"])
-def test_logits_do_not_depend_on_padding_length_of_others(feature_mode: str) -> None:
-    model = tiny_model(feature_mode=feature_mode, num_layers=2).eval()
-    feats = torch.randn(3, FEAT)
+def test_logits_do_not_depend_on_padding_length_of_others(
+    feature_mode: str, attention: str
+) -> None:
+    model = tiny_model(feature_mode=feature_mode, num_layers=2, attention=attention).eval()
+    feats = features(3, attention)
     caps, lengths = padded(SEQS, width=12)  # unsorted lengths, all padded further
     batched = model.decoder(feats, caps, lengths)  # [3, 11, V]
     for i, seq in enumerate(SEQS):
@@ -154,21 +165,22 @@ def test_logits_do_not_depend_on_padding_length_of_others(feature_mode: str) -> 
         torch.testing.assert_close(batched[i, : len(seq) - 1], alone[0], rtol=1e-5, atol=1e-6)
 
 
-def test_tied_weights_share_one_matrix_that_learns_from_both_ends() -> None:
-    model = tiny_model(embed_dim=10, hidden_size=10, tie_weights=True)
+@pytest.mark.parametrize("attention", ATTENTION)
+def test_tied_weights_share_one_matrix_that_learns_from_both_ends(attention: str) -> None:
+    model = tiny_model(embed_dim=10, hidden_size=10, tie_weights=True, attention=attention)
     dec = model.decoder
     assert dec.out.weight is dec.embed.weight
     assert dec.embed.weight.abs().max() <= 0.1 and not dec.embed.weight[PAD].any()
     params = list(dec.parameters())
     assert len(params) == len({id(p) for p in params})  # the optimizer sees it once
-    untied = tiny_model(embed_dim=10, hidden_size=10)
+    untied = tiny_model(embed_dim=10, hidden_size=10, attention=attention)
     assert (
         sum(p.numel() for p in untied.decoder.parameters()) - sum(p.numel() for p in params)
         == V * 10
     )
 
     caps, lengths = padded(SEQS)
-    feats = torch.randn(3, FEAT)
+    feats = features(3, attention)
     loss = caption_loss(dec(feats, caps, lengths), caps)
     loss.backward()
     grad = dec.embed.weight.grad
