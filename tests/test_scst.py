@@ -183,7 +183,7 @@ def test_loss_is_minus_advantage_times_sample_log_prob(
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
-@pytest.mark.parametrize("attention", ["none", "soft"])
+@pytest.mark.parametrize("attention", ["none", "soft", "topdown"])
 def test_without_dropout_the_loss_scores_what_the_sampler_drew(
     vocab: Vocab, records, monkeypatch: pytest.MonkeyPatch, cell: str, attention: str
 ) -> None:
@@ -202,11 +202,11 @@ def test_without_dropout_the_loss_scores_what_the_sampler_drew(
         return hyps
 
     monkeypatch.setattr(scst_module, "decode", recording_decode)
-    batch = batch_of([0, 1], grid=attention == "soft")
+    batch = batch_of([0, 1], grid=attention != "none")
     out = objective(model, batch, features=True)
     assert len(drawn) == 6  # 2 images x 3 samples, drawn through decoding.decode
     out.loss.backward()
-    if attention == "soft":
+    if attention != "none":
         assert model.decoder.attention.score.weight.grad.abs().sum() > 0
     model.eval()
     logp = log_probs(model, objective, batch["inputs"], drawn, owners=[0, 0, 0, 1, 1, 1])
