@@ -30,7 +30,13 @@ from captioner.errors import UserError
 
 GROUPS = {
     "data": ["coco", "demo", "flickr8k", "karpathy"],
-    "experiment": ["coco_resnet50", "flickr8k", "flickr8k_attention", "flickr8k_scst"],
+    "experiment": [
+        "coco_resnet50",
+        "flickr8k",
+        "flickr8k_attention",
+        "flickr8k_scst",
+        "flickr8k_topdown",
+    ],
     "model": ["demo", "resnet50", "timm"],
     "optim": ["adam", "adamw"],
     "scheduler": ["constant", "cosine", "step"],
