@@ -7,15 +7,24 @@ the encoder's actual weights and output (pooled, or the grid size), the preproce
 list of images, so a cache built by another encoder, grid or transform is never reused. Its size
 is logged once the first batch gives the shape of a feature, and a cache that would not fit the
 disk is refused then, before anything is written.
+
+Several processes may share a cache folder: an entry is built under an exclusive lock on its
+``.lock`` file (``fcntl.flock``, released by the kernel when its holder dies), so a second
+builder waits for the first and reuses its result, and a temporary file is removed as stale only
+by the lock's holder. Every file of an entry is written atomically, ``meta.json`` last. A stop
+request (a signal) is honoured between batches: the build is discarded and
+:class:`CacheInterrupted` raised.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import shutil
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +38,20 @@ from captioner.datasets.images import ImageDataset, build_transform, collate_ima
 from captioner.errors import UserError
 from captioner.files import atomic_path, atomic_write
 from captioner.models.encoders import Encoder
+from captioner.runtime import ignore_stop_signals
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; one builder per cache folder
+    fcntl = None  # type: ignore[assignment]
 
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
+
+
+class CacheInterrupted(Exception):
+    """A stop was requested while the cache was built; nothing of it was kept."""
 
 
 def encoder_fingerprint(encoder: Encoder) -> str:
@@ -95,7 +114,6 @@ class IndexedFeatures(Dataset):
         return self.cache[index], index
 
 
-@torch.no_grad()
 def build_feature_cache(
     encoder: Encoder,
     preprocessing: Preprocessing,
@@ -107,70 +125,137 @@ def build_feature_cache(
     batch_size: int = 64,
     num_workers: int = 0,
     desc: str = "features",
+    should_stop: Callable[[], bool] = lambda: False,
 ) -> CachedFeatures:
-    """Return the cache for ``paths`` under ``cache_root``, computing it first if needed."""
+    """Return the cache for ``paths`` under ``cache_root``, computing it first if needed (or
+    waiting for the process that is). ``should_stop`` is asked between batches, and while
+    waiting: when it says yes, :class:`CacheInterrupted` is raised and nothing is kept."""
     fingerprint = fingerprint or encoder_fingerprint(encoder)
     key = cache_key(fingerprint, preprocessing, paths)
     directory = Path(cache_root) / key[:20]
-    meta_file = directory / "meta.json"
-    if meta_file.is_file():
-        meta = json.loads(meta_file.read_text())
-        if meta.get("key") == key:
-            log.info("using cached %s from %s", desc, directory)
-            return CachedFeatures(directory)
-        log.warning("feature cache %s was built for another encoder; rebuilding", directory)
-
+    if _complete(directory, key, desc):
+        return CachedFeatures(directory)
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as exc:  # a cache_dir that cannot be written is the user's setting
         raise UserError(f"feature cache: cannot create {directory}: {exc.strerror}") from exc
-    meta_file.unlink(missing_ok=True)  # an incomplete cache never looks complete
-    for stale in directory.glob(".features.npy.*.tmp"):  # what a killed build left behind
-        stale.unlink(missing_ok=True)
-    loader = DataLoader(
-        ImageDataset(paths, build_transform(preprocessing)),
-        batch_size=batch_size,
-        num_workers=num_workers,
-        collate_fn=collate_images,
-        generator=torch.Generator(),  # never draw from the global RNG: hit and miss train alike
-    )
-    was_training = encoder.training
-    encoder.eval()
-    valid = np.zeros(len(paths), dtype=bool)
+    with _exclusive(directory, should_stop):
+        if _complete(directory, key, desc):  # built by the process this one waited for
+            return CachedFeatures(directory)
+        (directory / "meta.json").unlink(
+            missing_ok=True
+        )  # an incomplete cache never looks complete
+        for stale in directory.glob(".*.tmp"):  # left by a killed build: its lock is gone
+            stale.unlink(missing_ok=True)
+        loader = DataLoader(
+            ImageDataset(paths, build_transform(preprocessing)),
+            batch_size=batch_size,
+            num_workers=num_workers,
+            collate_fn=collate_images,
+            generator=torch.Generator(),  # never the global RNG: hit and miss train alike
+            worker_init_fn=ignore_stop_signals,
+        )
+        was_training = encoder.training
+        encoder.eval()
+        try:
+            valid = _compute(encoder, loader, paths, directory, device, desc, should_stop)
+        finally:
+            encoder.train(was_training)
+        with atomic_path(directory / "valid.npy") as tmp, open(tmp, "wb") as f:
+            np.save(f, valid)
+        meta: dict[str, Any] = {
+            "key": key,
+            "version": CACHE_VERSION,
+            "encoder_fingerprint": fingerprint,
+            "preprocessing": preprocessing.to_dict(),
+            "num_images": len(paths),
+            "num_unreadable": int((~valid).sum()),
+        }
+        atomic_write(directory / "meta.json", json.dumps(meta, indent=1))  # last: complete
+    log.info("cached %d %s in %s", len(paths), desc, directory)
+    return CachedFeatures(directory)
+
+
+def _complete(directory: Path, key: str, desc: str) -> bool:
+    """Whether ``directory`` holds the finished cache of ``key``."""
+    meta_file = directory / "meta.json"
+    if not meta_file.is_file():
+        return False
+    if json.loads(meta_file.read_text()).get("key") == key:
+        log.info("using cached %s from %s", desc, directory)
+        return True
+    log.warning("feature cache %s was built for another encoder; rebuilding", directory)
+    return False
+
+
+@contextlib.contextmanager
+def _exclusive(directory: Path, should_stop: Callable[[], bool]) -> Iterator[None]:
+    """Hold the entry's lock; while another process holds it, wait (asking ``should_stop``)."""
+    if fcntl is None:
+        yield
+        return
+    try:
+        handle = open(directory / ".lock", "a+b")  # noqa: SIM115 - held for the block
+    except OSError as exc:
+        raise UserError(
+            f"feature cache: cannot create {directory / '.lock'}: {exc.strerror}"
+        ) from exc
+    with handle:
+        waiting = False
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not waiting:
+                    log.info("feature cache %s: another process is building it; waiting", directory)
+                    waiting = True
+                if should_stop():
+                    raise CacheInterrupted(f"stopped while waiting for {directory}") from None
+                time.sleep(0.2)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@torch.no_grad()
+def _compute(
+    encoder: Encoder,
+    loader: DataLoader,
+    paths: Sequence[Path],
+    directory: Path,
+    device: str | torch.device,
+    desc: str,
+    should_stop: Callable[[], bool],
+) -> np.ndarray:
+    """Write ``features.npy`` (atomically) from ``loader``'s batches; -> which images were read."""
+    n = len(paths)
+    valid = np.zeros(n, dtype=bool)
     with atomic_path(directory / "features.npy") as tmp:
         array: np.ndarray | None = None
         for batch in tqdm(loader, desc=f"caching {desc}", unit="batch", leave=False):
+            if should_stop():
+                raise CacheInterrupted(f"stopped while caching {desc}; nothing kept")
             if not len(batch["index"]):
                 continue
             feats = encoder(batch["inputs"].to(device)).float().cpu().numpy()  # [B, (P,) F]
             if array is None:
-                shape = (len(paths), *feats.shape[1:])
+                shape = (n, *feats.shape[1:])
                 _check_room(shape, directory, desc)
                 array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=shape)
             idx = batch["index"].numpy()
             array[idx] = feats.astype(np.float16)
             valid[idx] = True
-        encoder.train(was_training)
         if array is None:
-            first = f", first: {paths[0]}" if len(paths) else ""
             raise UserError(
-                f"feature cache: no image of {desc} could be read ({len(paths)} files{first}); "
-                f"nothing cached in {directory}"
+                f"feature cache: no image of {desc} could be read ({n} files"
+                f"{f', first: {paths[0]}' if n else ''}); nothing cached in "
+                f"{directory}"
             )
         array.flush()
         del array
-    np.save(directory / "valid.npy", valid)
-    meta: dict[str, Any] = {
-        "key": key,
-        "version": CACHE_VERSION,
-        "encoder_fingerprint": fingerprint,
-        "preprocessing": preprocessing.to_dict(),
-        "num_images": len(paths),
-        "num_unreadable": int((~valid).sum()),
-    }
-    atomic_write(meta_file, json.dumps(meta, indent=1))  # written last: the cache is complete
-    log.info("cached %d %s in %s", len(paths), desc, directory)
-    return CachedFeatures(directory)
+    return valid
 
 
 def _check_room(shape: tuple[int, ...], directory: Path, desc: str) -> None:

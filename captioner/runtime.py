@@ -9,6 +9,7 @@ import logging
 import os
 import random
 import signal
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -148,8 +149,9 @@ def gather_rng_states(rt: Runtime) -> list[dict[str, Any]]:
 
 
 class StopSignal:
-    """Turns the first SIGINT/SIGTERM into a flag that the loop checks after each step; a second
-    one interrupts at once."""
+    """Turns the first SIGINT/SIGTERM into a flag that the loop checks after each step (and the
+    feature cache between batches); a second one exits at once, with one line on stderr and no
+    traceback (``last.pt`` keeps its previous save)."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -162,14 +164,21 @@ class StopSignal:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
         if self.signum is not None:  # a second signal: give up at once
-            raise KeyboardInterrupt
+            sys.stderr.write(f"error: got {name} again: stopped at once, without saving\n")
+            sys.stderr.flush()
+            os._exit(128 + signum)
         self.signum = signum
-        log.warning("got %s: saving last.pt after this step", signal.Signals(signum).name)
+        log.warning("got %s: saving last.pt at the next batch (send it again to quit now)", name)
 
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
 
     def agreed(self, rt: Runtime) -> bool:
         """Whether to stop now; under DDP every rank stops at the same step."""
@@ -178,3 +187,12 @@ class StopSignal:
         flag = torch.tensor([1.0 if self.signum is not None else 0.0], device=rt.device)
         dist.all_reduce(flag)
         return bool(flag.item())
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """A DataLoader worker's ``worker_init_fn``: SIGINT and SIGTERM (a Ctrl-C or a scheduler
+    reaches the whole process group) are left to the main process, which stops and then shuts
+    its workers down; a worker killed by one would fail the batch it was loading, and one that
+    kept the main process's handler would log the stop itself."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)

@@ -757,6 +757,7 @@ def test_feature_cache_written_whole_with_nothing_left_behind(tmp_path: Path) ->
     assert len(cache) == 2 and cache.dim == 4
     assert cache[0] is not None and cache[1] is None
     assert sorted(p.name for p in cache.directory.iterdir()) == [
+        ".lock",  # its builders' lock (captioner/features.py)
         "features.npy",
         "meta.json",
         "valid.npy",
@@ -775,4 +776,5 @@ def test_feature_cache_of_no_readable_image_is_a_user_error(tmp_path: Path) -> N
     assert_one_line(info.value, "feature cache", "val images", "2 files", "gone.jpg", "cache")
     (directory,) = (tmp_path / "cache").iterdir()
     assert str(directory) in str(info.value)
-    assert not list(directory.iterdir())  # no features.npy, no temp file, no meta.json
+    # no features.npy, no temp file, no meta.json: only its builders' lock
+    assert [p.name for p in directory.iterdir()] == [".lock"]

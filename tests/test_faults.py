@@ -7,6 +7,8 @@ from __future__ import annotations
 import errno
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -155,3 +157,95 @@ def test_a_failed_last_pt_save_is_redone_by_the_resume(
         assert torch.equal(got["model"][name], tensor), name
     rows = [without_time(read_metrics(tmp_path / d / "metrics.jsonl")) for d in ("b", "ref")]
     assert rows[0] == rows[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# two processes sharing one feature cache
+
+CACHE_BUILDER = """
+import json, sys, time
+from pathlib import Path
+import torch
+from torch import nn
+from captioner.configs.preprocessing import Preprocessing
+from captioner.features import build_feature_cache
+from captioner.models.encoders import Encoder
+
+images, root, marker, ready, wait = Path(sys.argv[1]), sys.argv[2], *map(Path, sys.argv[3:])
+ready.touch()  # imported
+while not wait.exists():  # the first: until the second is ready; the second: the first computes
+    time.sleep(0.02)
+calls = []
+
+class Slow(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        calls.append(len(x))
+        marker.touch()
+        time.sleep(0.15)
+        return self.conv(x).mean((2, 3))
+
+paths = sorted(images.glob("*.png"))
+cache = build_feature_cache(Encoder(Slow(), 4), Preprocessing(resize=8, crop=8), paths, root,
+                            batch_size=1)
+print(json.dumps({"calls": len(calls), "sum": float(torch.stack([cache[i] for i in range(len(cache))]).sum())}))
+"""
+
+
+def small_images(folder: Path, n: int) -> Path:
+    from PIL import Image
+
+    folder.mkdir()
+    for i in range(n):
+        Image.new("RGB", (8, 8), (20 * i % 256, 90, 200)).save(folder / f"{i:02d}.png")
+    return folder
+
+
+@pytest.mark.slow
+def test_two_processes_share_a_feature_cache(tmp_path: Path) -> None:
+    """The second builder waits for the first (which it must not disturb) and reuses its cache."""
+    images, root = small_images(tmp_path / "images", 12), tmp_path / "cache"
+
+    def builder(computing: str, ready: str, wait_for: str) -> subprocess.Popen:
+        args = [sys.executable, "-c", CACHE_BUILDER, str(images), str(root)]
+        args += [str(tmp_path / name) for name in (computing, ready, wait_for)]
+        return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    first = builder("first_computes", "first_ready", "second_ready")
+    second = builder("second_computes", "second_ready", "first_computes")
+    try:
+        out = [p.communicate(timeout=60) for p in (first, second)]
+    finally:
+        first.kill()
+        second.kill()
+    assert [p.returncode for p in (first, second)] == [0, 0], out
+    results = [json.loads(o.splitlines()[-1]) for o, _ in out]
+    assert [r["calls"] for r in results] == [12, 0]  # the second one reused the first's work
+    assert results[0]["sum"] == results[1]["sum"]
+    (entry,) = [d for d in root.iterdir() if d.is_dir()]
+    assert sorted(p.name for p in entry.iterdir()) == [
+        ".lock", "features.npy", "meta.json", "valid.npy"
+    ]  # fmt: skip
+
+
+def test_a_dead_builder_s_temporary_files_are_removed(tmp_path: Path) -> None:
+    """A temporary file nobody holds the lock for is stale: the next build removes it."""
+    from torch import nn
+
+    from captioner.configs.preprocessing import Preprocessing
+    from captioner.features import build_feature_cache
+    from captioner.models.encoders import Encoder
+
+    images = sorted(small_images(tmp_path / "images", 2).glob("*.png"))
+    encoder = Encoder(nn.Sequential(nn.Conv2d(3, 4, 1), nn.AdaptiveAvgPool2d(1)), 4)
+    pre = Preprocessing(resize=8, crop=8)
+    cache = build_feature_cache(encoder, pre, images, tmp_path / "cache")
+    (cache.directory / "meta.json").unlink()  # as if killed before it was complete
+    for name in (".features.npy.dead1.tmp", ".valid.npy.dead2.tmp"):
+        (cache.directory / name).write_bytes(b"half")
+    build_feature_cache(encoder, pre, images, tmp_path / "cache")
+    assert not list(cache.directory.glob("*.tmp")) and (cache.directory / "meta.json").is_file()

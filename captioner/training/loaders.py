@@ -4,10 +4,13 @@ mid-epoch) and a val loader, reading the frozen encoder's cached features or the
 The choice between the two follows the encoder's schedule: while the encoder is frozen and the
 transform deterministic (``trainer.cache_features=auto``), each split's features are computed
 once into the feature cache (rank 0 builds, the other ranks open it) and the CNN leaves the loop.
+A stop signal ends the build between batches (:class:`~captioner.features.CacheInterrupted`, on
+every rank), and the loaders' workers leave SIGINT and SIGTERM to the main process.
 """
 
 from __future__ import annotations
 
+import contextlib
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -23,12 +26,13 @@ from captioner.datasets.captions import CaptionTrainDataset, ResumableSampler, c
 from captioner.datasets.images import build_transform
 from captioner.features import (
     CachedFeatures,
+    CacheInterrupted,
     build_feature_cache,
     encoder_fingerprint,
     image_source,
 )
 from captioner.models.captioning import CaptionModel
-from captioner.runtime import Runtime, barrier
+from captioner.runtime import Runtime, StopSignal, barrier, ignore_stop_signals
 from captioner.vocab import Vocab
 
 
@@ -50,6 +54,7 @@ class RunLoaders:
         self._fingerprint: str | None = None
         self._caches: dict[str, CachedFeatures] = {}
         self._train_sets: dict[tuple[bool, bool], CaptionTrainDataset] = {}
+        self.stop: StopSignal | None = None  # the run's, while it trains
 
     def use_cache(self, epoch: int) -> bool:
         """Whether ``epoch`` (0-based) reads cached features instead of images."""
@@ -74,11 +79,17 @@ class RunLoaders:
                 desc=f"{split} images",
             )
             if self.rt.is_main:  # rank 0 computes; the others then open the finished cache
-                self._caches[split] = build()
+                with contextlib.suppress(CacheInterrupted):  # every rank learns it below
+                    self._caches[split] = build(should_stop=self._stop_requested)
             barrier(self.rt)
+            if self.stop is not None and self.stop.agreed(self.rt):
+                raise CacheInterrupted(f"stopped before the {split} features were cached")
             if not self.rt.is_main:
                 self._caches[split] = build()
         return self._caches[split]
+
+    def _stop_requested(self) -> bool:
+        return self.stop is not None and self.stop.requested
 
     def _images(self, split: str, epoch: int) -> tuple[Dataset, bool]:
         cached = self.use_cache(epoch)
@@ -99,6 +110,7 @@ class RunLoaders:
             num_workers=0 if cached else self.data.num_workers,
             collate_fn=partial(collate_captions, pad_id=self.vocab.pad_id),
             pin_memory=self.rt.device.type == "cuda",
+            worker_init_fn=ignore_stop_signals,
             # own generator: worker seeds never consume the global RNG (exact resume)
             generator=torch.Generator().manual_seed(self.seed * 100003 + epoch),
         )

@@ -35,6 +35,7 @@ from captioner.checkpoint import (
     save_checkpoint,
 )
 from captioner.configs.training import TrainConfig
+from captioner.features import CacheInterrupted
 from captioner.runtime import (
     Runtime,
     StopSignal,
@@ -98,12 +99,9 @@ class Trainer:
             if make_objective is not None
             else teacher_forcing_for(self.model, self.vocab, self.tcfg)
         )
+        tcfg, records = self.tcfg, {"train": self.train_records, "val": self.val_records}
         self.objectives = ScstSwitch(
-            self.tcfg.scst,
-            teacher_forcing,
-            self.vocab,
-            self.train_records,
-            self.tcfg.val_decode.max_len,
+            tcfg.scst, teacher_forcing, self.vocab, self.train_records, tcfg.val_decode.max_len
         )
         self.objective: Objective = teacher_forcing  # this epoch's (see start_epoch)
         self.optimization = opt = Optimization.build(config, self.model, rt)
@@ -112,16 +110,8 @@ class Trainer:
         self.progress = Progress()
         self.monitor = Monitor(self.tcfg.monitor, self.tcfg.patience, self.progress)
         self.rng_states: list[dict[str, Any]] | None = None
-        records = {"train": self.train_records, "val": self.val_records}
         self.loaders = RunLoaders(
-            self.dcfg,
-            self.tcfg,
-            config.seed,
-            rt,
-            self.model,
-            self.preprocessing,
-            self.vocab,
-            records,
+            self.dcfg, tcfg, config.seed, rt, self.model, self.preprocessing, self.vocab, records
         )
         self._ddp: DistributedDataParallel | None = None
         self._ddp_trainable: int | None | str = "unset"
@@ -282,12 +272,16 @@ class Trainer:
             set_rng_state(self.rng_states[min(self.rt.rank, len(self.rng_states) - 1)])
         last: dict[str, Any] = {}
         with StopSignal() as stop:
+            self.loaders.stop = stop
             while p.epoch < self.tcfg.max_epochs:
                 if self.monitor.stop_early(hold=self.objectives.ahead(p.epoch)):
                     break
                 start = time.perf_counter()
-                self.train_epoch(p.epoch, stop)
-                val, samples = self.validate(p.epoch)
+                try:  # the feature cache is built by the first epoch that reads it
+                    self.train_epoch(p.epoch, stop)
+                    val, samples = self.validate(p.epoch)
+                except CacheInterrupted:
+                    raise TrainingInterrupted(self.save_last()) from None
                 val["lr"] = self.optimizer.param_groups[0]["lr"]  # the rate this epoch trained with
                 self.scheduler.step()
                 last = self._end_epoch(val, samples, time.perf_counter() - start)
