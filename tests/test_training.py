@@ -363,8 +363,14 @@ def _env() -> dict[str, str]:
             "model.encoder.resize=64",
             "model.encoder.crop=64",
         ],
+        # the top-down decoder's two LSTMs over the same grid
+        [
+            "model.decoder.attention=topdown",
+            "model.encoder.resize=64",
+            "model.encoder.crop=64",
+        ],
     ],  # fmt: skip
-    ids=["lstm", "gru-attention"],
+    ids=["lstm", "gru-attention", "lstm-topdown"],
 )
 def test_ddp_two_processes_gloo(tiny_demo: Path, tmp_path: Path, variant: list[str]) -> None:
     run = tmp_path / "run"
