@@ -156,6 +156,23 @@ def test_bad_cell_and_attention_are_user_errors() -> None:
         DecoderConfig(attention_penalty=-1.0)
 
 
+def test_topdown_preset_is_the_attention_preset_with_the_topdown_decoder() -> None:
+    """``experiment=flickr8k_topdown`` changes the decoder only: the same encoder, grid and
+    feature cache as ``flickr8k_attention``, so the two compare on one cache."""
+    from omegaconf import OmegaConf
+
+    from captioner.configs.hydra import compose
+
+    def composed(experiment: str) -> dict:
+        cfg = compose("train", [f"experiment={experiment}", "model.encoder.weights_file=/w.pth"])
+        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+    topdown, soft = composed("flickr8k_topdown"), composed("flickr8k_attention")
+    assert ModelConfig.from_dict(topdown["model"]).decoder.attention == "topdown"
+    soft["model"]["decoder"]["attention"] = "topdown"
+    assert topdown == soft
+
+
 def test_encoder_without_a_spatial_map_is_a_user_error() -> None:
     encoder = Encoder(nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, FEAT)), FEAT, spatial=True)
     with pytest.raises(UserError, match="no spatial feature map known for Sequential"):
