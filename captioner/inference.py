@@ -15,7 +15,7 @@ from captioner.configs.decode import DecodeConfig
 from captioner.configs.preprocessing import Preprocessing
 from captioner.datasets.annotations import CaptionRecord
 from captioner.datasets.captions import pad_captions
-from captioner.datasets.images import ImageLoadError, build_transform, load_image, to_rgb
+from captioner.datasets.images import ImageLoadError, build_transform, from_pil, load_image
 from captioner.decoding import Hypothesis, decode
 from captioner.errors import UserError
 from captioner.evaluation.cider import corpus_cider_d
@@ -210,7 +210,7 @@ class Captioner:
         return cls.from_pretrained(source, device)
 
     def _tensor(self, image: str | Path | Image.Image) -> torch.Tensor:
-        img = to_rgb(image) if isinstance(image, Image.Image) else load_image(image)
+        img = from_pil(image) if isinstance(image, Image.Image) else load_image(image)
         return self.transform(img)
 
     @torch.inference_mode()

@@ -23,6 +23,7 @@ from captioner.datasets.images import (
     PIL_FILTERS,
     EvalTransform,
     build_transform,
+    from_pil,
     load_image,
     load_image_bytes,
     model_view,
@@ -202,6 +203,20 @@ def test_exif_orientation_is_applied_where_images_are_opened(
     want = np.asarray(upright())
     assert np.array_equal(np.asarray(load_image(path)), want)
     assert np.array_equal(np.asarray(load_image_bytes(path.read_bytes(), "upload")), want)
+
+
+def test_exif_orientation_of_an_image_the_caller_opened(tmp_path: Path) -> None:
+    """``Captioner.caption`` takes opened PIL images too (``from_pil``): they are turned upright
+    like the files it opens, and the caller's image is not modified."""
+    stored = upright().transpose(STORED[6])
+    exif = stored.getexif()
+    exif[0x0112] = 6
+    stored.save(tmp_path / "phone.png", exif=exif)
+    with Image.open(tmp_path / "phone.png") as opened:
+        before = np.asarray(opened).copy()
+        assert np.array_equal(np.asarray(from_pil(opened)), np.asarray(upright()))
+        assert np.array_equal(np.asarray(opened), before)
+        assert from_pil(opened).size == upright().size
 
 
 def test_exif_orientation_reaches_the_model_input(tmp_path: Path) -> None:

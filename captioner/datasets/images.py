@@ -67,6 +67,15 @@ def _apply_orientation(img: Image.Image, label: str | Path) -> None:
         log.warning("%s: unreadable EXIF orientation (%s); read as stored", label, exc)
 
 
+def from_pil(img: Image.Image) -> Image.Image:
+    """An image the caller opened (``Captioner.caption([Image.open(...)])``): turned upright by
+    its EXIF orientation, as every file this package opens is, and converted to RGB. The caller's
+    image is left as it is; one already turned upright carries no orientation tag any more."""
+    img = img.copy()
+    _apply_orientation(img, "image")
+    return to_rgb(img)
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
     """Convert to RGB: transparency is put on white; 16-bit, 32-bit and float grayscale are
     scaled to 8 bits (:func:`_gray_to_8bit`), not clipped."""
