@@ -7,8 +7,10 @@ from __future__ import annotations
 import errno
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -249,3 +251,106 @@ def test_a_dead_builder_s_temporary_files_are_removed(tmp_path: Path) -> None:
         (cache.directory / name).write_bytes(b"half")
     build_feature_cache(encoder, pre, images, tmp_path / "cache")
     assert not list(cache.directory.glob("*.tmp")) and (cache.directory / "meta.json").is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# signals: a stop within a batch or two, wherever the run is; a second signal exits at once
+
+SLOW_TRAIN = """
+import sys, time
+from pathlib import Path
+from captioner.models.encoders import Encoder
+
+marker, delay = Path(sys.argv[1]), float(sys.argv[2])
+forward = Encoder.forward
+
+def slow(self, images):  # each batch through the CNN takes `delay` seconds
+    marker.touch()
+    time.sleep(delay)
+    return forward(self, images)
+
+Encoder.forward = slow
+from captioner.cli import main
+main(sys.argv[3:])
+"""
+
+
+def start_slow_run(tmp_path: Path, tiny_demo: Path, delay: float, **extra: object):
+    """``captioner train`` in its own session, each encoder batch taking ``delay`` seconds;
+    returns once the encoder runs (-> the process, its run directory, its stderr file)."""
+    run, marker = tmp_path / "run", tmp_path / "encoding"
+    overrides = tiny_overrides(tiny_demo, tmp_path / "cache", **extra)
+    err = open(tmp_path / "stderr.txt", "w+")  # noqa: SIM115 - the caller reads it
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_TRAIN, str(marker), str(delay), "train", *overrides,
+         "trainer.max_epochs=1", f"hydra.run.dir={run}"],
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not marker.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            err.seek(0)
+            pytest.fail(f"the run did not start: {err.read()[-2000:]}")
+        time.sleep(0.05)
+    return proc, run, err
+
+
+def wait_exit(proc: subprocess.Popen, within: float) -> tuple[int, float]:
+    start = time.monotonic()
+    try:
+        code = proc.wait(timeout=within)
+    finally:
+        proc.kill()
+    return code, time.monotonic() - start
+
+
+@pytest.mark.slow
+def test_sigint_while_caching_features_stops_at_the_next_batch(
+    tiny_demo: Path, tmp_path: Path
+) -> None:
+    """Not after the whole cache: the partial cache is discarded, last.pt saved."""
+    frozen = {"model.encoder.freeze": "true", "trainer.cache_features": "true"}
+    proc, run, err = start_slow_run(tmp_path, tiny_demo, 0.3, **frozen, **{"data.batch_size": 1})
+    proc.send_signal(signal.SIGINT)
+    code, seconds = wait_exit(proc, within=30)
+    err.seek(0)
+    stderr = err.read()
+    assert code == 130 and seconds < 5, (code, seconds, stderr[-2000:])
+    assert "Traceback" not in stderr and f"resume={run / 'last.pt'}" in stderr
+    assert load_checkpoint(run / "last.pt")["global_step"] == 0
+    (entry,) = (tmp_path / "cache").iterdir()  # nothing of the cache kept, nothing left behind
+    assert [p.name for p in entry.iterdir()] == [".lock"]
+
+
+@pytest.mark.slow
+def test_a_second_signal_exits_at_once_in_one_line(tiny_demo: Path, tmp_path: Path) -> None:
+    proc, run, err = start_slow_run(tmp_path, tiny_demo, 60.0)  # one batch: a minute
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    code, seconds = wait_exit(proc, within=30)
+    err.seek(0)
+    stderr = err.read()
+    assert code == 128 + signal.SIGTERM and seconds < 5, (code, seconds, stderr[-2000:])
+    assert stderr.splitlines()[-1] == "error: got SIGTERM again: stopped at once, without saving"
+    assert "Traceback" not in stderr
+
+
+@pytest.mark.slow
+def test_sigint_to_the_process_group_with_loader_workers(tiny_demo: Path, tmp_path: Path) -> None:
+    """Ctrl-C reaches the workers too: they neither die noisily nor speak; the main process
+    stops after the batch it is on."""
+    proc, run, err = start_slow_run(
+        tmp_path, tiny_demo, 0.3,
+        **{"trainer.cache_features": "false", "data.num_workers": 2, "data.batch_size": 2},
+    )  # fmt: skip
+    os.killpg(proc.pid, signal.SIGINT)
+    code, seconds = wait_exit(proc, within=30)
+    err.seek(0)
+    stderr = err.read()
+    assert code == 130 and seconds < 5, (code, seconds, stderr[-2000:])
+    assert stderr.count("got SIGINT") == 1, stderr[-2000:]  # the main process's, only
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    assert load_checkpoint(run / "last.pt")["global_step"] >= 1
