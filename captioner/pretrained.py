@@ -196,7 +196,9 @@ def model_card(manifest: Mapping[str, Any], checkpoint_name: str) -> str:
     dataset = trained.get("dataset", "an unrecorded dataset")
     if dec["attention"] != "none":
         grid = f"{enc['grid']}x{enc['grid']} " if enc.get("grid") else ""
-        reads = f"the decoder attends over its {grid}feature grid at every word"
+        how = " (top-down: an attention cell, then a language cell)"
+        how = how if dec["attention"] == "topdown" else ""
+        reads = f"the decoder{how} attends over its {grid}feature grid at every word"
     else:
         reads = "the decoder reads its pooled features"
     install = (

@@ -125,6 +125,11 @@ def test_exported_model_captions_exactly_like_its_checkpoint(
     assert from_folder.preprocessing == from_ckpt.preprocessing
     for name, want in from_ckpt.model.state_dict().items():
         assert torch.equal(from_folder.model.state_dict()[name], want), name
+    card = (out / "README.md").read_text()
+    assert ("attends over" in card, "top-down" in card) == (
+        attention != "none",
+        attention == "topdown",
+    )
     pics = images(tmp_path / "images")
     configs = [
         DecodeConfig(),
