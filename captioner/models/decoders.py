@@ -28,9 +28,10 @@ from torch import Tensor, nn
 from captioner.configs.model import DecoderConfig
 from captioner.models.attention import SoftAttention
 
-# the decoder's state, every tensor with the batch in dim 1 (what beam search reorders): the
-# cell's (h, c) for an LSTM or (h,) for a GRU / RNN, each [L, B, H]; then what the decoder keeps
-# besides, e.g. with soft attention the image grid [P, B, F] and its attention projection [P, B, A]
+# the decoder's state, every tensor with the batch in dim 1 (what beam search reorders): each
+# cell's (h, c) for an LSTM or (h,) for a GRU / RNN, each [L, B, H], ``self.rnn``'s first (the
+# top-down decoder has two cells); then what the decoder keeps besides, e.g. with soft attention
+# the image grid [P, B, F] and its attention projection [P, B, A]
 State = tuple[Tensor, ...]
 Cell = tuple[Tensor, ...]  # one cell's part of the state: (h, c) or (h,)
 
@@ -70,7 +71,8 @@ class Decoder(nn.Module):
 
     A subclass sets ``attention_kind`` (the ``model.decoder.attention`` value it implements) and, to
     read more of the image than its initial state, overrides :meth:`_input_size`,
-    :meth:`_memory` and :meth:`_advance`. Built by :func:`build_decoder`.
+    :meth:`_memory` and :meth:`_advance`; one with more cells than ``self.rnn`` sets ``cells``
+    and overrides :meth:`_initial_cells`. Built by :func:`build_decoder`.
 
     Implements the ``StepDecoder`` protocol of :mod:`captioner.decoding` (``init_state``/``step``).
     """
@@ -277,8 +279,8 @@ class TopDownDecoder(Decoder):
     reads [the attended context; the attention cell's top h] and predicts the word.
 
     Unlike the paper's zero start, the grid's mean initialises both cells' state (through
-    ``init_h`` / ``init_c`` and ``init_attention_h`` / ``init_attention_c``), or is both cells'
-    input at t = -1 with ``feature_mode=first_input``. ``cell`` and ``num_layers`` apply to both
+    ``init_h`` / ``init_c`` and ``init_attention_h`` / ``init_attention_c``), or, with
+    ``feature_mode=first_input``, is the word input of a step at t = -1 from zero states. ``cell`` and ``num_layers`` apply to both
     cells (the paper's: one-layer LSTMs). The state is (language cell's tensors, attention
     cell's tensors, grid [P, B, F], its attention projection [P, B, A], the grid's mean
     [1, B, F])."""
