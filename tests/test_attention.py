@@ -529,11 +529,12 @@ def test_attention_figure_has_the_image_and_one_panel_per_word(tmp_path: Path) -
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("attention", ATTENDING)
 def test_attention_run_trains_from_the_grid_cache_with_scst_and_reports_maps(
-    make_cfg, tmp_path: Path
+    make_cfg, tmp_path: Path, attention: str
 ) -> None:
     """A frozen encoder's grids are cached and trained on, the regulariser and the gradient norm
-    (without clipping) are logged, an SCST epoch samples from the attending GRU, and the
+    (without clipping) are logged, an SCST epoch samples from the attending GRU (soft or top-down), and the
     evaluation report shows each entry's maps."""
     from captioner.configs.hydra import compose
     from captioner.evaluation.evaluate import evaluate
@@ -546,7 +547,7 @@ def test_attention_run_trains_from_the_grid_cache_with_scst_and_reports_maps(
         "model.encoder.resize=64",
         "model.encoder.crop=64",  # ResNet-18: a 2 x 2 grid
         "model.decoder.cell=gru",
-        "model.decoder.attention=soft",
+        f"model.decoder.attention={attention}",
         "model.decoder.attention_dim=16",
         "trainer.grad_clip=null",
         "trainer.scst.start_epoch=1",
