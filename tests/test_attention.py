@@ -534,8 +534,8 @@ def test_attention_run_trains_from_the_grid_cache_with_scst_and_reports_maps(
     make_cfg, tmp_path: Path, attention: str
 ) -> None:
     """A frozen encoder's grids are cached and trained on, the regulariser and the gradient norm
-    (without clipping) are logged, an SCST epoch samples from the attending GRU (soft or top-down), and the
-    evaluation report shows each entry's maps."""
+    (without clipping) are logged, an SCST epoch samples from the attending GRU (soft or
+    top-down), and the evaluation report shows each entry's maps."""
     from captioner.configs.hydra import compose
     from captioner.evaluation.evaluate import evaluate
     from captioner.training.runlog import read_metrics
