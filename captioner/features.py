@@ -38,7 +38,7 @@ from captioner.datasets.images import ImageDataset, build_transform, collate_ima
 from captioner.errors import UserError
 from captioner.files import atomic_path, atomic_write
 from captioner.models.encoders import Encoder
-from captioner.runtime import ignore_stop_signals
+from captioner.runtime import StopRequested, ignore_stop_signals
 
 try:
     import fcntl
@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 CACHE_VERSION = 1
 
 
-class CacheInterrupted(Exception):
+class CacheInterrupted(StopRequested):
     """A stop was requested while the cache was built; nothing of it was kept."""
 
 

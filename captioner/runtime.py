@@ -148,9 +148,14 @@ def gather_rng_states(rt: Runtime) -> list[dict[str, Any]]:
 # stopping on a signal
 
 
+class StopRequested(Exception):
+    """A stop signal ended a long phase (the feature cache, a validation) before its end; the
+    run saves ``last.pt`` as it stood before that phase."""
+
+
 class StopSignal:
-    """Turns the first SIGINT/SIGTERM into a flag that the loop checks after each step (and the
-    feature cache between batches); a second one exits at once, with one line on stderr and no
+    """Turns the first SIGINT/SIGTERM into a flag that the loop checks after each step (the
+    feature cache and validation: between batches); a second one exits at once, with one line on stderr and no
     traceback (``last.pt`` keeps its previous save)."""
 
     def __init__(self) -> None:

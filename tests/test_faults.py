@@ -20,9 +20,9 @@ from conftest import tiny_overrides
 from captioner.checkpoint import load_checkpoint
 from captioner.cli import main
 from captioner.errors import UserError
-from captioner.training import runlog, trainer
+from captioner.training import runlog, trainer, validation
 from captioner.training.runlog import read_metrics
-from captioner.training.train import train
+from captioner.training.train import TrainingInterrupted, train
 
 FULL = os.strerror(errno.ENOSPC)
 
@@ -354,3 +354,47 @@ def test_sigint_to_the_process_group_with_loader_workers(tiny_demo: Path, tmp_pa
     assert stderr.count("got SIGINT") == 1, stderr[-2000:]  # the main process's, only
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
     assert load_checkpoint(run / "last.pt")["global_step"] >= 1
+
+
+@pytest.mark.slow
+def test_sigint_while_validating_stops_at_the_next_batch(
+    make_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The validation is dropped, last.pt saved after the epoch's last batch: the resume
+    validates that epoch."""
+    loss, calls = validation.caption_loss, []
+
+    def interrupted_loss(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:  # during the first val batch (of two)
+            signal.raise_signal(signal.SIGINT)
+        return loss(*args, **kwargs)
+
+    monkeypatch.setattr(validation, "caption_loss", interrupted_loss)
+    cfg = ("data.batch_size=4", "trainer.max_epochs=1")
+    with pytest.raises(TrainingInterrupted):
+        train(make_cfg(*cfg), tmp_path / "a")
+    monkeypatch.undo()
+    assert len(calls) == 1  # the second val batch was not decoded
+    ckpt = load_checkpoint(tmp_path / "a" / "last.pt")
+    assert (ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["global_step"]) == (0, 6, 6)
+    assert read_metrics(tmp_path / "a" / "metrics.jsonl") == []
+    train(make_cfg(*cfg, f"resume={tmp_path / 'a'}"), tmp_path / "b")
+    assert [r["epoch"] for r in read_metrics(tmp_path / "b" / "metrics.jsonl")] == [1]
+
+
+def test_ctrl_c_before_training_starts_is_one_line(
+    tiny_demo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """Before the trainer handles signals (loading the data, building the model), or in any
+    other command: no traceback either."""
+    from captioner.training import train as train_module
+
+    def setting_up(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "train", setting_up)
+    with pytest.raises(SystemExit) as code:
+        main(["train", *tiny_overrides(tiny_demo, tmp_path / "cache"), f"hydra.run.dir={tmp_path}"])
+    assert code.value.code == 130
+    assert capsys.readouterr().err == "error: interrupted\n"

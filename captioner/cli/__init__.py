@@ -105,7 +105,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return
-    command, rest = argv[0], argv[1:]
+    try:
+        _dispatch(argv[0], argv[1:])
+    except KeyboardInterrupt:  # Ctrl-C outside training's own handling (which saves last.pt)
+        fail("interrupted", 130)
+
+
+def _dispatch(command: str, rest: list[str]) -> None:
     if command == "train":
         run_hydra_app("train", _train_task, rest)
     elif command == "evaluate":

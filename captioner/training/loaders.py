@@ -80,7 +80,7 @@ class RunLoaders:
             )
             if self.rt.is_main:  # rank 0 computes; the others then open the finished cache
                 with contextlib.suppress(CacheInterrupted):  # every rank learns it below
-                    self._caches[split] = build(should_stop=self._stop_requested)
+                    self._caches[split] = build(should_stop=self.stop_requested)
             barrier(self.rt)
             if self.stop is not None and self.stop.agreed(self.rt):
                 raise CacheInterrupted(f"stopped before the {split} features were cached")
@@ -88,7 +88,8 @@ class RunLoaders:
                 self._caches[split] = build()
         return self._caches[split]
 
-    def _stop_requested(self) -> bool:
+    def stop_requested(self) -> bool:
+        """Whether the run was asked to stop (a signal): long phases end at their next batch."""
         return self.stop is not None and self.stop.requested
 
     def _images(self, split: str, epoch: int) -> tuple[Dataset, bool]:

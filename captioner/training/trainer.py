@@ -35,9 +35,9 @@ from captioner.checkpoint import (
     save_checkpoint,
 )
 from captioner.configs.training import TrainConfig
-from captioner.features import CacheInterrupted
 from captioner.runtime import (
     Runtime,
+    StopRequested,
     StopSignal,
     autocast,
     gather_rng_states,
@@ -253,6 +253,7 @@ class Trainer:
                 self.rt,
                 features=cached,
                 autocast_dtype=self.autocast_dtype,
+                should_stop=self.loaders.stop_requested,
             )
         return result.metrics, result.samples(self.val_records)
 
@@ -277,10 +278,10 @@ class Trainer:
                 if self.monitor.stop_early(hold=self.objectives.ahead(p.epoch)):
                     break
                 start = time.perf_counter()
-                try:  # the feature cache is built by the first epoch that reads it
+                try:  # stopped building the feature cache, or validating
                     self.train_epoch(p.epoch, stop)
                     val, samples = self.validate(p.epoch)
-                except CacheInterrupted:
+                except StopRequested:
                     raise TrainingInterrupted(self.save_last()) from None
                 val["lr"] = self.optimizer.param_groups[0]["lr"]  # the rate this epoch trained with
                 self.scheduler.step()

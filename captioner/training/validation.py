@@ -8,7 +8,7 @@ and every rank scores the whole split.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +20,7 @@ from captioner.configs.decode import DecodeConfig
 from captioner.datasets.annotations import CaptionRecord
 from captioner.inference import corpus_scores, generate, hypothesis_text
 from captioner.models.captioning import CaptionModel
-from captioner.runtime import Runtime, autocast
+from captioner.runtime import Runtime, StopRequested, autocast
 from captioner.training.losses import caption_loss
 from captioner.training.objectives import target_tokens
 from captioner.vocab import Vocab
@@ -47,10 +47,15 @@ def validate(
     *,
     features: bool,
     autocast_dtype: torch.dtype | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
 ) -> Validation:
     """Score ``model`` (put in eval mode here) on validation ``batches`` of
-    :func:`captioner.datasets.captions.collate_captions` holding every reference caption of each image."""
+    :func:`captioner.datasets.captions.collate_captions` holding every reference caption of each image.
+    ``should_stop`` is asked before each batch of a single-process run (under DDP the ranks
+    would disagree on where they stopped): yes raises :class:`StopRequested`."""
     model.eval()
+    if rt.distributed:
+        should_stop = lambda: False  # noqa: E731
     totals = {"loss": 0.0, "tokens": 0}
 
     def teacher_forced_loss(batch: dict[str, Any], feats: torch.Tensor) -> None:
@@ -66,7 +71,8 @@ def validate(
     hyps = generate(
         model,
         tqdm(
-            batches,
+            _until_stopped(batches, should_stop),
+            total=len(batches) if hasattr(batches, "__len__") else None,
             desc="validating",
             unit="batch",
             leave=False,
@@ -91,6 +97,13 @@ def validate(
     scores = corpus_scores(captions, records)
     metrics = {"val_loss": loss_sum / max(tokens, 1), **{f"val_{k}": v for k, v in scores.items()}}
     return Validation(metrics, captions)
+
+
+def _until_stopped(batches: Iterable[Any], should_stop: Callable[[], bool]) -> Iterator[Any]:
+    for batch in batches:
+        if should_stop():
+            raise StopRequested("stopped while validating")
+        yield batch
 
 
 __all__ = ["Validation", "validate"]
