@@ -148,9 +148,10 @@ def gather_rng_states(rt: Runtime) -> list[dict[str, Any]]:
 # stopping on a signal
 
 
-class StopRequested(Exception):
+class StopRequested(BaseException):
     """A stop signal ended a long phase (the feature cache, a validation) before its end; the
-    run saves ``last.pt`` as it stood before that phase."""
+    run saves ``last.pt`` as it stood before that phase. Like ``KeyboardInterrupt`` it is not an
+    error: ``except Exception`` lets it pass, and a failed write is never blamed on it."""
 
 
 class StopSignal:

@@ -398,3 +398,25 @@ def test_ctrl_c_before_training_starts_is_one_line(
         main(["train", *tiny_overrides(tiny_demo, tmp_path / "cache"), f"hydra.run.dir={tmp_path}"])
     assert code.value.code == 130
     assert capsys.readouterr().err == "error: interrupted\n"
+
+
+def test_a_stop_on_a_nearly_full_disk_is_still_a_stop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stop while a file is written is not a write the disk refused."""
+    from torch import nn
+
+    from captioner.configs.preprocessing import Preprocessing
+    from captioner.features import CacheInterrupted, build_feature_cache
+    from captioner.models.encoders import Encoder
+
+    images = sorted(small_images(tmp_path / "images", 2).glob("*.png"))
+    encoder = Encoder(nn.Sequential(nn.Conv2d(3, 4, 1), nn.AdaptiveAvgPool2d(1)), 4)
+    full_disk_under(tmp_path, monkeypatch)
+    with pytest.raises(CacheInterrupted):
+        build_feature_cache(
+            encoder, Preprocessing(resize=8, crop=8), images, tmp_path / "cache",
+            should_stop=lambda: True,
+        )  # fmt: skip
+    (entry,) = (tmp_path / "cache").iterdir()
+    assert [p.name for p in entry.iterdir()] == [".lock"]
