@@ -142,9 +142,10 @@ def build_feature_cache(
     with _exclusive(directory, should_stop):
         if _complete(directory, key, desc):  # built by the process this one waited for
             return CachedFeatures(directory)
-        (directory / "meta.json").unlink(
-            missing_ok=True
-        )  # an incomplete cache never looks complete
+        meta_file = directory / "meta.json"
+        if meta_file.is_file():
+            log.warning("feature cache %s was built for another encoder; rebuilding", directory)
+        meta_file.unlink(missing_ok=True)  # an incomplete cache never looks complete
         for stale in directory.glob(".*.tmp"):  # left by a killed build: its lock is gone
             stale.unlink(missing_ok=True)
         loader = DataLoader(
@@ -171,7 +172,7 @@ def build_feature_cache(
             "num_images": len(paths),
             "num_unreadable": int((~valid).sum()),
         }
-        atomic_write(directory / "meta.json", json.dumps(meta, indent=1))  # last: complete
+        atomic_write(meta_file, json.dumps(meta, indent=1))  # written last: complete
     log.info("cached %d %s in %s", len(paths), desc, directory)
     return CachedFeatures(directory)
 
@@ -181,11 +182,10 @@ def _complete(directory: Path, key: str, desc: str) -> bool:
     meta_file = directory / "meta.json"
     if not meta_file.is_file():
         return False
-    if json.loads(meta_file.read_text()).get("key") == key:
-        log.info("using cached %s from %s", desc, directory)
-        return True
-    log.warning("feature cache %s was built for another encoder; rebuilding", directory)
-    return False
+    if json.loads(meta_file.read_text()).get("key") != key:
+        return False
+    log.info("using cached %s from %s", desc, directory)
+    return True
 
 
 @contextlib.contextmanager
