@@ -71,8 +71,8 @@ def check_architecture(theirs: ModelConfig, ours: ModelConfig, where: str, hint:
 
 
 # what a resumed run may set otherwise than the run it continues, and gets: its length, early
-# stopping, where it runs and where its files are; a cosine schedule's T_max, which follows
-# trainer.max_epochs, goes on as saved
+# stopping, where it runs and where its files are; a schedule's length that follows
+# trainer.max_epochs (cosine's T_max) goes on as saved, with a warning
 RESUME_MAY_CHANGE = (
     "resume",
     "init_from",
@@ -104,6 +104,16 @@ def check_resume(config: TrainConfig, ckpt: dict[str, Any], path: Path) -> None:
         if key in saved:
             OmegaConf.update(raw, key, saved[key], merge=False)
     ours = _flat(OmegaConf.to_container(raw, resolve=True))
+    for key, value in _flat(OmegaConf.to_container(config.raw, resolve=True)).items():
+        if key not in RESUME_MAY_CHANGE and key in ours and value != ours[key]:
+            log.warning(
+                "resume: %s follows a changed option (%s here), but the saved schedule goes on "
+                "with %s=%s",
+                key,
+                value,
+                key,
+                ours[key],
+            )
     changed = [k for k in ours if k in saved and k not in RESUME_MAY_CHANGE and ours[k] != saved[k]]
     if changed:
         was = ", ".join(f"{k}={saved[k]}" for k in changed)
