@@ -25,6 +25,7 @@ from captioner.training.runlog import read_metrics
 from captioner.training.train import TrainingInterrupted, train
 
 FULL = os.strerror(errno.ENOSPC)
+SCHEDULE = ["scheduler=cosine", "scheduler.T_max=3"]  # not tied to trainer.max_epochs
 
 
 def without_time(rows: list[dict]) -> list[dict]:
@@ -122,13 +123,13 @@ def test_a_failed_metrics_append_keeps_the_epoch(
 
     monkeypatch.setattr(runlog, "append_line", append_fails_at_epoch_2)
     with pytest.raises(UserError, match="metrics.jsonl: cannot write"):
-        train(make_cfg(), tmp_path / "a")
+        train(make_cfg(*SCHEDULE), tmp_path / "a")
     monkeypatch.undo()
     first = read_metrics(tmp_path / "a" / "metrics.jsonl")
     assert [r["epoch"] for r in first] == [1]
     assert load_checkpoint(tmp_path / "a" / "last.pt")["epoch"] == 2  # the epoch is kept
 
-    train(make_cfg(f"resume={tmp_path / 'a'}", "trainer.max_epochs=3"), tmp_path / "b")
+    train(make_cfg(f"resume={tmp_path / 'a'}", "trainer.max_epochs=3", *SCHEDULE), tmp_path / "b")
     assert read_metrics(tmp_path / "b" / "metrics.jsonl")[:2] == [*first, *lost]
     assert load_checkpoint(tmp_path / "b" / "last.pt")["global_step"] == 9  # epoch 2 not redone
 

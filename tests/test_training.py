@@ -536,6 +536,19 @@ def test_resume_refuses_another_architecture_and_changed_settings(make_cfg, capl
     with caplog.at_level(logging.WARNING):
         check("trainer.max_epochs=9")
     assert f"scheduler.T_max={base.trainer.max_epochs}" in caplog.text
+    # one that cannot step past its length (OneCycleLR's total_steps) is refused
+    one_cycle = (
+        "scheduler=cosine",
+        "scheduler._target_=torch.optim.lr_scheduler.OneCycleLR",
+        "~scheduler.T_max",
+        "~scheduler.eta_min",
+        "+scheduler.max_lr=0.001",
+        "+scheduler.total_steps=${trainer.max_epochs}",
+    )
+    ckpt = saved_checkpoint(make_cfg, *one_cycle)
+    longer = make_cfg(*one_cycle, "resume=runs/base", "trainer.max_epochs=9")
+    with pytest.raises(UserError, match=r"scheduler\.total_steps=2, which follows a changed"):
+        check_resume(parse_train_config(longer), ckpt, where)
 
 
 @pytest.mark.slow

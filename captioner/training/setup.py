@@ -84,6 +84,9 @@ RESUME_MAY_CHANGE = (
     "data.root",
     "data.num_workers",
 )
+# the schedule lengths a scheduler cannot step past (OneCycleLR raises): following a longer
+# trainer.max_epochs is refused instead
+FIXED_LENGTH = ("scheduler.total_steps", "scheduler.epochs")
 
 
 def check_resume(config: TrainConfig, ckpt: dict[str, Any], path: Path) -> None:
@@ -105,15 +108,22 @@ def check_resume(config: TrainConfig, ckpt: dict[str, Any], path: Path) -> None:
             OmegaConf.update(raw, key, saved[key], merge=False)
     ours = _flat(OmegaConf.to_container(raw, resolve=True))
     for key, value in _flat(OmegaConf.to_container(config.raw, resolve=True)).items():
-        if key not in RESUME_MAY_CHANGE and key in ours and value != ours[key]:
-            log.warning(
-                "resume: %s follows a changed option (%s here), but the saved schedule goes on "
-                "with %s=%s",
-                key,
-                value,
-                key,
-                ours[key],
+        if key in RESUME_MAY_CHANGE or key not in ours or value == ours[key]:
+            continue
+        if key in FIXED_LENGTH:
+            raise UserError(
+                f"resume: {path} was trained with {key}={ours[key]}, which follows a changed "
+                f"option ({value} here), but its schedule cannot step past it: keep its "
+                f"trainer.max_epochs, or start a new run with init_from={path}"
             )
+        log.warning(
+            "resume: %s follows a changed option (%s here), but the saved schedule goes on "
+            "with %s=%s",
+            key,
+            value,
+            key,
+            ours[key],
+        )
     changed = [k for k in ours if k in saved and k not in RESUME_MAY_CHANGE and ours[k] != saved[k]]
     if changed:
         was = ", ".join(f"{k}={saved[k]}" for k in changed)
