@@ -549,6 +549,8 @@ def test_resume_refuses_another_architecture_and_changed_settings(make_cfg, capl
     longer = make_cfg(*one_cycle, "resume=runs/base", "trainer.max_epochs=9")
     with pytest.raises(UserError, match=r"scheduler\.total_steps=2, which follows a changed"):
         check_resume(parse_train_config(longer), ckpt, where)
+    shorter = make_cfg(*one_cycle, "resume=runs/base", "trainer.max_epochs=1")
+    check_resume(parse_train_config(shorter), ckpt, where)  # stops early: allowed
 
 
 @pytest.mark.slow

@@ -85,7 +85,7 @@ RESUME_MAY_CHANGE = (
     "data.num_workers",
 )
 # the schedule lengths a scheduler cannot step past (OneCycleLR raises): following a longer
-# trainer.max_epochs is refused instead
+# trainer.max_epochs is refused instead (a shorter one only stops the schedule early)
 FIXED_LENGTH = ("scheduler.total_steps", "scheduler.epochs")
 
 
@@ -110,7 +110,7 @@ def check_resume(config: TrainConfig, ckpt: dict[str, Any], path: Path) -> None:
     for key, value in _flat(OmegaConf.to_container(config.raw, resolve=True)).items():
         if key in RESUME_MAY_CHANGE or key not in ours or value == ours[key]:
             continue
-        if key in FIXED_LENGTH:
+        if key in FIXED_LENGTH and value > ours[key]:
             raise UserError(
                 f"resume: {path} was trained with {key}={ours[key]}, which follows a changed "
                 f"option ({value} here), but its schedule cannot step past it: keep its "
