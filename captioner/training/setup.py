@@ -110,7 +110,7 @@ def check_resume(config: TrainConfig, ckpt: dict[str, Any], path: Path) -> None:
     for key, value in _flat(OmegaConf.to_container(config.raw, resolve=True)).items():
         if key in RESUME_MAY_CHANGE or key not in ours or value == ours[key]:
             continue
-        if key in FIXED_LENGTH and value > ours[key]:
+        if key in FIXED_LENGTH and isinstance(value, int) and value > (ours[key] or 0):
             raise UserError(
                 f"resume: {path} was trained with {key}={ours[key]}, which follows a changed "
                 f"option ({value} here), but its schedule cannot step past it: keep its "
