@@ -257,8 +257,9 @@ def test_cli_prints_each_batch_as_it_is_ready(
         return caption(self, paths, *args, **kwargs)
 
     monkeypatch.setattr(Captioner, "caption", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit) as code:  # ctrl-c: "error: interrupted", exit 130
         main(["caption", *map(str, images[:4]), "-c", str(tiny_checkpoint), "--batch-size", "2"])
+    assert code.value.code == 130
     out = capsys.readouterr().out.splitlines()
     assert [ln.split("\t")[0] for ln in out] == [str(p) for p in images[:2]]
 
