@@ -110,9 +110,9 @@ def _captioner_invocations(text: str) -> list[list[str]]:
         for part in line.split("&&"):
             part = re.sub(r"<[^>]*>", "x", part).replace("[", "").replace("]", "")
             words = [w.replace("...", "x") for w in shlex.split(part) if w != "..."]
-            if "captioner" in words[1:] or words[:1] == ["captioner"]:
-                if len(words) > words.index("captioner") + 1:
-                    out.append(words[words.index("captioner") + 1 :])
+            rest = words[words.index("captioner") + 1 :] if "captioner" in words else []
+            if rest:
+                out.append(rest)
     return out
 
 
