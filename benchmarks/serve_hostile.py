@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import collections
 import http.client
-import json
 import os
 import select
 import socket
@@ -47,7 +46,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from common import cpu_name, demo_checkpoint
-from serve_load import DEMO_IMAGES, connect, multipart
+from serve_load import DEMO_IMAGES, connect, multipart, post_caption
 
 Address = tuple[str, int]
 PART = (
@@ -194,13 +193,8 @@ def good_load(address: Address, bodies: list, clients: int, requests: int) -> tu
             body, ctype = bodies[(k * requests + i) % len(bodies)]
             t0 = time.perf_counter()
             try:
-                conn.request("POST", "/caption", body=body, headers={"Content-Type": ctype})
-                response = conn.getresponse()
-                ok = (
-                    response.status == 200
-                    and "caption" in json.loads(response.read())["results"][0]
-                )
-                status = str(response.status) if ok or response.status != 200 else "200-bad"
+                code, problem = post_caption(conn, body, ctype)
+                status = "200-bad" if code == 200 and problem else str(code)
             except (OSError, http.client.HTTPException, ValueError) as exc:
                 status = type(exc).__name__
                 conn.close()

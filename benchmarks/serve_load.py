@@ -78,6 +78,19 @@ def connect(host: str, port: int) -> http.client.HTTPConnection:
     return conn
 
 
+def post_caption(
+    conn: http.client.HTTPConnection, body: bytes, ctype: str
+) -> tuple[int, str | None]:
+    """One ``POST /caption`` on ``conn`` -> (HTTP status, None when a caption came back, else
+    what came back instead). A connection that fails raises (OSError, HTTPException, or
+    ValueError for a 200 whose body is not the expected JSON)."""
+    conn.request("POST", "/caption", body=body, headers={"Content-Type": ctype})
+    response = conn.getresponse()
+    data = response.read()
+    ok = response.status == 200 and "caption" in json.loads(data)["results"][0]
+    return response.status, None if ok else f"{response.status} {data[:200]!r}"
+
+
 def run_level(url: str, bodies: list[tuple[bytes, str]], clients: int, requests: int) -> dict:
     """``clients`` threads, ``requests`` each -> throughput, latencies, errors."""
     u = urlparse(url)
@@ -93,11 +106,7 @@ def run_level(url: str, bodies: list[tuple[bytes, str]], clients: int, requests:
             body, ctype = bodies[(k * requests + i) % len(bodies)]
             t0 = time.perf_counter()
             try:
-                conn.request("POST", "/caption", body=body, headers={"Content-Type": ctype})
-                response = conn.getresponse()
-                data = response.read()
-                ok = response.status == 200 and "caption" in json.loads(data)["results"][0]
-                problem = None if ok else f"{response.status} {data[:200]!r}"
+                _, problem = post_caption(conn, body, ctype)
             except (OSError, http.client.HTTPException, ValueError) as exc:
                 problem = repr(exc)
                 conn.close()
