@@ -6,11 +6,10 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from captioner.configs.checks import one_of
 from captioner.errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
-
-
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # torchvision's InterpolationMode values; captioner.datasets.images maps each to its Pillow filter
@@ -58,11 +57,7 @@ class Preprocessing:
                 need = "3 numbers" if name == "mean" else "3 numbers > 0"
                 raise UserError(f"preprocessing.{name} must be {need}, got {value!r}")
             object.__setattr__(self, name, tuple(float(v) for v in value))
-        if self.interpolation not in INTERPOLATIONS:
-            raise UserError(
-                f"preprocessing.interpolation must be one of {', '.join(INTERPOLATIONS)}, "
-                f"got {self.interpolation!r}"
-            )
+        one_of(self, "preprocessing", interpolation=INTERPOLATIONS)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
