@@ -16,8 +16,9 @@ A checkpoint holds only tensors and plain containers (``torch.save`` of a dict, 
   counts completed epochs). :func:`is_training_state` tells the two apart.
 
 What a path names (one rule, :func:`resolve_checkpoint`): a file is itself; a run directory is
-its ``last.pt`` where the training state is meant, its ``best.pt`` (else ``last.pt``) where the
-weights to caption with are meant.
+its ``best.pt`` (else its ``last.pt``) wherever weights are read (caption, export, serve,
+evaluate, the ``Captioner`` API), and its ``last.pt`` only where the training state is meant
+(``resume=``, and :func:`load_checkpoint` itself).
 """
 
 from __future__ import annotations
@@ -141,18 +142,18 @@ def save_checkpoint(payload: dict[str, Any], path: str | Path) -> Path:
 # what a path names
 
 
-def resolve_checkpoint(path: str | Path, prefer: Literal["best", "last"] = "last") -> Path:
+def resolve_checkpoint(path: str | Path, prefer: Literal["best", "last"] = "best") -> Path:
     """The checkpoint file ``path`` names: the one rule for a run directory, everywhere.
 
     A file (or anything that is not a directory) is itself. A directory is a run directory, and
     which of its checkpoints it means depends on what is wanted:
 
-    * ``prefer="last"``, the training state: its ``last.pt``. ``resume=``,
-      :func:`load_checkpoint` and therefore ``captioner caption --checkpoint``,
-      ``Captioner.from_checkpoint`` and ``captioner evaluate checkpoint=`` read this.
-    * ``prefer="best"``, the weights to caption with: its ``best.pt`` when it has one (the
+    * ``prefer="best"`` (the default), the weights: its ``best.pt`` when it has one (the
       validated best), else its ``last.pt`` (a run stopped before its first validation).
-      ``captioner export``, ``captioner serve`` and ``Captioner.load`` read this.
+      ``captioner caption``, ``export``, ``serve`` and ``evaluate``, ``Captioner.from_checkpoint``
+      and ``Captioner.load`` read this.
+    * ``prefer="last"``, the training state: its ``last.pt``. ``resume=`` and
+      :func:`load_checkpoint` (given a directory) read this.
     """
     path = Path(path)
     if not path.is_dir():

@@ -179,10 +179,12 @@ class Captioner:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "auto") -> Captioner:
-        from captioner.checkpoint import load_checkpoint, model_from_checkpoint
+        """A checkpoint file, or a run directory: its best.pt, else its last.pt."""
+        from captioner.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
         from captioner.pretrained import ModelInfo
 
         dev = resolve_device(device)
+        path = resolve_checkpoint(path)
         ckpt = load_checkpoint(path, map_location="cpu")
         model, vocab, pre = model_from_checkpoint(ckpt, device=dev)
         return cls(model, vocab, pre, dev, ModelInfo.from_checkpoint(ckpt, path))
@@ -200,12 +202,14 @@ class Captioner:
     @classmethod
     def load(cls, source: str | Path, device: str = "auto") -> Captioner:
         """Whatever ``source`` is: a checkpoint file, a run directory (its best.pt, else its
-        last.pt), an exported folder (it has config.json) or a Hub id."""
+        last.pt), an exported folder (it has config.json) or a Hub id. A missing ``*.pt`` is
+        a checkpoint not found."""
         from captioner.checkpoint import resolve_checkpoint
         from captioner.pretrained import CONFIG
 
-        path, given = resolve_checkpoint(source, prefer="best"), Path(source)
-        if path.is_file() or (given.is_dir() and not (given / CONFIG).is_file()):
+        path, given = resolve_checkpoint(source), Path(source)
+        as_checkpoint = path.is_file() or given.suffix in (".pt", ".pth")
+        if as_checkpoint or (given.is_dir() and not (given / CONFIG).is_file()):
             return cls.from_checkpoint(path, device)
         return cls.from_pretrained(source, device)
 

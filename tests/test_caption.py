@@ -361,6 +361,129 @@ def test_cli_bad_options_are_one_line(
     assert len(err) == 1 and err[0].startswith("error:") and needle in err[0], err
 
 
+@pytest.mark.parametrize(
+    ("options", "needle"),
+    [
+        (["--top-p", "0.9"], "--top-p applies to sampling only, and this decoding is greedy"),
+        (["--seed", "1"], "--seed applies to sampling only"),
+        (["--top-k", "5", "--no-sample"], "--top-k applies to sampling only"),
+        (["--temperature", "0.5", "--beam-size", "3"], "--temperature applies to sampling only"),
+        (["--length-penalty", "0.7"], "--length-penalty applies to beam search only"),
+        (["--sample", "--length-penalty", "0.7"], "this decoding is sample: add --beam-size N"),
+    ],
+)
+def test_cli_option_of_another_strategy_is_refused_not_ignored(
+    capsys, tiny_checkpoint: Path, images: list[Path], options: list[str], needle: str
+) -> None:
+    """Issue 23: `--top-p 0.9` without `--sample` was silently ignored (greedy captions)."""
+    code, out, err = caption_cli(
+        capsys, images[0], "-c", tiny_checkpoint, "--device", "cpu", *options
+    )
+    assert code == 2 and out == []
+    assert len(err) == 1 and err[0].startswith("error:") and needle in err[0], err
+
+
+def test_cli_sampling_options_apply_to_a_model_that_samples_by_default(
+    capsys, tiny_checkpoint: Path, images: list[Path], tmp_path: Path
+) -> None:
+    """The rule is about the decoding that results: over a sampling default, --top-p alone is
+    read (and --seed makes it reproducible)."""
+    ckpt = torch.load(tiny_checkpoint, weights_only=True)
+    ckpt["train_config"]["trainer"]["val_decode"]["strategy"] = "sample"
+    torch.save(ckpt, tmp_path / "samples.pt")
+    base = [*images[:3], "-c", tmp_path / "samples.pt", "--device", "cpu", "--top-p", "0.9"]
+    runs = [caption_cli(capsys, *base, "--seed", seed) for seed in ("3", "3")]
+    assert [code for code, _, _ in runs] == [0, 0], runs
+    assert runs[0][1] == runs[1][1] and len(runs[0][1]) == 3
+
+
+def test_cli_batch_size_has_help(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["caption", "--help"])
+    page = " ".join(capsys.readouterr().out.split())
+    assert "--batch-size BATCH_SIZE images decoded together" in page
+    assert "(default: 16)" in page
+    assert "--top-p and --seed apply to sampling only" in page  # the rule above, said
+
+
+# -- what a checkpoint path names: one rule for every command ------------------------------------
+
+
+@pytest.fixture
+def run_dir(tiny_checkpoint: Path, tmp_path: Path) -> Path:
+    """A run directory whose best.pt is good and whose last.pt is broken: a command that reads
+    last.pt fails."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "best.pt").write_bytes(tiny_checkpoint.read_bytes())
+    (run / "last.pt").write_text("a broken last.pt: whoever reads it fails\n")
+    return run
+
+
+@pytest.mark.parametrize("flag", ["--checkpoint", "--model"])
+def test_cli_run_directory_is_its_best_pt(
+    capsys, run_dir: Path, tiny_checkpoint: Path, images: list[Path], flag: str
+) -> None:
+    """Issue 23: `caption --checkpoint RUN_DIR` read last.pt while export and serve read best.pt."""
+    code, out, err = caption_cli(capsys, *images[:2], flag, run_dir, "--device", "cpu")
+    assert code == 0, err
+    _, want, _ = caption_cli(capsys, *images[:2], "-c", tiny_checkpoint, "--device", "cpu")
+    assert out == want
+
+
+def test_every_reader_takes_a_run_directory_as_its_best_pt(
+    capsys, run_dir: Path, tmp_path: Path
+) -> None:
+    """The API, `serve --model` (Captioner.load) and `export` read the same file as caption."""
+    best = str(run_dir / "best.pt")
+    assert Captioner.from_checkpoint(run_dir, device="cpu").info.source == best
+    assert Captioner.load(run_dir, device="cpu").info.source == best
+    with pytest.raises(SystemExit) as exc:
+        main(["export", str(run_dir), str(tmp_path / "exported")])
+    assert exc.value.code == 0, capsys.readouterr().err
+    assert "val_bleu4" in json.loads((tmp_path / "exported" / "config.json").read_text())["scores"]
+
+
+def test_a_run_stopped_before_validating_is_its_last_pt(
+    capsys, tiny_checkpoint: Path, images: list[Path], tmp_path: Path
+) -> None:
+    run = tmp_path / "stopped"
+    run.mkdir()
+    (run / "last.pt").write_bytes((tiny_checkpoint.parent / "last.pt").read_bytes())
+    assert Captioner.from_checkpoint(run, device="cpu").info.source == str(run / "last.pt")
+    code, out, err = caption_cli(capsys, images[0], "-c", run, "--device", "cpu")
+    assert code == 0 and len(out) == 1, err
+
+
+def test_cli_model_and_checkpoint_each_take_both_kinds(
+    capsys, tiny_checkpoint: Path, images: list[Path], tmp_path: Path
+) -> None:
+    """Issue 23: `caption --model best.pt` refused a checkpoint that `serve --model` took."""
+    from captioner.pretrained import export_pretrained
+
+    exported = export_pretrained(tiny_checkpoint, tmp_path / "exported")
+    outs = []
+    for flag in ("--model", "--checkpoint"):
+        for source in (tiny_checkpoint, exported):
+            code, out, err = caption_cli(capsys, *images[:3], flag, source, "--device", "cpu")
+            assert code == 0, (flag, source, err)
+            outs.append(out)
+    assert len(outs[0]) == 3 and all(out == outs[0] for out in outs)
+
+
+def test_cli_export_of_an_exported_folder_is_one_error_line(
+    capsys, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    from captioner.pretrained import export_pretrained
+
+    exported = export_pretrained(tiny_checkpoint, tmp_path / "exported")
+    with pytest.raises(SystemExit) as exc:
+        main(["export", str(exported), str(tmp_path / "again")])
+    err = capsys.readouterr().err.splitlines()
+    assert exc.value.code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"error: {exported}: already an exported folder"), err
+
+
 # -- the CLI: attention maps -------------------------------------------------------------------
 
 

@@ -44,21 +44,30 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument(
         "--checkpoint",
         "-c",
-        type=Path,
-        help=f"checkpoint (default: the newest best.pt under {DEFAULT_RUNS}/)",
+        dest="source",
+        metavar="PATH",
+        help="the model: a checkpoint (best.pt, last.pt), a run directory (its best.pt, else its "
+        "last.pt), a folder written by `captioner export` or its Hugging Face Hub id (owner/name; "
+        f"needs huggingface_hub) (default: the newest best.pt under {DEFAULT_RUNS}/)",
     )
     source.add_argument(
         "--model",
         "-m",
+        dest="source",
         metavar="PATH_OR_HUB_ID",
-        help="a folder written by `captioner export`, or its Hugging Face Hub id (owner/name; "
-        "needs the huggingface_hub package)",
+        help="the same as --checkpoint: either takes any of them",
     )
     add_decoding_options(p)
     p.add_argument(
         "--device", default="auto", help="auto (CUDA > MPS > CPU), cpu, cuda, cuda:1 ..."
     )
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=16,
+        help="images decoded together, and printed together as each batch is done; larger is "
+        "faster on a GPU and needs more memory (default: %(default)s)",
+    )
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument(
         "--attention-map",
@@ -75,8 +84,11 @@ def add_decoding_options(p: argparse.ArgumentParser) -> None:
     serve`` parses its request fields with). Options not given stay absent from the namespace,
     so that :func:`decode_config` lays them over a model's own default decoding."""
     g = p.add_argument_group(
-        "decoding (default: how the model was selected in training, trainer.val_decode; "
-        "greedy unless its preset says otherwise)"
+        "decoding",
+        "Default: how the model was selected in training (trainer.val_decode; greedy unless its "
+        "preset says otherwise); the options given are laid over it. --temperature, --top-k, "
+        "--top-p and --seed apply to sampling only: without --sample (or a model that samples by "
+        "default) they are refused, never ignored; --length-penalty likewise needs a beam.",
     )
     for option in DECODE_OPTIONS:
         if option.type is bool:
@@ -88,11 +100,30 @@ def add_decoding_options(p: argparse.ArgumentParser) -> None:
         )
 
 
+# the options that only one strategy reads: given with another, they are refused
+STRATEGY_OPTIONS = {
+    "sample": ("temperature", "top_k", "top_p", "seed"),
+    "beam": ("length_penalty",),
+}
+_HOW = {"sample": "add --sample", "beam": "add --beam-size N"}
+
+
 def decode_config(args: argparse.Namespace, base: DecodeConfig | None = None) -> DecodeConfig:
     """The decoding options given in ``args`` laid over ``base`` (default: greedy), as
-    :func:`captioner.configs.decode_options.decode_config` does."""
+    :func:`captioner.configs.decode_options.decode_config` does. An option the resulting
+    strategy does not read (``--top-p`` without sampling) is a :class:`UserError`."""
     given = {o.name: getattr(args, o.name) for o in DECODE_OPTIONS if hasattr(args, o.name)}
-    return decode_options.decode_config(given, base)
+    config = decode_options.decode_config(given, base)
+    flags = {o.name: o.flag for o in DECODE_OPTIONS}
+    for strategy, names in STRATEGY_OPTIONS.items():
+        unread = [flags[n] for n in names if n in given]
+        if unread and config.strategy != strategy:
+            kind = "sampling" if strategy == "sample" else "beam search"
+            raise UserError(
+                f"{unread[0]} applies to {kind} only, and this decoding is {config.strategy}: "
+                f"{_HOW[strategy]}"
+            )
+    return config
 
 
 def expand_inputs(items: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -132,15 +163,11 @@ def run(argv: Sequence[str]) -> int:
 
     from captioner.inference import Captioner
 
-    if args.model is not None:
-        checkpoint = args.model
-        captioner = Captioner.from_pretrained(args.model, device=args.device)
-    else:
-        checkpoint = args.checkpoint
-        if checkpoint is None:
-            checkpoint = find_checkpoint()
-            print(f"using checkpoint {checkpoint}", file=sys.stderr)
-        captioner = Captioner.from_checkpoint(checkpoint, device=args.device)
+    checkpoint = args.source
+    if checkpoint is None:
+        checkpoint = find_checkpoint()
+        print(f"using checkpoint {checkpoint}", file=sys.stderr)
+    captioner = Captioner.load(checkpoint, device=args.device)
     maps = args.attention_map
     if maps is not None:
         if not captioner.model.attends:
