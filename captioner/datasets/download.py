@@ -4,7 +4,8 @@ Each archive is streamed into ``DIR/NAME.part`` with a progress bar and resumed 
 ``Range`` request when a ``.part`` is there (a server that ignores ``Range`` makes it start over
 cleanly). The received size is checked against ``Content-Length``/``Content-Range`` and against a
 size or SHA-256 given by the caller; where none is known, the integrity check is the CRC-32 of
-every zip member, verified while unpacking. The SHA-256 of each download is logged and kept in
+every zip member, verified while unpacking, and the caller's check of what was unpacked (the
+members a release must hold). The SHA-256 of each download is logged and kept in
 ``NAME.sha256`` beside it and in its stamp file. Unpacking goes to a hidden staging directory that
 is moved into place only once every member has been read and verified; a stamp file
 ``NAME.done`` marks an archive as unpacked (:func:`fetch_archive`), so a re-run skips it and a
@@ -47,13 +48,16 @@ class Archive:
     """One zip to download and unpack.
 
     ``select`` maps a member name to its path under the output directory (None: skip it);
-    ``size``/``sha256`` are checked when given.
+    ``size``/``sha256`` are checked when given; ``check`` is called with the staging directory
+    once every selected member is unpacked there, and returns what is wrong with them (the
+    archive is then refused) or None.
     """
 
     url: str
     select: Callable[[str], str | None] | None = None
     size: int | None = None
     sha256: str | None = None
+    check: Callable[[Path], str | None] | None = None
 
     @property
     def name(self) -> str:
@@ -220,11 +224,44 @@ def _verify(archive: Archive, part: Path, received: int, total: int | None, sha2
         raise reject(f"SHA-256 is {sha256}, expected {archive.sha256.lower()}")
 
 
-def _safe_relpath(member: str, archive: Path) -> Path:
+class _Refused(Exception):
+    """Why an archive is not unpacked (it is deleted: a re-run fetches it again)."""
+
+
+def _safe_relpath(member: str) -> Path:
     parts = Path(member.replace("\\", "/")).parts
     if not parts or Path(member).is_absolute() or ".." in parts or member.startswith("/"):
-        raise UserError(f"{archive}: refusing to unpack the unsafe member name {member!r}")
+        raise _Refused(f"refusing to unpack the unsafe member name {member!r}")
     return Path(*parts)
+
+
+def _extract(
+    archive_file: Path,
+    staging: Path,
+    select: Callable[[str], str | None] | None,
+    progress: bool,
+) -> None:
+    """Write the selected members into ``staging``, checking each one's CRC as it is read."""
+    from tqdm import tqdm
+
+    with zipfile.ZipFile(archive_file) as zf:
+        chosen = []
+        for info in zf.infolist():
+            dest = select(info.filename) if select else info.filename
+            if dest is not None and not info.is_dir():
+                chosen.append((info, _safe_relpath(dest)))
+        if not chosen:
+            raise _Refused("holds none of the expected files")
+        for info, dest in tqdm(
+            chosen,
+            unit="file",
+            desc=f"unpacking {archive_file.name}",
+            disable=None if progress else True,
+        ):
+            target = staging / dest
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with zf.open(info) as src, open(target, "wb") as dst:
+                shutil.copyfileobj(src, dst, CHUNK)
 
 
 def unpack(
@@ -232,45 +269,32 @@ def unpack(
     out: str | Path,
     select: Callable[[str], str | None] | None = None,
     progress: bool = True,
+    check: Callable[[Path], str | None] | None = None,
 ) -> list[Path]:
     """Unpack the (selected) members of a zip into ``out``; returns the top-level paths.
 
-    Members go to a staging directory first (every CRC is checked as it is read) and are moved
-    into ``out`` only when all of them are there. A corrupt archive is deleted, ``out`` untouched.
+    Members go to a staging directory first (every CRC is checked as it is read, then ``check``
+    looks at what was unpacked) and are moved into ``out`` only when all of them are there. An
+    archive that is corrupt, unsafe or refused by ``check`` is deleted, ``out`` untouched.
     """
-    from tqdm import tqdm
-
     archive_file, out = Path(archive_file), Path(out)
     staging = out / f".{archive_file.name}.unpacking"
     shutil.rmtree(staging, ignore_errors=True)
+    why = None
     try:
-        with zipfile.ZipFile(archive_file) as zf:
-            chosen = []
-            for info in zf.infolist():
-                dest = select(info.filename) if select else info.filename
-                if dest is not None and not info.is_dir():
-                    chosen.append((info, _safe_relpath(dest, archive_file)))
-            if not chosen:
-                raise UserError(f"{archive_file}: holds none of the expected files")
-            for info, dest in tqdm(
-                chosen,
-                unit="file",
-                desc=f"unpacking {archive_file.name}",
-                disable=None if progress else True,
-            ):
-                target = staging / dest
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with zf.open(info) as src, open(target, "wb") as dst:
-                    shutil.copyfileobj(src, dst, CHUNK)
-    except (zipfile.BadZipFile, zlib.error, EOFError, UserError) as exc:
+        _extract(archive_file, staging, select, progress)
+        problem = check(staging) if check is not None else None
+        if problem:
+            why = f"not the expected archive: {problem}; deleted it"
+    except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+        why = f"corrupt zip archive ({exc}); deleted it, run again to download it afresh"
+    except _Refused as exc:
+        why = f"{exc}; deleted it"
+    if why is not None:
         shutil.rmtree(staging, ignore_errors=True)
-        if isinstance(exc, UserError):
-            raise
         archive_file.unlink(missing_ok=True)
         archive_file.with_name(archive_file.name + ".sha256").unlink(missing_ok=True)
-        raise UserError(
-            f"{archive_file}: corrupt zip archive ({exc}); deleted it, run again to download it afresh"
-        ) from None
+        raise UserError(f"{archive_file}: {why}")
     tops = sorted(staging.iterdir())
     for top in tops:
         _move_into(top, out / top.name)
@@ -303,16 +327,16 @@ def fetch_archive(
     """Download ``archive`` into ``downloads`` and unpack it into ``out``, once; returns its
     stamp ``downloads/NAME.done`` (url, bytes, SHA-256, unpacked top-level names).
 
-    An archive whose stamp exists is skipped. The zip is deleted after unpacking unless
-    ``keep_archive``.
+    An archive whose stamp exists is skipped, unless what it unpacked is gone from ``out``. The
+    zip is deleted after unpacking unless ``keep_archive``.
     """
     out, downloads = Path(out), Path(downloads)
     stamp = downloads / f"{archive.name}.done"
-    if stamp.is_file():
+    if stamp.is_file() and _unpacked_still_there(stamp, out):
         log.info("%s: already unpacked (%s)", archive.name, stamp)
         return stamp
     path, sha256 = download(archive, downloads, timeout, progress)
-    tops = unpack(path, out, archive.select, progress)
+    tops = unpack(path, out, archive.select, progress, archive.check)
     record = {
         "url": archive.url,
         "bytes": path.stat().st_size,
@@ -325,3 +349,16 @@ def fetch_archive(
         path.with_name(path.name + ".sha256").unlink(missing_ok=True)
     log.info("%s: unpacked into %s", archive.name, out)
     return stamp
+
+
+def _unpacked_still_there(stamp: Path, out: Path) -> bool:
+    """Whether the top-level paths a stamp records are all in ``out`` (else: fetch again)."""
+    try:
+        unpacked = json.loads(stamp.read_text(encoding="utf-8"))["unpacked"]
+        missing = [name for name in unpacked if not (out / name).exists()]
+    except (OSError, ValueError, KeyError, TypeError):
+        log.warning("%s: unreadable stamp; fetching the archive again", stamp)
+        return False
+    if missing:
+        log.warning("%s: %s is gone; fetching the archive again", stamp, out / missing[0])
+    return not missing
