@@ -10,6 +10,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from captioner.datasets.coco_download import COCO_BASE_URL, KARPATHY_URL, prepare_coco
 from captioner.datasets.flickr8k_download import (
@@ -35,37 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
         "help": "make OUT/images a symlink to the images directory (default: yes)",
     }
 
-    p = sub.add_parser(
-        "flickr8k",
-        help="download Flickr8k (--download), or convert its text release, to COCO captions JSON",
-        description="With --download: fetch Flickr8k's images and text release from a mirror "
-        "(resumable, checked) into OUT, the layout data=flickr8k reads. Without it: convert "
-        "the text release you have (--token-file, --splits-dir, --images).",
-    )
-    p.add_argument(
-        "--download",
-        action="store_true",
-        help=f"download {IMAGES_ZIP} (1 GB) and {TEXT_ZIP} from --base-url",
-    )
-    p.add_argument("--base-url", default=FLICKR8K_BASE_URL, help="mirror of %(default)s")
-    p.add_argument("--token-file", type=Path, help="Flickr8k.token.txt")
-    p.add_argument(
-        "--splits-dir",
-        type=Path,
-        help="directory holding Flickr_8k.{train,dev,test}Images.txt",
-    )
-    p.add_argument("--images", type=Path, help="the Flicker8k_Dataset directory")
-    p.add_argument(
-        "--out",
-        "--root",
-        type=Path,
-        default=Path("data/flickr8k"),
-        help="(default: %(default)s; the data.root of training)",
-    )
-    p.add_argument("--link", **link)
-    p.add_argument("--keep-archives", action="store_true", help="keep the zips after unpacking")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds per network read")
-
+    _add_flickr8k(sub, link)
     p = sub.add_parser("flickr30k", help="results_20130124.token -> COCO captions JSON")
     p.add_argument("--token-file", required=True, type=Path, help="results_20130124.token")
     p.add_argument(
@@ -100,6 +71,44 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--link", **link)
 
+    _add_coco(sub)
+    return parser
+
+
+def _add_flickr8k(sub: Any, link: dict[str, Any]) -> None:
+    p = sub.add_parser(
+        "flickr8k",
+        help="download Flickr8k (--download), or convert its text release, to COCO captions JSON",
+        description="With --download: fetch Flickr8k's images and text release from a mirror "
+        "(resumable, checked) into OUT, the layout data=flickr8k reads. Without it: convert "
+        "the text release you have (--token-file, --splits-dir, --images).",
+    )
+    p.add_argument(
+        "--download",
+        action="store_true",
+        help=f"download {IMAGES_ZIP} (1 GB) and {TEXT_ZIP} from --base-url",
+    )
+    p.add_argument("--base-url", default=FLICKR8K_BASE_URL, help="mirror of %(default)s")
+    p.add_argument("--token-file", type=Path, help="Flickr8k.token.txt")
+    p.add_argument(
+        "--splits-dir",
+        type=Path,
+        help="directory holding Flickr_8k.{train,dev,test}Images.txt",
+    )
+    p.add_argument("--images", type=Path, help="the Flicker8k_Dataset directory")
+    p.add_argument(
+        "--out",
+        "--root",
+        type=Path,
+        default=Path("data/flickr8k"),
+        help="(default: %(default)s; the data.root of training)",
+    )
+    p.add_argument("--link", **link)
+    p.add_argument("--keep-archives", action="store_true", help="keep the zips after unpacking")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds per network read")
+
+
+def _add_coco(sub: Any) -> None:
     p = sub.add_parser("coco", help="download and unpack MS-COCO 2014/2017 captions and images")
     p.add_argument("--year", required=True, choices=["2014", "2017"])
     p.add_argument("--out", type=Path, default=Path("data/coco"), help="(default: %(default)s)")
@@ -114,7 +123,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--karpathy-url", default=KARPATHY_URL, help="(default: %(default)s)")
     p.add_argument("--keep-archives", action="store_true", help="keep the zips after unpacking")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per network read")
-    return parser
 
 
 def main(argv: Sequence[str]) -> int:
