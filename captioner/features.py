@@ -234,7 +234,7 @@ def _compute(
     valid = np.zeros(n, dtype=bool)
     with atomic_path(directory / "features.npy") as tmp:
         array: np.ndarray | None = None
-        for batch in tqdm(loader, desc=f"caching {desc}", unit="batch", leave=False):
+        for batch in tqdm(loader, desc=f"caching {desc}", unit="batch", leave=False, disable=None):
             if should_stop():
                 raise CacheInterrupted(f"stopped while caching {desc}; nothing kept")
             if not len(batch["index"]):

@@ -234,6 +234,57 @@ def test_official_coco_metrics_when_available(tiny_checkpoint: Path, tmp_path: P
     assert m["cider_d"] == pytest.approx(m["cider"], abs=1e-6)
 
 
+# -- what checkpoint= names ---------------------------------------------------------------------
+
+
+def test_a_run_directory_is_its_best_pt(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """The one rule of every command (issue 23): a run directory is its best.pt, else its
+    last.pt; here last.pt is broken, so reading it would fail."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "best.pt").write_bytes(tiny_checkpoint.read_bytes())
+    (run / "last.pt").write_text("a broken last.pt: whoever reads it fails\n")
+    got = run_eval(run, tmp_path / "out", "max_images=2")
+    assert got["metrics"]["checkpoint"] == str(run / "best.pt")
+    want = run_eval(tiny_checkpoint, tmp_path / "want", "max_images=2")
+    assert got["results"] == want["results"]
+
+
+def test_an_exported_folder_is_evaluated_on_the_data_given(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    from captioner.pretrained import export_pretrained
+
+    exported = export_pretrained(tiny_checkpoint, tmp_path / "exported")
+    root = write_coco_split(tmp_path / "other")
+    data = [f"data.root={root}", "data.test_annotations=caps.json", "data.test_images=pics"]
+    got = run_eval(exported, tmp_path / "out", *data, "cache_features=false")
+    want = run_eval(tiny_checkpoint, tmp_path / "want", *data, "cache_features=false")
+    assert got["metrics"]["checkpoint"] == str(exported)
+    assert got["results"] == want["results"]
+    with pytest.raises(UserError, match=r"has no training data config.*give data\.root="):
+        run_eval(exported, tmp_path / "nodata")
+
+
+def test_table_labels_the_two_ciders_and_prints_distinct() -> None:
+    from captioner.evaluation.evaluate import format_table
+
+    metrics = {
+        **{f"bleu{n}": 0.5 for n in range(1, 5)},
+        "cider": 0.81234,
+        "cider_d": 0.81234,
+        "distinct": 0.75,
+        "split": "test",
+        "num_images": 8,
+        "decode": {"strategy": "greedy"},
+    }
+    rows = {ln.split()[0]: ln for ln in format_table(metrics).splitlines()[1:]}
+    assert set(rows) == {"bleu1", "bleu2", "bleu3", "bleu4", "cider", "cider_d", "distinct"}
+    assert "official" in rows["cider"] and "official" not in rows["cider_d"]
+    assert "no Java" in rows["cider_d"]
+    assert rows["distinct"].split()[1] == "0.7500"
+
+
 # -- through the CLI ---------------------------------------------------------------------------
 
 
@@ -276,6 +327,20 @@ def test_cli_writes_run_and_prints_table(
     assert table == pytest.approx(
         {f"bleu{n}": run["metrics"][f"bleu{n}"] for n in range(1, 5)}, abs=1e-4
     )
+    distinct = [ln.split() for ln in out.splitlines() if ln.startswith("  distinct")]
+    assert distinct and float(distinct[0][1]) == pytest.approx(run["metrics"]["distinct"], abs=1e-4)
+
+
+def test_cli_draws_no_progress_bar_into_a_redirected_stream(
+    capsys, keep_logging, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    """stderr here is no terminal: tqdm's bars (building the feature cache, captioning) would
+    only write carriage-return junk into a log (issue 23)."""
+    overrides = [f"hydra.run.dir={tmp_path / 'run'}", f"cache_dir={tmp_path / 'cache'}"]
+    main(["evaluate", f"checkpoint={tiny_checkpoint}", *FAST, *overrides])
+    _, err = capsys.readouterr()
+    assert (tmp_path / "cache").is_dir()  # the cache was built: its bar had its chance
+    assert "\r" not in err and "batch/s" not in err and "it/s" not in err, err
 
 
 @pytest.mark.parametrize(

@@ -26,6 +26,7 @@ from captioner.checkpoint import (
     find_checkpoint,
     load_checkpoint,
     model_from_checkpoint,
+    resolve_checkpoint,
     train_config,
 )
 from captioner.configs.data import DataConfig
@@ -48,6 +49,7 @@ from captioner.evaluation.report import SCORE_KEYS, write_report
 from captioner.features import build_feature_cache, image_source
 from captioner.inference import corpus_scores, generate, hypothesis_text
 from captioner.models.captioning import CaptionModel
+from captioner.pretrained import CONFIG, load_pretrained
 from captioner.runtime import resolve_device
 from captioner.typed import from_dict
 from captioner.vocab import Vocab
@@ -55,18 +57,19 @@ from captioner.vocab import Vocab
 log = logging.getLogger(__name__)
 
 
-def resolve_data_config(checkpoint: dict[str, Any], overrides: dict[str, Any]) -> DataConfig:
-    """The checkpoint's training ``data`` config with the non-null ``overrides`` on top, typed.
+def resolve_data_config(trained: dict[str, Any], overrides: dict[str, Any]) -> DataConfig:
+    """The ``data`` config of the training config ``trained`` with the non-null ``overrides``
+    on top, typed.
 
     Overriding any field drops the demo generator (unless ``demo`` itself is given), so pointing
     ``data.root`` at another dataset never writes demo images there.
     """
     given = {k: v for k, v in overrides.items() if v is not None}
-    base = dict(train_config(checkpoint).get("data") or {})
+    base = dict(trained.get("data") or {})
     if not base and not given.get("root"):
         raise UserError(
-            "the checkpoint has no training data config: give data.root=... and "
-            "data.test_annotations=... data.test_images=..."
+            "the model has no training data config (an exported folder, or a checkpoint saved "
+            "outside a run): give data.root=... and data.test_annotations=... data.test_images=..."
         )
     if given and "demo" not in given:
         base.pop("demo", None)
@@ -78,12 +81,10 @@ def evaluate(cfg: DictConfig | EvaluateConfig, out_dir: str | Path) -> dict[str,
     if not isinstance(cfg, EvaluateConfig):
         cfg = from_dict(EvaluateConfig, {k: v for k, v in cfg.items() if k != "hydra"}, "")
     out_dir = Path(out_dir)
-    ckpt_path = Path(cfg.checkpoint) if cfg.checkpoint else find_checkpoint()
     device = resolve_device(cfg.device)
-    ckpt = load_checkpoint(ckpt_path)
-    model, vocab, pre = model_from_checkpoint(ckpt, device=device)
+    ckpt_path, model, vocab, pre, trained = load_model(cfg.checkpoint, device)
     decode_cfg = cfg.decode
-    records = load_split(resolve_data_config(ckpt, cfg.data or {}), cfg.split)
+    records = load_split(resolve_data_config(trained, cfg.data or {}), cfg.split)
     records = records[: cfg.max_images]
     log.info(
         "evaluating %s on %d %s images (%s decoding)",
@@ -94,9 +95,7 @@ def evaluate(cfg: DictConfig | EvaluateConfig, out_dir: str | Path) -> dict[str,
     )
 
     start = time.perf_counter()
-    hyps = _caption_images(
-        cfg, model, vocab, pre, [r.path for r in records], train_config(ckpt), device
-    )
+    hyps = _caption_images(cfg, model, vocab, pre, [r.path for r in records], trained, device)
     seconds = time.perf_counter() - start
     captions = {i: hypothesis_text(h[0], vocab) for i, h in hyps.items()}
     if not captions:
@@ -126,13 +125,30 @@ def evaluate(cfg: DictConfig | EvaluateConfig, out_dir: str | Path) -> dict[str,
             out_dir,
             metrics,
             rows,
-            metrics_log=ckpt_path.parent / "metrics.jsonl",
+            metrics_log=ckpt_path.parent / "metrics.jsonl" if ckpt_path.is_file() else None,
             attention=attention,
         )
         metrics["report"] = str(report)
         log.info("report: %s", report)
     metrics["out_dir"] = str(out_dir)
     return metrics
+
+
+def load_model(
+    source: str | None, device: torch.device
+) -> tuple[Path, CaptionModel, Vocab, Preprocessing, dict[str, Any]]:
+    """The model ``checkpoint=`` names -> (the file or folder read, model, vocabulary,
+    preprocessing, its training config). A checkpoint file; a run directory: its best.pt, else
+    its last.pt (:func:`resolve_checkpoint`, as every command reads it); a folder written by
+    ``captioner export`` (no training config: the data must be given); null: the newest best.pt
+    under outputs/train/."""
+    if source and (Path(source) / CONFIG).is_file():
+        model, vocab, pre, _ = load_pretrained(source, device=device)
+        return Path(source), model, vocab, pre, {}
+    path = resolve_checkpoint(source) if source else find_checkpoint()
+    ckpt = load_checkpoint(path)
+    model, vocab, pre = model_from_checkpoint(ckpt, device=device)
+    return path, model, vocab, pre, train_config(ckpt)
 
 
 def _caption_images(
@@ -233,9 +249,21 @@ def _attention_panels(
     return list(zip(vocab.decode(hyp.tokens), attention_panels(view, hyp.attention), strict=True))
 
 
+# what each score printed by `captioner evaluate` is, beside its value
+TABLE_NOTES = {
+    "meteor": "coco-caption's official scorer",
+    "rouge_l": "coco-caption's official scorer",
+    "cider": "CIDEr-D, coco-caption's official scorer (pycocoevalcap, PTB tokenizer)",
+    "cider_d": "CIDEr-D, captioner's own code (no Java), as training's val_cider_d",
+    "distinct": "different captions / images",
+}
+
+
 def format_table(metrics: dict[str, Any]) -> str:
-    """A small aligned table of the scores."""
-    keys = [k for k in SCORE_KEYS if k in metrics]
-    head = f"{metrics['split']} split, {metrics['num_images']} images, {metrics['decode']['strategy']} decoding"
-    rows = [f"  {k:<8} {metrics[k]:.4f}" for k in keys]
+    """A small aligned table of the scores: BLEU-1..4, the official coco-caption scores when
+    computed, CIDEr-D and ``distinct``, each but BLEU labelled with what it is."""
+    keys = [k for k in (*SCORE_KEYS, "distinct") if k in metrics]
+    decode = metrics["decode"]["strategy"]
+    head = f"{metrics['split']} split, {metrics['num_images']} images, {decode} decoding"
+    rows = [f"  {k:<8} {metrics[k]:.4f}  {TABLE_NOTES.get(k, '')}".rstrip() for k in keys]
     return "\n".join([head, *rows])
