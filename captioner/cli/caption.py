@@ -27,6 +27,7 @@ from captioner.configs import decode_options
 from captioner.configs.decode import DecodeConfig
 from captioner.configs.decode_options import DECODE_OPTIONS
 from captioner.datasets.images import IMAGE_EXTENSIONS
+from captioner.datasets.trained_on import describe_trained_on
 from captioner.errors import UserError
 
 if TYPE_CHECKING:
@@ -163,11 +164,11 @@ def run(argv: Sequence[str]) -> int:
 
     from captioner.inference import Captioner
 
-    checkpoint = args.source
-    if checkpoint is None:
-        checkpoint = find_checkpoint()
-        print(f"using checkpoint {checkpoint}", file=sys.stderr)
+    checkpoint = args.source or find_checkpoint()
     captioner = Captioner.load(checkpoint, device=args.device)
+    if args.source is None:  # say which model answers, and what it knows
+        trained_on = describe_trained_on(captioner.info.trained_on if captioner.info else None)
+        print(f"using checkpoint {checkpoint}, {trained_on}", file=sys.stderr)
     maps = args.attention_map
     if maps is not None:
         if not captioner.model.attends:
