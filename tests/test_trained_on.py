@@ -58,3 +58,14 @@ def test_caption_names_the_default_checkpoint_and_what_it_was_trained_on(
         "(weights of epoch 1)"
     ]
     assert captured.out.startswith(f"{image}\t")
+
+
+def test_export_says_what_the_model_was_trained_on(
+    capsys: pytest.CaptureFixture, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["export", str(tiny_checkpoint), str(tmp_path / "exported")])
+    captured = capsys.readouterr()
+    assert exc.value.code == 0, captured.err
+    assert captured.out.startswith(f"exported to {tmp_path / 'exported'} (model.safetensors ")
+    assert captured.out.rstrip().endswith(f"MiB), trained on {DEMO} (weights of epoch 1)")

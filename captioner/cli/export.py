@@ -7,7 +7,9 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
+from captioner.datasets.trained_on import describe_trained_on
 from captioner.errors import UserError
+from captioner.manifest import read_manifest
 from captioner.pretrained import CONFIG, FILES, WEIGHTS, export_pretrained
 
 
@@ -33,5 +35,6 @@ def run(argv: Sequence[str]) -> int:
         )
     out = export_pretrained(args.checkpoint, args.out_dir, half=args.half)
     size = (out / WEIGHTS).stat().st_size / 2**20
-    print(f"exported to {out} ({WEIGHTS} {size:.1f} MiB)")
+    trained_on = describe_trained_on(read_manifest(out).trained_on)
+    print(f"exported to {out} ({WEIGHTS} {size:.1f} MiB), {trained_on}")
     return 0
