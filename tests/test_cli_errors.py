@@ -180,7 +180,7 @@ def test_train_help_shows_config_groups(tmp_path: Path) -> None:
     res = cli("train", "--help", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert "Configuration groups" in res.stdout
-    groups = {ln.split(":")[0] for ln in res.stdout.splitlines() if ":" in ln}
+    groups = {ln.split(":")[0].strip() for ln in res.stdout.splitlines() if ":" in ln}
     assert {"data", "model", "optim"} <= groups
     assert not (tmp_path / "outputs").exists()  # --help runs nothing
 

@@ -15,8 +15,8 @@ from typing import Any
 from captioner.errors import UserError
 
 COMMANDS = {
-    "train": "train a captioner (Hydra app; `captioner train --help` shows the config groups)",
-    "evaluate": "BLEU-1..4 (+ COCO metrics) of a checkpoint on a split (Hydra app)",
+    "train": "train a captioner (Hydra app: KEY=VALUE overrides; `captioner train --help`)",
+    "evaluate": "BLEU-1..4, CIDEr-D (+ COCO metrics) of a model on a split (Hydra app; `--help`)",
     "caption": "print a caption for each image (`captioner caption --help`)",
     "export": "write a checkpoint as a shareable folder: safetensors + JSON (`--help`)",
     "serve": "serve a model over HTTP with a web page (`captioner serve --help`)",
@@ -111,11 +111,28 @@ def main(argv: Sequence[str] | None = None) -> None:
         fail("interrupted", 130)
 
 
+def _hydra_command(command: str, task: Callable[[Any], Any], rest: list[str]) -> None:
+    """``--help``: this package's page (:mod:`captioner.cli.hydra_help`); a ``--key value``
+    Hydra does not take: one line with its ``key=value`` spelling; else the Hydra app."""
+    from captioner.cli.hydra_help import flag_hint, help_page
+
+    try:
+        if "--help" in rest or "-h" in rest:
+            print(help_page(command, rest))
+            return
+        hint = flag_hint(command, rest)
+    except UserError as exc:
+        fail(str(exc))
+    if hint is not None:
+        fail(hint)
+    run_hydra_app(command, task, rest)
+
+
 def _dispatch(command: str, rest: list[str]) -> None:
     if command == "train":
-        run_hydra_app("train", _train_task, rest)
+        _hydra_command("train", _train_task, rest)
     elif command == "evaluate":
-        run_hydra_app("evaluate", _evaluate_task, rest)
+        _hydra_command("evaluate", _evaluate_task, rest)
     elif command == "caption":
         from captioner.cli.caption import run as caption
 

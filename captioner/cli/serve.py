@@ -28,39 +28,59 @@ def build_parser() -> argparse.ArgumentParser:
         "--model",
         "-m",
         metavar="DIR_OR_CHECKPOINT",
-        help="a folder written by `captioner export` (or its Hub id), a checkpoint or a run "
-        f"directory (default: the newest best.pt under {DEFAULT_RUNS}/)",
+        help="a checkpoint (best.pt, last.pt), a run directory (its best.pt, else its last.pt), "
+        "a folder written by `captioner export` or its Hub id "
+        f"(default: the newest best.pt under {DEFAULT_RUNS}/)",
     )
     p.add_argument(
-        "--host", default="127.0.0.1", help="address to bind (default: this machine only)"
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (default: %(default)s, this machine only)",
     )
-    p.add_argument("--port", type=int, default=8000, help="port (0: any free port)")
-    p.add_argument("--device", default="auto", help="auto (CUDA > MPS > CPU), cpu, cuda ...")
+    p.add_argument(
+        "--port", type=int, default=8000, help="port, 0: any free port (default: %(default)s)"
+    )
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="auto (CUDA > MPS > CPU), cpu, cuda ... (default: %(default)s)",
+    )
     g = p.add_argument_group("batching and limits")
     g.add_argument(
         "--max-batch",
         type=int,
         default=s.max_batch,
-        help="images decoded together (1: no micro-batching)",
+        help="images decoded together, 1: no micro-batching (default: %(default)s)",
     )
     g.add_argument(
         "--max-wait-ms",
         type=float,
         default=s.max_wait_ms,
-        help="how long a batch waits for more requests",
+        help="how long a batch waits for more requests (default: %(default)s)",
     )
-    g.add_argument("--max-images", type=int, default=s.max_images, help="images per request")
     g.add_argument(
-        "--max-upload-mb", type=float, default=s.max_upload_mb, help="size limit per image"
+        "--max-images",
+        type=int,
+        default=s.max_images,
+        help="images per request (default: %(default)s)",
+    )
+    g.add_argument(
+        "--max-upload-mb",
+        type=float,
+        default=s.max_upload_mb,
+        help="size limit per image (default: %(default)s)",
     )
     g.add_argument(
         "--max-beam-size",
         type=int,
         default=s.max_beam_size,
-        help="largest beam a request may ask for",
+        help="largest beam a request may ask for (default: %(default)s)",
     )
     g.add_argument(
-        "--max-len", type=int, default=s.max_len, help="longest caption a request may ask for"
+        "--max-len",
+        type=int,
+        default=s.max_len,
+        help="longest caption a request may ask for (default: %(default)s)",
     )
     g.add_argument(
         "--body-timeout",
@@ -69,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=s.body_timeout_s,
         metavar="SECONDS",
         help="a request's body must arrive within this once the server starts reading it, "
-        "else a 408 (a stalled upload holds no connection longer)",
+        "else a 408: a stalled upload holds no connection longer (default: %(default)s)",
     )
     return p
 
