@@ -202,14 +202,14 @@ class Captioner:
     @classmethod
     def load(cls, source: str | Path, device: str = "auto") -> Captioner:
         """Whatever ``source`` is: a checkpoint file, a run directory (its best.pt, else its
-        last.pt), an exported folder (it has config.json) or a Hub id. A missing ``*.pt`` is
-        a checkpoint not found."""
+        last.pt), an exported folder (it has one of the exported files) or a Hub id. A missing
+        ``*.pt`` is a checkpoint not found."""
         from captioner.checkpoint import resolve_checkpoint
-        from captioner.pretrained import CONFIG
+        from captioner.pretrained import FILES
 
         path, given = resolve_checkpoint(source), Path(source)
-        as_checkpoint = path.is_file() or given.suffix in (".pt", ".pth")
-        if as_checkpoint or (given.is_dir() and not (given / CONFIG).is_file()):
+        exported = given.is_dir() and any((given / name).is_file() for name in FILES)
+        if path.is_file() or (not exported and (given.is_dir() or given.suffix in (".pt", ".pth"))):
             return cls.from_checkpoint(path, device)
         return cls.from_pretrained(source, device)
 
