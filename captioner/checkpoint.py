@@ -17,8 +17,8 @@ A checkpoint holds only tensors and plain containers (``torch.save`` of a dict, 
 
 What a path names (one rule, :func:`resolve_checkpoint`): a file is itself; a run directory is
 its ``best.pt`` (else its ``last.pt``) wherever weights are read (caption, export, serve,
-evaluate, the ``Captioner`` API), and its ``last.pt`` only where the training state is meant
-(``resume=``, and :func:`load_checkpoint` itself).
+evaluate, the ``Captioner`` API), and its ``last.pt`` only in training (``resume=``, which needs
+the training state, and ``init_from=``, both through :func:`load_checkpoint` itself).
 """
 
 from __future__ import annotations
@@ -153,7 +153,7 @@ def resolve_checkpoint(path: str | Path, prefer: Literal["best", "last"] = "best
       ``captioner caption``, ``export``, ``serve`` and ``evaluate``, ``Captioner.from_checkpoint``
       and ``Captioner.load`` read this.
     * ``prefer="last"``, the training state: its ``last.pt``. ``resume=`` and
-      :func:`load_checkpoint` (given a directory) read this.
+      :func:`load_checkpoint` given a directory (so ``init_from=``) read this.
     """
     path = Path(path)
     if not path.is_dir():
