@@ -6,12 +6,14 @@ import base64
 import threading
 from dataclasses import asdict
 from importlib import resources
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from captioner.datasets.trained_on import describe_trained_on
 from captioner.decoding import Hypothesis
 from captioner.inference import CaptionResult
 from captioner.serve.requests import OPTION_NAMES, read_request
@@ -32,13 +34,24 @@ def read_page() -> str:
     return page.read_text(encoding="utf-8")
 
 
+def model_name(source: str) -> str:
+    """How the page names a model: a folder's name, a checkpoint's folder and file name, a Hub id
+    as given; never the server's absolute path."""
+    path = Path(source)
+    if not path.exists():  # a Hugging Face Hub id: owner/name
+        return source
+    path = path.resolve()
+    return f"{path.parent.name}/{path.name}" if path.is_file() else path.name
+
+
 def model_summary(captioner: "Captioner", settings: ServeSettings) -> dict[str, Any]:
     """``GET /model``: what is loaded and how the server decodes."""
     config = captioner.model.config
     info = captioner.info
     enc, dec = config.encoder, config.decoder
     return {
-        "source": info.source if info else None,
+        # the server's path to the model stays on the server (its log line names it)
+        "name": model_name(info.source) if info else None,
         "encoder": {
             "source": enc.source,
             "name": enc.name,
@@ -56,6 +69,8 @@ def model_summary(captioner: "Captioner", settings: ServeSettings) -> dict[str, 
         "dtype": info.dtype if info else "float32",
         "scores": info.scores if info else {},
         "trained_on": info.trained_on if info else {},
+        # "trained on the synthetic shapes demo: it captions coloured shapes, not photos (...)"
+        "trained_on_summary": describe_trained_on(info.trained_on if info else None),
         "decoding": asdict(captioner.default_decoding),
         "options": list(OPTION_NAMES),
         "limits": {
