@@ -27,6 +27,10 @@ _NEGATION = re.compile(r"n't\b")
 # ("t-shirt", "3.5", "u.s", "at&t"); clitics are tokens of their own; everything else
 # (punctuation) is dropped, as coco-caption's PTBTokenizer does.
 _TOKEN = re.compile(r"n't|'(?:s|re|ve|ll|d|m)\b|[^\W_]+(?:[-.&][^\W_]+)*")
+# Lower-case letters, digits, spaces and commas, then at most a full stop and spaces: no
+# quote (so no clitic), no joiner between two word characters (the one stop has none after
+# it), so its tokens are its runs of letters and digits, which str.split finds far faster.
+_PLAIN = re.compile(r"[a-z0-9 ,]*\.?[ ]*")
 
 
 def tokenize(text: str) -> list[str]:
@@ -37,8 +41,29 @@ def tokenize(text: str) -> list[str]:
     """
     if not isinstance(text, str):
         raise TypeError(f"tokenize() expects a str, got {type(text).__name__}")
-    text = _NEGATION.sub(" n't", text.lower().translate(_QUOTES))
-    return _TOKEN.findall(text)
+    text = text.lower()
+    if _PLAIN.fullmatch(text):  # most captions: the same tokens, about twice as fast
+        return text.replace(",", " ").replace(".", " ").split()
+    return _pattern_tokens(text)
+
+
+def _pattern_tokens(lowered: str) -> list[str]:
+    """:func:`tokenize` of a lower-case text, by the token pattern."""
+    return _TOKEN.findall(_NEGATION.sub(" n't", lowered.translate(_QUOTES)))
+
+
+_WORD_CHAR = re.compile(r"[^\W_]")
+
+
+def has_words(text: str) -> bool:
+    """Whether ``tokenize(text)`` is non-empty, without tokenizing: every token holds a letter
+    or digit and every letter or digit is in a token (a check of every caption read, ten times
+    cheaper than tokenizing it).
+
+    >>> has_words(" ... !"), has_words("a.")
+    (False, True)
+    """
+    return _WORD_CHAR.search(text.lower()) is not None
 
 
 def detokenize(tokens: Sequence[str]) -> str:

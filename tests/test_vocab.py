@@ -7,7 +7,7 @@ import json
 import pytest
 
 from captioner.errors import UserError
-from captioner.vocab import END, PAD, SPECIALS, START, UNK, Vocab, detokenize, tokenize
+from captioner.vocab import END, PAD, SPECIALS, START, UNK, Vocab, detokenize, has_words, tokenize
 
 
 @pytest.mark.parametrize(
@@ -164,3 +164,92 @@ def test_duplicated_words_rejected() -> None:
 def test_specials_must_come_first() -> None:
     with pytest.raises(UserError, match="start with"):
         Vocab([START, PAD, END, UNK, "dog"])
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        " ",
+        "...",
+        " ,;:!? ",
+        "'",
+        "''",
+        "n't",
+        "'s",
+        "_",
+        "__ _",
+        "a",
+        "A.",
+        "3",
+        "don't",
+        "é",
+        "İ",
+        "Ⅻ",
+        "٣",
+        "—",
+        "\u2019s",
+        "`",
+        "a_b",
+        "\u00b2",
+        "ß",
+        "\u0301",
+        "\u3000",
+    ],
+)
+def test_has_words_is_tokenize_non_empty(text: str) -> None:
+    assert has_words(text) == bool(tokenize(text))
+
+
+def test_has_words_agrees_with_tokenize_on_random_text() -> None:
+    import random
+
+    rng = random.Random(0)
+    alphabet = "ab '_-.&,!\u2019\u201c`n't\u00e9\u0130\u2160\u0663\u00b2\u0301\u3000 \t"
+    for _ in range(5000):
+        text = "".join(rng.choices(alphabet, k=rng.randint(0, 6)))
+        assert has_words(text) == bool(tokenize(text)), repr(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "A man riding a wave.",
+        "two dogs, one ball .",
+        "3,5 and 3.5",
+        "end. ",
+        "a.b",
+        "a..",
+        "a . b",
+        ".",
+        ",",
+        "",
+        "  ",
+        "a,b,c",
+        "x .\n",
+        "u.s. flag",
+        "Ｋ",
+        "\u212a",
+        "a\tb .",
+    ],
+)
+def test_plain_fast_path_gives_the_pattern_tokens(text: str) -> None:
+    from captioner.vocab import _pattern_tokens
+
+    assert tokenize(text) == _pattern_tokens(text.lower())
+
+
+def test_plain_fast_path_on_random_text() -> None:
+    """Texts made of the characters the fast path decides on (and its near misses)."""
+    import random
+
+    from captioner.vocab import _PLAIN, _pattern_tokens
+
+    rng = random.Random(1)
+    alphabet = "aZ09 ,.-&'\t\n_"
+    fast = 0
+    for _ in range(20000):
+        text = "".join(rng.choices(alphabet, k=rng.randint(0, 8)))
+        fast += bool(_PLAIN.fullmatch(text.lower()))
+        assert tokenize(text) == _pattern_tokens(text.lower()), repr(text)
+    assert fast > 1000  # the fast path was exercised, not only the pattern

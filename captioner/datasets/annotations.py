@@ -14,17 +14,20 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import posixpath
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from operator import attrgetter, itemgetter
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
+
+import numpy as np
 
 from captioner.configs.data import SPLITS
 from captioner.errors import UserError
 from captioner.files import read_json
-from captioner.vocab import tokenize
+from captioner.vocab import has_words
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +41,36 @@ class CaptionRecord:
     captions: list[str] = field(default_factory=list)
 
 
+class PathTable(Sequence[Path]):
+    """Paths packed into one bytes buffer (their file-system encoding) with an offsets array:
+    ``table[i]`` is a new :class:`~pathlib.Path`.
+
+    A list of a hundred thousand ``Path`` objects is copied page by page into every forked
+    loader worker that reads it (reading an object writes its reference count); this is two
+    objects whatever the length, and pickles as two buffers for a spawned worker."""
+
+    def __init__(self, paths: Iterable[str | os.PathLike[str]]):
+        encoded = [os.fsencode(p) for p in paths]
+        self.data = b"".join(encoded)
+        self.offsets = np.cumsum([0, *map(len, encoded)], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @overload
+    def __getitem__(self, index: int) -> Path: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[Path]: ...
+    def __getitem__(self, index: int | slice) -> Path | list[Path]:
+        n = len(self)
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(n))]
+        i = index + n if index < 0 else index
+        if not 0 <= i < n:
+            raise IndexError(f"path index {index} out of range for {n} paths")
+        return Path(os.fsdecode(self.data[self.offsets[i] : self.offsets[i + 1]]))
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -45,7 +78,7 @@ def _is_int(value: Any) -> bool:
 def _check_caption(path: Path, where: str, caption: Any) -> str:
     if not isinstance(caption, str):
         raise UserError(f"{path}: {where} has no 'caption' string")
-    if not tokenize(caption):
+    if not has_words(caption):
         raise UserError(f"{path}: {where} has an empty caption {caption!r}")
     return caption
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import logging
 import random
+from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset, DistributedSampler
 
@@ -67,6 +69,68 @@ def encode_caption(vocab: Vocab, caption: str, max_len: int) -> list[int]:
     return ids
 
 
+class EncodedCaptions:
+    """Every caption of a split as ids, packed: caption ``j`` is
+    ``tokens[offsets[j]:offsets[j + 1]]`` and record ``r`` owns captions ``first[r]`` to
+    ``first[r + 1] - 1``, in the records' order.
+
+    Three numpy arrays instead of a list of lists of Python ints: a forked loader worker reads
+    them without writing to their pages (reading a Python object writes its reference count, so
+    a worker ends up with its own copy of every list it touched: PyTorch issue 13246), and a
+    spawned worker receives three buffers."""
+
+    def __init__(self, tokens: np.ndarray, offsets: np.ndarray, first: np.ndarray):
+        self.tokens = np.ascontiguousarray(tokens, dtype=np.int32)
+        self.offsets = np.ascontiguousarray(offsets, dtype=np.int64)
+        self.first = np.ascontiguousarray(first, dtype=np.int64)
+
+    @classmethod
+    def encode(
+        cls, records: Sequence[CaptionRecord], vocab: Vocab, max_len: int
+    ) -> EncodedCaptions:
+        """Each record's captions through :func:`encode_caption`, packed."""
+        tokens, lengths, counts = array("i"), array("q", [0]), array("q", [0])
+        for record in records:
+            for caption in record.captions:
+                ids = encode_caption(vocab, caption, max_len)
+                tokens.extend(ids)
+                lengths.append(len(ids))
+            counts.append(len(record.captions))
+        return cls(
+            np.frombuffer(tokens, dtype=np.int32),
+            np.cumsum(np.frombuffer(lengths, dtype=np.int64)),
+            np.cumsum(np.frombuffer(counts, dtype=np.int64)),
+        )
+
+    def __len__(self) -> int:
+        """The number of captions (of all records)."""
+        return len(self.offsets) - 1
+
+    @property
+    def num_records(self) -> int:
+        return len(self.first) - 1
+
+    def caption(self, j: int) -> list[int]:
+        """Caption ``j``'s ids (a new list)."""
+        return self.tokens[self.offsets[j] : self.offsets[j + 1]].tolist()
+
+    def count(self, r: int) -> int:
+        """How many captions record ``r`` has."""
+        return int(self.first[r + 1] - self.first[r])
+
+    def of_record(self, r: int) -> list[list[int]]:
+        """Record ``r``'s captions' ids, in its order."""
+        return [self.caption(j) for j in range(self.first[r], self.first[r + 1])]
+
+    def owner(self, j: int) -> int:
+        """The record that caption ``j`` belongs to."""
+        return int(np.searchsorted(self.first, j, side="right")) - 1
+
+    def to_lists(self) -> list[list[list[int]]]:
+        """Every record's captions as lists (what the packing stands for)."""
+        return [self.of_record(r) for r in range(self.num_records)]
+
+
 class CaptionTrainDataset(Dataset):
     """Training items ``(image tensor or None, [caption ids, ..], record index)``.
 
@@ -76,7 +140,8 @@ class CaptionTrainDataset(Dataset):
     (ruotianluo's ``seq_per_img``), which makes a CNN-in-the-loop epoch up to k times cheaper.
 
     ``images`` is anything indexable by record index that returns a tensor or None: an
-    :class:`ImageDataset` (CNN in the loop) or a cached feature array.
+    :class:`ImageDataset` (CNN in the loop) or a cached feature array. The captions are held as
+    :class:`EncodedCaptions` (shared by forked workers, not copied into each).
     """
 
     def __init__(
@@ -93,29 +158,32 @@ class CaptionTrainDataset(Dataset):
                 f"data.captions_per_image must be >= 1 or null, got {captions_per_image}"
             )
         self.images = images
-        self.captions = [[encode_caption(vocab, c, max_len) for c in r.captions] for r in records]
+        self.captions = EncodedCaptions.encode(records, vocab, max_len)
         self.captions_per_image = captions_per_image
         self.seed = seed
         self.epoch = 0
-        self.pairs = [(r, c) for r, caps in enumerate(self.captions) for c in range(len(caps))]
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.pairs) if self.captions_per_image is None else len(self.captions)
+        if self.captions_per_image is None:
+            return len(self.captions)  # the (image, caption) pairs, in the records' order
+        return self.captions.num_records
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor | None, list[list[int]], int]:
+        captions = self.captions
         if self.captions_per_image is None:
-            r_idx, c_idx = self.pairs[index]
-            chosen = [self.captions[r_idx][c_idx]]
+            r_idx, chosen = captions.owner(index), [captions.caption(index)]
         else:
-            r_idx, caps = index, self.captions[index]
-            if len(caps) <= self.captions_per_image:
-                chosen = caps
-            else:
+            r_idx, n = index, captions.count(index)
+            if n <= self.captions_per_image:
+                chosen = captions.of_record(index)
+            else:  # sample() picks positions from len() alone: the same as over the id lists
                 rng = random.Random(f"{self.seed}/{self.epoch}/{index}")
-                chosen = rng.sample(caps, self.captions_per_image)
+                base = int(captions.first[index])
+                picks = rng.sample(range(n), self.captions_per_image)
+                chosen = [captions.caption(base + k) for k in picks]
         item = self.images[r_idx]
         image = item[0] if isinstance(item, tuple) else item
         return image, chosen, r_idx

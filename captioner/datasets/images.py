@@ -17,6 +17,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 from captioner.configs.preprocessing import Preprocessing
+from captioner.datasets.annotations import PathTable
 from captioner.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -219,7 +220,7 @@ class ImageDataset(Dataset):
     """``(image tensor or None if unreadable, index)`` per record: evaluation and captioning."""
 
     def __init__(self, paths: Sequence[Path | str], transform: Any):
-        self.paths = [Path(p) for p in paths]
+        self.paths = PathTable(paths)  # shared by forked workers, not copied into each
         self.transform = transform
 
     def __len__(self) -> int:
