@@ -78,6 +78,9 @@ class TrainerConfig:
     max_epochs: int = 20
     grad_clip: float | None = 5.0  # max gradient norm; null: no clipping
     label_smoothing: float = 0.0
+    # truncated backpropagation through time for teacher forcing: chunks of this many steps, the
+    # state carried from chunk to chunk but its gradient cut; null: full BPTT
+    tbptt_steps: int | None = None
     # auto (bf16/fp16 autocast on CUDA, fp32 elsewhere) | fp32 | bf16 | fp16
     precision: str = "auto"
     # auto: cache frozen-encoder features when the transform is deterministic | true | false
@@ -112,7 +115,7 @@ class TrainerConfig:
                 f"trainer.scst.start_epoch must be < trainer.max_epochs={self.max_epochs} "
                 f"(the epochs before it are teacher-forced), got {start}"
             )
-        for name in ("patience", "val_max_images"):
+        for name in ("patience", "val_max_images", "tbptt_steps"):
             if getattr(self, name) is not None:
                 at_least(self, "trainer", **{name: 1})
         if self.grad_clip is not None and not self.grad_clip > 0:

@@ -95,9 +95,12 @@ class CaptionModel(nn.Module):
         image_of_caption: Tensor | None = None,
         features: bool = False,
         return_attention: bool = False,
-    ) -> Tensor | tuple[Tensor, Tensor | None]:
+        state: tuple[Tensor, ...] | None = None,
+        return_state: bool = False,
+    ) -> Tensor | tuple[Tensor, ...]:
         """Teacher-forced logits [N, T-1, V] for captions [N, T]; with ``return_attention``
-        (logits, attention weights [N, T-1, P] or None), see
+        (logits, attention weights [N, T-1, P] or None); ``state`` / ``return_state`` go on
+        from / return the decoder's state, chunk by chunk; see
         :meth:`~captioner.models.decoders.Decoder.forward`.
 
         inputs: images [B, 3, H, W], or encoder features ([B, F] / [B, P, F]) when ``features``;
@@ -106,7 +109,14 @@ class CaptionModel(nn.Module):
         feats = inputs if features else self.encode(inputs)  # [B, F] or [B, P, F]
         if image_of_caption is not None:
             feats = feats[image_of_caption]  # [N, ...]
-        return self.decoder(feats.float(), captions, lengths, return_attention=return_attention)
+        return self.decoder(
+            feats.float(),
+            captions,
+            lengths,
+            return_attention=return_attention,
+            state=state,
+            return_state=return_state,
+        )
 
     @torch.no_grad()
     def attention_maps(self, features: Tensor, captions: Tensor, lengths: Tensor) -> list[Tensor]:

@@ -172,11 +172,12 @@ class Decoder(nn.Module):
 
     def _unroll(
         self, x: Tensor, state: State, lengths: Tensor, return_attention: bool
-    ) -> tuple[Tensor, Tensor | None]:
+    ) -> tuple[Tensor, Tensor | None, State]:
         """Teacher forcing through the cell: inputs x [B, T-1, E] -> (top hidden states
         [B, T-1, H], attention weights [B, T-1, P] with the padded steps' zeroed when
-        ``return_attention`` and the decoder attends, else None). Step by step here, as the
-        input of each step may depend on the previous one's state."""
+        ``return_attention`` and the decoder attends, else None, the state after the last
+        step). Step by step here, as the input of each step may depend on the previous one's
+        state."""
         outs, alphas = [], []
         for t in range(x.shape[1]):
             o, state, a = self._advance(x[:, t], state)
@@ -188,7 +189,14 @@ class Decoder(nn.Module):
             steps = torch.arange(x.shape[1], device=x.device)
             real = steps[None, :] < (lengths.to(x.device)[:, None] - 1)  # [B, T-1]
             alpha = torch.stack(alphas, dim=1) * real[:, :, None]  # [B, T-1, P]
-        return out, alpha
+        return out, alpha, state
+
+    def continue_state(self, state: State, features: Tensor) -> State:
+        """The state to go on from after ``state`` (one a chunk of teacher forcing ended in):
+        its cells' tensors as they are, and what the state keeps of the image (the grid and its
+        projection) rebuilt from ``features``, so that detaching ``state`` cuts the gradient
+        through the recurrence only, not the one through the image's memory."""
+        return (*state[: self.cells * self.cell_tensors], *self._memory(features)[1])
 
     def forward(
         self,
@@ -196,17 +204,27 @@ class Decoder(nn.Module):
         captions: Tensor,
         lengths: Tensor,
         return_attention: bool = False,
-    ) -> Tensor | tuple[Tensor, Tensor | None]:
+        state: State | None = None,
+        return_state: bool = False,
+    ) -> Tensor | tuple[Tensor, ...]:
         """Teacher forcing. features [B, F] (grid [B, P, F] with attention), captions [B, T]
         (<start> .. <end> <pad>..), lengths [B] -> logits [B, T-1, V] predicting captions[:, 1:]
         (padded positions are meaningless). ``return_attention``: (logits, alpha [B, T-1, P]
-        with the weights of padded steps zeroed; None without attention)."""
-        state = self.init_state(features)
+        with the weights of padded steps zeroed; None without attention).
+
+        Chunk by chunk (truncated BPTT): ``state`` is the state the previous chunk ended in
+        (:meth:`continue_state`; None: the image's initial state), and ``captions`` the chunk's
+        tokens with the previous chunk's last target first; ``return_state`` appends the state
+        after the chunk's last step to what is returned."""
+        state = self.init_state(features) if state is None else self.continue_state(state, features)
         inputs = captions[:, :-1]  # [B, T-1]: <start> w1 .. wn (and pads)
         x = self.dropout(self.embed(inputs))  # [B, T-1, E]
-        out, alpha = self._unroll(x, state, lengths, return_attention)
+        out, alpha, state = self._unroll(x, state, lengths, return_attention)
         logits = self.out(self.dropout(out))  # [B, T-1, V]
-        return (logits, alpha) if return_attention else logits
+        returned = (logits, alpha) if return_attention else (logits,)
+        if return_state:
+            returned = (*returned, state)
+        return returned if len(returned) > 1 else logits
 
     def step(self, tokens: Tensor, state: State) -> tuple[Tensor, State]:
         """One decoding step: tokens [B] -> logits [B, V] and the next state. The same function as
@@ -225,14 +243,15 @@ class PooledDecoder(Decoder):
 
     def _unroll(
         self, x: Tensor, state: State, lengths: Tensor, return_attention: bool
-    ) -> tuple[Tensor, Tensor | None]:
+    ) -> tuple[Tensor, Tensor | None, State]:
         # The padded batch goes through the cell as it is, without pack_padded_sequence: the
         # cell runs forward in time and captions are padded at the end, so a real position
         # never sees a pad, and what the pads produce is masked out of the loss. Same outputs
         # and gradients as packing, and on a CPU about 1.3x faster a step
-        # (benchmarks/README.md).
-        out, _ = self.rnn(x, self._cell_state(state))  # [B, T-1, H]
-        return out, None
+        # (benchmarks/README.md). (So the final state of a caption that ended before the last
+        # step has read pads: a next chunk only continues captions that had not ended.)
+        out, last = self.rnn(x, self._cell_state(state))  # [B, T-1, H]
+        return out, None, self._with_cell(state, last if isinstance(last, tuple) else (last,))
 
 
 class SoftAttentionDecoder(Decoder):

@@ -244,11 +244,11 @@ def saved_train_config(config: TrainConfig) -> dict[str, Any]:
 
 
 def teacher_forcing_for(model: CaptionModel, vocab: Vocab, tcfg: TrainerConfig) -> TeacherForcing:
-    """The default objective: teacher forcing with ``trainer.label_smoothing``, and the decoder's
-    attention penalty when it attends."""
+    """The default objective: teacher forcing with ``trainer.label_smoothing`` and
+    ``trainer.tbptt_steps``, and the decoder's attention penalty when it attends."""
     decoder = model.config.decoder
     penalty = decoder.attention_penalty if model.attends else 0.0
-    return TeacherForcing(vocab.pad_id, tcfg.label_smoothing, penalty)
+    return TeacherForcing(vocab.pad_id, tcfg.label_smoothing, penalty, tcfg.tbptt_steps)
 
 
 @dataclass

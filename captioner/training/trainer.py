@@ -47,7 +47,7 @@ from captioner.runtime import (
 from captioner.training.gradients import clip_and_measure
 from captioner.training.loaders import RunLoaders
 from captioner.training.monitor import Monitor
-from captioner.training.objectives import Objective, to_device
+from captioner.training.objectives import Objective, backpropagate, loss_parts, to_device
 from captioner.training.progress import Progress
 from captioner.training.runlog import RunLog
 from captioner.training.scst import ScstSwitch
@@ -184,10 +184,14 @@ class Trainer:
         return module, loader, cached
 
     def train_step(self, module: torch.nn.Module, batch: dict[str, Any], cached: bool) -> float:
-        """One optimizer step on ``batch`` with the objective; returns its loss."""
-        with autocast(self.rt.device, self.autocast_dtype):
-            out = self.objective(module, to_device(batch, self.rt.device), features=cached)
-        self.scaler.scale(out.loss).backward()
+        """One optimizer step on ``batch`` with the objective; returns its loss. A loss that
+        comes in parts (truncated BPTT's chunks) is back-propagated part by part
+        (:func:`~captioner.training.objectives.backpropagate`), each forward under autocast."""
+        out = backpropagate(
+            loss_parts(self.objective, module, to_device(batch, self.rt.device), features=cached),
+            lambda loss: self.scaler.scale(loss).backward(),
+            lambda: autocast(self.rt.device, self.autocast_dtype),
+        )
         self.scaler.unscale_(self.optimizer)  # no-op without a float16 scaler
         out.logs.update(clip_and_measure(self._trainable, self.tcfg.grad_clip))
         self.scaler.step(self.optimizer)
@@ -195,7 +199,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
             self.ema.update(self.model)
-        loss = float(out.loss.detach())
+        loss = float(out.loss)
         self.progress.add_batch(loss, out.weight, out.logs)
         return loss
 
