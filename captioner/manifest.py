@@ -12,6 +12,7 @@ own configs (:class:`~captioner.configs.model.ModelConfig`,
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from dataclasses import dataclass, field
@@ -103,6 +104,22 @@ def _checked(raw: dict[str, Any]) -> Manifest:
         scores=_scores(raw.get("scores")),
         trained_on=_trained_on(raw.get("trained_on")),
     )
+
+
+def sized_fields(model: ModelConfig, want: tuple[int, ...], got: tuple[int, ...]) -> str:
+    """The decoder's size fields whose value (or a small multiple: a gated cell's stacked
+    gates) is a dimension of the shape ``want`` where the weights' ``got`` differs, as an error
+    names them: " (model.decoder.hidden_size=1000000)", or "" when none is."""
+    differing = [w for w, g in itertools.zip_longest(want, got) if w is not None and w != g]
+    dec = model.decoder
+    named = [
+        f"model.decoder.{name}={value}"
+        for name, value in [
+            (n, getattr(dec, n)) for n in ("hidden_size", "embed_dim", "attention_dim")
+        ]
+        if any(d in (value, 2 * value, 3 * value, 4 * value) for d in differing)
+    ]
+    return f" ({', '.join(named)})" if named else ""
 
 
 def _scores(node: Any) -> dict[str, float]:

@@ -41,8 +41,8 @@ from captioner.configs.model import ModelConfig
 from captioner.configs.preprocessing import Preprocessing
 from captioner.errors import UserError, first_line
 from captioner.files import atomic_path, atomic_write, read_json
-from captioner.manifest import CONFIG, FORMAT_NAME, FORMAT_VERSION, read_manifest
-from captioner.models.captioning import CaptionModel
+from captioner.manifest import CONFIG, FORMAT_NAME, FORMAT_VERSION, read_manifest, sized_fields
+from captioner.models.captioning import CaptionModel, build_model
 from captioner.vocab import Vocab
 
 log = logging.getLogger(__name__)
@@ -317,8 +317,11 @@ def load_pretrained(
         vocab = Vocab(words)
     except UserError as exc:
         raise UserError(f"{folder / VOCAB}: {exc}") from exc
+    # the config is checked against the weights' shapes before the model is built: a config.json
+    # with hidden_size 10^6 would otherwise allocate terabytes before any weight was read
+    check_weights_fit(manifest.model, folder, len(vocab))
     model, _ = rebuild_model(
-        manifest.model, len(vocab), lambda m: _load_weights(m, folder / WEIGHTS, len(vocab))
+        manifest.model, len(vocab), lambda m: _load_weights(m, folder / WEIGHTS)
     )
     info = ModelInfo(
         source=str(path_or_id),
@@ -330,11 +333,61 @@ def load_pretrained(
     return model.to(device).eval(), vocab, manifest.preprocessing, info
 
 
-def _load_weights(model: CaptionModel, path: Path, vocab_size: int) -> None:
-    """Copy ``path``'s tensors into ``model`` (float16 ones are widened to the model's float32),
-    refusing missing, extra or misshapen tensors by name."""
+def weights_header(path: Path) -> dict[str, tuple[int, ...]]:
+    """The shape of each tensor in the safetensors file ``path``, from its header alone (the
+    tensors themselves are not read)."""
     if not path.is_file():
         raise UserError(f"{path}: missing (the model's weights)")
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UserError(f"{path}: not a readable safetensors file ({first_line(exc)})") from exc
+
+
+def check_weights_fit(config: ModelConfig, folder: Path, vocab_size: int) -> None:
+    """The model ``folder``'s config.json describes has exactly the tensors of its
+    model.safetensors, name by name and shape by shape, checked on the ``meta`` device (no
+    memory): else one UserError naming the tensor, and the config's field when its size is out
+    of proportion with the weights."""
+    path, config_path = folder / WEIGHTS, folder / CONFIG
+    shapes = weights_header(path)
+    layers = config.decoder.num_layers
+    if layers > len(shapes):  # each layer has tensors: bounds the meta model's Python objects
+        raise UserError(
+            f"{config_path}: model.decoder.num_layers={layers}, but {WEIGHTS} holds "
+            f"{len(shapes)} tensors in all (the config does not belong to these weights)"
+        )
+    with torch.device("meta"):
+        model, _ = build_model(config, vocab_size, pretrained=False)
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    missing = sorted(set(expected) - set(shapes))
+    extra = sorted(set(shapes) - set(expected))
+    if missing or extra:
+        parts = [f"missing {len(missing)} ({', '.join(missing[:3])})"] if missing else []
+        parts += [f"unexpected {len(extra)} ({', '.join(extra[:3])})"] if extra else []
+        raise UserError(f"{path}: tensors do not match the model in {CONFIG}: {'; '.join(parts)}")
+    for name, want in expected.items():
+        got = shapes[name]
+        if got == want:
+            continue
+        if got and want and got[0] != want[0] and want[0] == vocab_size:
+            note = f" (the weights are for a {got[0]}-word vocabulary, vocab.json has {vocab_size})"
+            raise UserError(
+                f"{path}: {name} has shape {got}, the model in {CONFIG} needs {want}{note}"
+            )
+        raise UserError(
+            f"{config_path}: the model it describes{sized_fields(config, want, got)} needs {name} of shape {want} "
+            f"({math.prod(want):,} values), {WEIGHTS} holds {got} ({math.prod(got):,}): "
+            "the config does not belong to these weights"
+        )
+
+
+def _load_weights(model: CaptionModel, path: Path) -> None:
+    """Copy ``path``'s tensors (their names and shapes checked by :func:`check_weights_fit`)
+    into ``model``: float16 ones are widened to the model's float32."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -342,23 +395,4 @@ def _load_weights(model: CaptionModel, path: Path, vocab_size: int) -> None:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise UserError(f"{path}: not a readable safetensors file ({first_line(exc)})") from exc
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    extra = sorted(set(tensors) - set(expected))
-    if missing or extra:
-        parts = [f"missing {len(missing)} ({', '.join(missing[:3])})"] if missing else []
-        parts += [f"unexpected {len(extra)} ({', '.join(extra[:3])})"] if extra else []
-        raise UserError(f"{path}: tensors do not match the model in {CONFIG}: {'; '.join(parts)}")
-    for name, want in expected.items():
-        got = tensors[name]
-        if got.shape != want.shape:
-            vocab_note = (
-                f" (the weights are for a {got.shape[0]}-word vocabulary, vocab.json has {vocab_size})"
-                if got.dim() >= 1 and got.shape[0] != want.shape[0] and want.shape[0] == vocab_size
-                else ""
-            )
-            raise UserError(
-                f"{path}: {name} has shape {tuple(got.shape)}, the model in {CONFIG} needs "
-                f"{tuple(want.shape)}{vocab_note}"
-            )
     model.load_state_dict(tensors)  # copying into the float32 parameters widens float16

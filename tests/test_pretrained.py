@@ -7,6 +7,8 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -492,3 +494,63 @@ def test_a_missing_checkpoint_path_is_not_taken_for_a_hub_id(tmp_path: Path, mon
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UserError, match=r"^runs/best.pt: no such folder"):
         load_pretrained("runs/best.pt")
+
+
+# -- a config.json out of proportion with its weights --------------------------------------------
+
+# What the subprocess runs: load the good folder once (every import and code path warm), then
+# each huge config under an address-space limit a little above that baseline. Before the check,
+# the model was built before its weights were read: hidden_size 20,000 alone is an LSTM of 6.4 GB.
+HUGE_CONFIG_SCRIPT = """
+import resource, sys
+import torch
+from captioner.errors import UserError
+from captioner.pretrained import load_pretrained
+
+torch.set_num_threads(1)  # no thread pool reserving address space after the limit is set
+good, *huge = sys.argv[1:]
+load_pretrained(good)
+vm = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines())
+limit = int(vm["VmSize"].split()[0]) * 1024 + HEADROOM
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+for folder in huge:
+    try:
+        load_pretrained(folder)
+        print("loaded", folder)
+    except UserError as exc:
+        print("error:", exc)
+    except BaseException as exc:  # MemoryError, torch's allocation RuntimeError
+        print("crashed:", type(exc).__name__, str(exc).splitlines()[0][:200])
+"""
+HUGE_FIELDS = {  # decoder field, value -> what the one error line names
+    ("hidden_size", 10**6): "model.decoder.hidden_size=1000000",
+    ("hidden_size", 20_000): "model.decoder.hidden_size=20000",
+    ("embed_dim", 10**6): "model.decoder.embed_dim=1000000",
+    ("num_layers", 10**6): "model.decoder.num_layers=1000000",
+}
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_AS and /proc: Linux")
+def test_a_huge_model_in_config_json_is_refused_before_it_is_built(
+    lstm_export: tuple[Path, Path], tmp_path: Path
+) -> None:
+    folders = []
+    for (name, value), _ in HUGE_FIELDS.items():
+        folder = _copy(lstm_export[1], tmp_path / f"{name}-{value}")
+        manifest = json.loads((folder / CONFIG).read_text())
+        manifest["model"]["decoder"][name] = value
+        (folder / CONFIG).write_text(json.dumps(manifest))
+        folders.append(str(folder))
+    script = HUGE_CONFIG_SCRIPT.replace("HEADROOM", str(256 * 2**20))
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(lstm_export[1]), *folders],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    assert len(lines) == len(folders), done.stdout
+    for line, folder, names in zip(lines, folders, HUGE_FIELDS.values(), strict=True):
+        assert line.startswith(f"error: {folder}/{CONFIG}: ") and names in line, line
