@@ -81,3 +81,28 @@ def test_agreement_with_pycocoevalcap(tmp_path) -> None:
     assert ours == pytest.approx(theirs, abs=1e-6)
     assert per_image == pytest.approx(list(their_per_image), abs=1e-6)
     assert max(per_image) > 1.0 and min(per_image) < 0.5  # the comparison covers a range
+
+
+def test_ngrams_are_the_sliced_windows() -> None:
+    """The zipped n-grams and the document frequencies are the slicing definition's."""
+    import random
+    from collections import Counter
+
+    from captioner.evaluation.cider import CiderD, ngram_counts
+
+    rng = random.Random(0)
+    corpus = [
+        [tuple(rng.choices("abcde", k=rng.randint(0, 7))) for _ in range(rng.randint(1, 4))]
+        for _ in range(60)
+    ]
+    df: Counter = Counter()
+    for refs in corpus:
+        seen = set()
+        for ref in refs:
+            counts = ngram_counts(ref)
+            for n in range(1, 5):
+                windows = [tuple(ref[i : i + n]) for i in range(len(ref) - n + 1)]
+                assert counts[n - 1] == Counter(windows)
+                seen.update(windows)
+        df.update(seen)
+    assert CiderD(corpus).df == df

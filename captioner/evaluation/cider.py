@@ -16,16 +16,19 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 Ngrams = list[Counter[tuple[str, ...]]]  # per n (1..N), n-gram -> count
 
 
+def ngrams(tokens: Sequence[str], n: int) -> Iterator[tuple[str, ...]]:
+    """The n-grams of ``tokens`` as tuples, in order: ``n`` shifted copies zipped (the shorter
+    ones end it), each tuple built in C rather than sliced per position."""
+    return zip(*(tokens[k:] for k in range(n)), strict=False)
+
+
 def ngram_counts(tokens: Sequence[str], max_n: int = 4) -> Ngrams:
-    return [
-        Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
-        for n in range(1, max_n + 1)
-    ]
+    return [Counter(ngrams(tokens, n)) for n in range(1, max_n + 1)]
 
 
 class CiderD:
@@ -40,7 +43,7 @@ class CiderD:
         self.max_n, self.sigma = max_n, sigma
         self.df: Counter[tuple[str, ...]] = Counter()
         for refs in corpus:
-            self.df.update({g for ref in refs for per_n in ngram_counts(ref, max_n) for g in per_n})
+            self.df.update({g for ref in refs for n in range(1, max_n + 1) for g in ngrams(ref, n)})
         self.log_corpus = math.log(float(len(corpus)))
         self._refs: dict[tuple[tuple[str, ...], ...], list[tuple]] = {}
 
@@ -101,4 +104,4 @@ def corpus_cider_d(hypotheses: Sequence[str], references: Sequence[Sequence[str]
     return CiderD(refs).corpus_score([tokenize(h) for h in hypotheses], refs)[0]
 
 
-__all__ = ["CiderD", "corpus_cider_d", "ngram_counts"]
+__all__ = ["CiderD", "corpus_cider_d", "ngram_counts", "ngrams"]
