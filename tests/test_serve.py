@@ -10,6 +10,7 @@ import http.client
 import io
 import json
 import os
+import platform
 import select
 import shutil
 import socket
@@ -460,6 +461,47 @@ def test_a_failing_batch_fails_only_its_requests() -> None:
     assert [h[0].tokens for h in out[2] + out[3]] == [[2], [3]]
 
 
+def test_the_heap_is_handed_back_once_per_idle_spell_after_batches(monkeypatch) -> None:
+    """A burst's freed memory goes back to the system once the server is idle: one release per
+    idle spell that follows batches, none while requests keep coming, none without batches."""
+    from captioner.serve import batcher as batching
+
+    released: list[float] = []
+    monkeypatch.setattr(batching, "release_free_memory", lambda: released.append(time.time()))
+
+    async def scenario() -> tuple[int, int, int]:
+        batcher = MicroBatcher(RecordingDecode(), max_batch=4, max_wait_s=0, idle_release_s=0.5)
+        await batcher.start()
+        try:
+            await asyncio.sleep(0.7)  # idle from the start: nothing to hand back
+            before = len(released)
+            for i in range(5):  # requests 0.02 s apart: never idle for 0.5 s
+                await batcher.submit([torch.tensor(i)], DecodeConfig(), False)
+                await asyncio.sleep(0.02)
+            during = len(released)
+            await asyncio.sleep(1.5)  # one idle spell, however long: one release
+            return before, during, len(released)
+        finally:
+            await batcher.stop()
+
+    assert asyncio.run(scenario()) == (0, 0, 1)
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+    reason="malloc_trim and mallopt's arenas are glibc's",
+)
+def test_glibc_arenas_are_limited_and_trimmed_in_a_fresh_process() -> None:
+    script = (
+        "from captioner.serve.batcher import limit_malloc_arenas, release_free_memory\n"
+        "blocks = [bytearray(200_000) for _ in range(500)]\n"  # 100 MB on the heap, freed
+        "del blocks\n"
+        "print(limit_malloc_arenas(1), release_free_memory())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.stdout.split() == ["True", "True"], done.stderr[-2000:]
+
+
 def test_concurrent_clients_get_their_own_captions_and_a_bad_one_fails_alone(
     pooled: Captioner, pics: list[Path]
 ) -> None:
@@ -699,6 +741,9 @@ def test_serve_without_the_extra_says_what_to_install(
         (["--max-upload-mb", "inf"], "--max-upload-mb must be a number > 0"),
         (["--max-wait-ms", "nan"], "--max-wait-ms must be in [0, 10000]"),
         (["--body-timeout", "0"], "--body-timeout must be in (0, 3600] seconds"),
+        (["--header-timeout", "nan"], "--header-timeout must be in (0, 3600] seconds"),
+        (["--max-connections", "0"], "--max-connections must be >= 1"),
+        (["--max-connections", "100000000"], "--max-connections 100000000 needs 100000064 open"),
         (["--max-len", "10"], "default decoding is over the server's limits: max-len: at most 10"),
         (["--model", "/no/such/model"], "no such folder"),
         (["--port", "70000"], "--port must be between 0 and 65535"),

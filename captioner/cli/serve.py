@@ -45,7 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="auto (CUDA > MPS > CPU), cpu, cuda ... (default: %(default)s)",
     )
-    g = p.add_argument_group("batching and limits")
+    add_limits(p.add_argument_group("batching and limits"), s)
+    return p
+
+
+def add_limits(g: argparse._ArgumentGroup, s: ServeSettings) -> None:
+    """The flags of :class:`ServeSettings`, with its defaults."""
     g.add_argument(
         "--max-batch",
         type=int,
@@ -91,7 +96,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="a request's body must arrive within this once the server starts reading it, "
         "else a 408: a stalled upload holds no connection longer (default: %(default)s)",
     )
-    return p
+    g.add_argument(
+        "--header-timeout",
+        dest="header_timeout_s",
+        type=float,
+        default=s.header_timeout_s,
+        metavar="SECONDS",
+        help="a request's headers must arrive within this of its connection opening (or of the "
+        "previous response on it), else the connection closes: a client sending them a byte at "
+        "a time holds none longer (default: %(default)s)",
+    )
+    g.add_argument(
+        "--max-connections",
+        type=int,
+        default=s.max_connections,
+        help="connections open at once; one more is answered 503 and closed as it opens "
+        "(default: %(default)s)",
+    )
 
 
 def check_serve_extra() -> None:
@@ -143,16 +164,45 @@ def announce(source: str, host_arg: str, sock: socket.socket, settings: ServeSet
     )
 
 
+def reserve_files(connections: int) -> None:
+    """Raise the soft limit on open files to what ``connections`` sockets and the server's own
+    files need (up to the hard limit), else a UserError naming --max-connections."""
+    try:
+        import resource
+    except ImportError:  # Windows: no such limit to raise
+        return
+    needed = connections + 64  # the model's files, the log, the listening socket, torch's
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return
+    try:
+        if hard != resource.RLIM_INFINITY and hard < needed:
+            raise ValueError(hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+    except (ValueError, OSError):  # over the hard limit, or the kernel's
+        raise UserError(
+            f"--max-connections {connections} needs {needed} open files, over this system's "
+            f"limit (ulimit -Hn: {hard}): lower --max-connections"
+        ) from None
+
+
 def run(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(argv)
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port must be between 0 and 65535, got {args.port}")
     settings = ServeSettings(**{f.name: getattr(args, f.name) for f in fields(ServeSettings)})
     check_serve_extra()
+    reserve_files(settings.max_connections)
     import uvicorn
 
     from captioner.inference import Captioner
     from captioner.serve.app import create_app
+    from captioner.serve.batcher import limit_malloc_arenas
+    from captioner.serve.limits import bounded_protocol
+
+    # one malloc arena for the whole server (before any thread starts): with an arena per
+    # worker thread, a burst of concurrent requests left its memory with the server
+    limit_malloc_arenas(1)
 
     source = args.model
     if source is None:
@@ -162,6 +212,8 @@ def run(argv: Sequence[str]) -> int:
     app = create_app(captioner, settings)
     sock = bind(args.host, args.port)
     announce(source, args.host, sock, settings)
-    config = uvicorn.Config(app, log_level="warning", access_log=False)
+    config = uvicorn.Config(
+        app, http=bounded_protocol(settings), log_level="warning", access_log=False
+    )
     uvicorn.Server(config).run(sockets=[sock])
     return 0

@@ -1,9 +1,14 @@
 """The micro-batcher: the images of concurrent requests gathered into batches decoded together
-on one model thread (:class:`MicroBatcher`)."""
+on one model thread (:class:`MicroBatcher`), and the C heap's free memory handed back to the
+system once the server goes idle (:func:`release_free_memory`)."""
 
 import asyncio
 import contextlib
+import ctypes
+import functools
+import gc
 import logging
+import sys
 import time
 from collections.abc import Callable, Hashable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +33,44 @@ class _Job:
     future: asyncio.Future = field(repr=False)
 
 
+M_ARENA_MAX = -8  # glibc's mallopt parameter: how many malloc arenas threads may create
+
+
+@functools.cache
+def _glibc(name: str) -> Callable[..., int] | None:
+    """The C library's function ``name`` where it is glibc's, else None (musl has neither
+    ``malloc_trim`` nor ``mallopt``'s arenas; macOS and Windows no glibc)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None)  # the symbols the process already has: its C library's
+    except OSError:
+        return None
+    function = getattr(libc, name, None)
+    if function is not None:
+        function.restype = ctypes.c_int
+    return function
+
+
+def limit_malloc_arenas(arenas: int = 1) -> bool:
+    """Let glibc's malloc create at most ``arenas`` arenas. By default each thread that
+    allocates gets its own (up to 8 per core), and each keeps the peak of what its thread once
+    held: a server whose request threads vary holds the sum of their peaks. Takes effect for
+    arenas not yet created: call it before threads start. True where it was applied."""
+    mallopt = _glibc("mallopt")
+    return bool(mallopt(ctypes.c_int(M_ARENA_MAX), ctypes.c_int(arenas))) if mallopt else False
+
+
+def release_free_memory() -> bool:
+    """Collect the garbage in reference cycles (a refused request's exception and traceback),
+    then hand the free pages of every malloc arena back to the system (glibc keeps what it freed
+    for reuse: the memory of a burst of requests would stay with the server); the second part is
+    a no-op where the C library has no ``malloc_trim``. True if memory was handed back."""
+    gc.collect()
+    trim = _glibc("malloc_trim")
+    return bool(trim(ctypes.c_size_t(0))) if trim is not None else False
+
+
 Decode = Callable[[list["torch.Tensor"], DecodeConfig, bool], list[list[Hypothesis]]]
 
 
@@ -41,10 +84,21 @@ class MicroBatcher:
     options agree; a seeded sampling request decodes alone, so its captions are the CLI's.
     """
 
-    def __init__(self, decode: Decode, max_batch: int = 32, max_wait_s: float = 0.01):
+    def __init__(
+        self,
+        decode: Decode,
+        max_batch: int = 32,
+        max_wait_s: float = 0.01,
+        idle_release_s: float | None = 1.0,
+    ):
         self.decode = decode
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
+        # once no request has come for this long after a batch, the heap's free memory is
+        # handed back (:func:`release_free_memory`, on the model thread); None: never
+        self.idle_release_s = idle_release_s
+        self.releases = 0
+        self._busy = False  # a batch has run since the last release
         self.batches = 0  # decodes run, and images in them: /health reports the mean batch
         self.images = 0
         self._queue: asyncio.Queue[_Job] | None = None
@@ -100,10 +154,26 @@ class MicroBatcher:
         """Per image of ``tensors``, its hypotheses, once its batch has been decoded."""
         return await self.enqueue(tensors, config, attention)
 
+    async def _next_job(self) -> _Job:
+        """The oldest waiting request; while there is none, once the server has been idle for
+        ``idle_release_s`` after a batch, the heap's free memory is handed back."""
+        assert self._queue is not None
+        if self._carry is not None:
+            job, self._carry = self._carry, None
+            return job
+        if self._busy and self.idle_release_s is not None:
+            try:
+                return await asyncio.wait_for(self._queue.get(), self.idle_release_s)
+            except asyncio.TimeoutError:
+                self._busy = False
+                loop = asyncio.get_running_loop()
+                await loop.run_in_executor(self._executor, release_free_memory)
+                self.releases += 1
+        return await self._queue.get()
+
     async def _gather(self) -> list[_Job]:
         assert self._queue is not None
-        first = self._carry if self._carry is not None else await self._queue.get()
-        self._carry = None
+        first = await self._next_job()
         jobs, count = [first], len(first.tensors)
         deadline = time.monotonic() + self.max_wait_s
         while count < self.max_batch:
@@ -130,6 +200,7 @@ class MicroBatcher:
                 if not job.future.done():  # a cancelled request is not decoded
                     groups.setdefault(job.key, []).append(job)
             for jobs in groups.values():
+                self._busy = True
                 tensors = [t for job in jobs for t in job.tensors]
                 try:
                     hyps = await loop.run_in_executor(

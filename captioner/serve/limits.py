@@ -11,6 +11,7 @@ not an ASGI traceback.
 """
 
 import asyncio
+import json
 import logging
 
 from starlette.requests import ClientDisconnect
@@ -87,3 +88,121 @@ class BodyLimits:
             return message
 
         return bounded
+
+
+class _Throttled:
+    """One log line per ``every_s`` at most for an event a client can repeat at will (a flood
+    of connections must not become a flood of log lines): the first, then a count."""
+
+    def __init__(self, message: str, every_s: float = 10.0):
+        self.message, self.every_s = message, every_s
+        self.count, self.last = 0, -every_s
+
+    def __call__(self, now: float) -> None:
+        self.count += 1
+        if now - self.last >= self.every_s:
+            log.warning("%s (%d since the last such line)", self.message, self.count)
+            self.count, self.last = 0, now
+
+
+def _raw_response(status: int, reason: str, message: str) -> bytes:
+    """A whole HTTP/1.1 response ``{"error": message}`` that closes the connection, written
+    where no request is in progress (so no response either)."""
+    body = json.dumps({"error": message}).encode()
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    )
+    return head.encode("ascii") + body
+
+
+def _connection_answers(settings: ServeSettings) -> tuple[bytes, bytes, _Throttled, _Throttled]:
+    """What a connection over the limit and a head too slow are answered, and their log lines."""
+    max_connections, timeout = settings.max_connections, settings.header_timeout_s
+    return (
+        _raw_response(503, "Service Unavailable", f"over {max_connections} connections: try again"),
+        _raw_response(
+            408, "Request Timeout", f"the request headers did not arrive within {timeout:g} s"
+        ),
+        _Throttled(f"closed connections over --max-connections ({max_connections})"),
+        _Throttled(
+            f"closed connections whose request headers took over {timeout:g} s (--header-timeout)"
+        ),
+    )
+
+
+def bounded_protocol(settings: ServeSettings) -> type[asyncio.Protocol]:
+    """uvicorn's h11 HTTP protocol with the two bounds uvicorn lacks, as ``uvicorn.Config``'s
+    ``http``:
+
+    - a request's head (request line and headers) must arrive in full within
+      ``settings.header_timeout_s`` of the connection opening or of the previous response on it,
+      else the connection closes, with a 408 if part of a head came (a client sending its headers
+      a byte at a time held its connection forever: uvicorn times only idle keep-alive
+      connections, and any byte resets that; a new connection that sent nothing was never
+      timed);
+    - at most ``settings.max_connections`` connections are open at once: one more is answered
+      503 and closed as it opens, before it costs a parser, a timer or a request task.
+    """
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    too_many, too_slow, refused, timed_out = _connection_answers(settings)
+
+    class BoundedH11Protocol(H11Protocol):
+        _head_timer: asyncio.TimerHandle | None = None
+        _timed_cycle: object = None  # the request whose head last arrived in time
+        _head_bytes = 0  # bytes of the next request's head received since the timer was armed
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            if len(self.connections) > settings.max_connections:
+                refused(self.loop.time())
+                transport.write(too_many)
+                transport.close()
+                return
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            self._head_bytes += len(data)
+            super().data_received(data)
+            self._head_arrived()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()  # may start a pipelined request
+            if not self.transport.is_closing() and not self._head_arrived():
+                self._arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _head_arrived(self) -> bool:
+            """Whether a request whose head has arrived is in progress (its timer stopped)."""
+            cycle = self.cycle
+            if cycle is None or cycle.response_complete:
+                return False
+            if cycle is not self._timed_cycle:
+                self._timed_cycle = cycle
+                self._disarm()
+            return True
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._head_bytes = 0
+            self._head_timer = self.loop.call_later(settings.header_timeout_s, self._too_slow)
+
+        def _disarm(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _too_slow(self) -> None:
+            self._head_timer = None
+            if self.transport.is_closing() or self._head_arrived():
+                return
+            if self._head_bytes:  # part of a head: say why (an idle connection just closes,
+                timed_out(self.loop.time())  # as keep-alive's does: a client about to reuse
+                self.transport.write(too_slow)  # it must not read an answer it never asked)
+            self.transport.close()
+
+    return BoundedH11Protocol

@@ -19,9 +19,13 @@ class ServeSettings:
     max_beam_size: int = 16  # the largest beam (and n-best) a request may ask for
     max_len: int = 100  # the longest caption a request may ask for, in tokens
     body_timeout_s: float = 30.0  # a request body must arrive within this, once its read starts
+    # a request's headers must arrive within this of its connection opening (or of the previous
+    # response on it): a client sending them a byte at a time holds no connection longer
+    header_timeout_s: float = 10.0
+    max_connections: int = 512  # open at once; one more is answered 503 and closed
 
     def __post_init__(self) -> None:
-        for name in ("max_batch", "max_images", "max_beam_size", "max_len"):
+        for name in ("max_batch", "max_images", "max_beam_size", "max_len", "max_connections"):
             if getattr(self, name) < 1:
                 raise UserError(
                     f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
@@ -30,10 +34,12 @@ class ServeSettings:
             raise UserError(f"--max-wait-ms must be in [0, 10000], got {self.max_wait_ms}")
         if not (self.max_upload_mb > 0 and math.isfinite(self.max_upload_mb)):
             raise UserError(f"--max-upload-mb must be a number > 0, got {self.max_upload_mb}")
-        if not 0 < self.body_timeout_s <= 3600:  # also refuses nan
-            raise UserError(
-                f"--body-timeout must be in (0, 3600] seconds, got {self.body_timeout_s}"
-            )
+        for flag, seconds in (
+            ("--body-timeout", self.body_timeout_s),
+            ("--header-timeout", self.header_timeout_s),
+        ):
+            if not 0 < seconds <= 3600:  # also refuses nan
+                raise UserError(f"{flag} must be in (0, 3600] seconds, got {seconds}")
 
     @property
     def max_upload_bytes(self) -> int:
