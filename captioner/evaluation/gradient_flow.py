@@ -34,13 +34,18 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from captioner.datasets.captions import encode_caption, load_split, pad_captions
+from captioner.datasets.images import build_transform, collate_images
 from captioner.errors import UserError
+from captioner.evaluation.evaluate import load_model, resolve_data_config
+from captioner.features import build_feature_cache, image_source
 from captioner.models.decoders import Decoder
 
 if TYPE_CHECKING:  # matplotlib is imported when a plot is drawn
@@ -249,6 +254,77 @@ def gradient_flow(
     width = max(p.shape[1] for p in parts)
     norms = torch.cat([F.pad(p, (0, width - p.shape[1]), value=math.nan) for p in parts])
     return GradientFlow.from_norms(norms, label=label, target=target)
+
+
+# ---------------------------------------------------------------------------------------------
+# a checkpoint on the captions of a split
+
+
+def model_label(model: nn.Module) -> str:
+    """A curve's name for a model: its decoder's cell, and its attention if any ("GRU + soft")."""
+    cfg = _decoder(model).cfg
+    return cfg.cell.upper() if cfg.attention == "none" else f"{cfg.cell.upper()} + {cfg.attention}"
+
+
+def measure_checkpoint(
+    checkpoint: str | Path,
+    *,
+    split: str = "val",
+    num_captions: int = 250,
+    target: Target = "end",
+    device: str | torch.device = "cpu",
+    batch_size: int = 64,
+    cache_dir: str | Path | None = None,
+    data_root: str | Path | None = None,
+    label: str | None = None,
+) -> GradientFlow:
+    """The curve of a checkpoint (a file, a run directory or an exported folder, as
+    ``captioner evaluate checkpoint=`` reads it) on the reference
+    captions of the first images of ``split`` of the data it was trained on (``data_root``: the
+    same dataset elsewhere), ``num_captions`` of them, every reference of an image in order.
+
+    The encoder's features come from the feature cache under ``cache_dir`` for the whole split
+    (the training run's own cache is a hit when its encoder was frozen), or with ``cache_dir``
+    None from encoding just the images the captions need. Unreadable images are left out."""
+    if num_captions < 1:
+        raise UserError(f"gradient flow: num_captions must be >= 1, got {num_captions}")
+    device = torch.device(device)
+    _, model, vocab, pre, trained = load_model(str(checkpoint), device)
+    data = resolve_data_config(trained, {"root": str(data_root) if data_root else None})
+    records = load_split(data, split)
+    used, total = 0, 0
+    while used < len(records) and total < num_captions:
+        total, used = total + len(records[used].captions), used + 1
+    if total == 0:
+        raise UserError(f"gradient flow: the {split} split of {data.root} has no captions")
+    cache = None
+    if cache_dir is not None:
+        paths = [r.path for r in records]
+        cache = build_feature_cache(model.encoder, pre, paths, cache_dir, device=device)
+    source = image_source([r.path for r in records[:used]], build_transform(pre), cache)
+    feats, ids = [], []
+    with torch.no_grad():
+        for start in range(0, used, batch_size):
+            batch = collate_images([source[i] for i in range(start, min(start + batch_size, used))])
+            if len(batch["index"]):
+                inputs = batch["inputs"].to(device)
+                encoded = inputs if cache is not None else model.encode(inputs)
+                for row, index in zip(encoded, batch["index"].tolist(), strict=True):
+                    for caption in records[index].captions:
+                        feats.append(row)
+                        ids.append(encode_caption(vocab, caption, data.max_caption_len))
+    if not ids:
+        raise UserError(f"gradient flow: no image of the first {used} of {split} could be read")
+    captions, lengths = pad_captions(ids[:num_captions], vocab.pad_id)
+    return gradient_flow(
+        model,
+        torch.stack(feats[:num_captions]),
+        captions,
+        lengths,
+        target=target,
+        batch_size=batch_size,
+        label=label or model_label(model),
+    )
 
 
 def _pyplot() -> Any:
