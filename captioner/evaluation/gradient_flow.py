@@ -19,8 +19,8 @@ Why ``<end>`` (``target="end"``): every caption has it, as the last target the m
 on, predicted from the state that has read the whole caption, also for captions cut at
 ``data.max_caption_len`` (which keep their ``<end>``); its loss is the one that depends on the
 longest stretch of the recurrence. ``target="last_word"`` takes the last real word's loss
-instead (step T = n - 1): a trained model is usually surer of ``<end>``, which shrinks the
-whole curve of a caption by a constant-ish factor but not its decay.
+instead (step T = n - 1). How sure the model is of the target scales the direct gradient
+(softmax - onehot); :attr:`GradientFlow.relative` divides each caption's curve by it.
 
 h is the first tensor of the decoder's state, the cell's hidden state [L, B, H] over all L
 layers (the language cell's, with top-down attention); for an LSTM the gradient at h is the one
