@@ -5,14 +5,12 @@ server's memory back to its baseline afterwards.
     python benchmarks/serve_hostile.py --model outputs/train/<run>/best.pt   # or an exported folder
     python benchmarks/serve_hostile.py        # trains a 2-epoch demo checkpoint first (~1 min)
 
-One real server on loopback (micro-batching on, the defaults; ``--body-timeout 5`` so that stalled
-bodies come round several times in a run, ``--max-upload-mb 1`` so that a chunked body reaches
-the limit, 17 MB, in a fraction of a second). The good load is ``serve_load.py``'s top level: 64
+One real server on loopback (micro-batching on, the defaults; ``--body-timeout 5`` and
+``--header-timeout 2`` so that stalled bodies and heads come round several times in a run,
+``--max-upload-mb 1`` so that a chunked body reaches the limit, 17 MB, in a fraction of a second). The good load is ``serve_load.py``'s top level: 64
 clients, each on its own keep-alive connection, ``--requests`` requests of one demo test image
 each (greedy). Meanwhile ``--hostile-threads`` threads per kind (2) send hostile requests, each
-at most ``--hostile-rate`` a second (10), until the good load is done (a flood of connections, as
-fast as a client can open them, is a rate limiter's job in front of the server, not measured
-here):
+at most ``--hostile-rate`` a second (10), until the good load is done:
 
 - ``chunked``: ``Transfer-Encoding: chunked`` beside ``Content-Length: 5``, streaming up to 300 MB
 - ``oversize``: a ``Content-Length`` of 1 GB, a few bytes sent
@@ -21,10 +19,15 @@ here):
 - ``wide_png``: a 1 x 100,000 px PNG (its preparation must stay bounded)
 - ``corrupt``: a PNG cut in half
 - ``bad_options``: a good image with ``beam-size=three``
+- ``slow_head``: a request's headers sent a byte every 0.2 s (closed with a 408 after
+  ``--header-timeout``)
+- ``flood``: 100 connections opened at once that never send a byte (closed after
+  ``--header-timeout``; a flood over ``--max-connections`` is ``tests/test_serve_limits.py``'s)
 
 Printed: requests and status counts per kind, p50/p99 latency of the good requests, the server's
 RSS (``/proc/PID/status``, sampled every 50 ms) before the load (after a warm-up), at its peak and
-after it (once settled), and its log's size. Exit status 1 if any answer is a 5xx, a good request
+after it (``--settle`` seconds idle, as the baseline), with the anonymous and file-backed parts,
+and its log's size. Exit status 1 if any answer is a 5xx, a good request
 failed, or the RSS after is more than ``--rss-slack-mb`` over the baseline.
 """
 
@@ -89,11 +92,28 @@ def wait_healthy(address: Address, deadline: float) -> None:
     raise SystemExit("the server did not answer /health")
 
 
-def rss_mb(pid: int) -> float:
+def proc_status(pid: int) -> dict[str, int]:
+    """``/proc/PID/status``'s numeric fields (kB for the memory ones)."""
+    out = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise SystemExit(f"no VmRSS for process {pid}")
+        key, _, value = line.partition(":")
+        if value.split() and value.split()[0].isdigit():
+            out[key] = int(value.split()[0])
+    return out
+
+
+def rss_mb(pid: int) -> float:
+    return proc_status(pid)["VmRSS"] / 1024
+
+
+def memory_line(pid: int) -> str:
+    """The RSS's parts: anonymous memory (the heap: what a leak grows), file pages (libraries'
+    code paged in on first use), and the thread count."""
+    st = proc_status(pid)
+    return (
+        f"RSS {st['VmRSS'] / 1024:.0f} MB = anon {st['RssAnon'] / 1024:.0f} + file "
+        f"{st['RssFile'] / 1024:.0f} + shmem {st['RssShmem'] / 1024:.0f}; {st['Threads']} threads"
+    )
 
 
 def read_status(sock: socket.socket) -> str:
@@ -138,6 +158,29 @@ def _head(length: int, chunked: bool = False) -> bytes:
     return b"\r\n".join(lines) + b"\r\n\r\n"
 
 
+def slow_head(address: Address) -> str:
+    """A request's headers a byte every 0.2 s, until the server answers -> its status."""
+    with socket.create_connection(address, timeout=60) as sock:
+        try:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+            while not select.select([sock], [], [], 0.2)[0]:
+                sock.sendall(b"x")
+        except OSError:
+            pass
+        return read_status(sock)
+
+
+def flood(address: Address, connections: int) -> str:
+    """``connections`` connections that send nothing, held until the server closes them -> what
+    each got ("closed": closed without an answer)."""
+    socks = [socket.create_connection(address, timeout=60) for _ in range(connections)]
+    try:
+        return "+".join(sorted({read_status(sock) for sock in socks}))
+    finally:
+        for sock in socks:
+            sock.close()
+
+
 def post(address: Address, body: bytes, ctype: str) -> str:
     conn = http.client.HTTPConnection(*address, timeout=120)
     try:
@@ -175,6 +218,8 @@ def hostile_kinds(address: Address, good_png: Path, workdir: Path) -> dict[str, 
         "oversize": lambda: raw_request(address, _head(10**9), lambda: [PART]),
         "stalled": lambda: raw_request(address, _head(100_000), lambda: [PART]),
         "disconnect": lambda: raw_request(address, _head(100_000), lambda: [PART], answer=False),
+        "slow_head": lambda: slow_head(address),
+        "flood": lambda: flood(address, 100),
         "wide_png": lambda: post(address, *wide_body),
         "corrupt": lambda: post(address, *half_body),
         "bad_options": lambda: post(address, bad_body, bad_type),
@@ -225,6 +270,7 @@ def main() -> int:
     )
     p.add_argument("--kinds", nargs="+", help="only these hostile kinds (default: all)")
     p.add_argument("--body-timeout", type=float, default=5.0)
+    p.add_argument("--header-timeout", type=float, default=2.0)
     p.add_argument(
         "--max-upload-mb",
         type=float,
@@ -232,6 +278,12 @@ def main() -> int:
         help="the server's (body limit: 16x this + 1 MB)",
     )
     p.add_argument("--rss-slack-mb", type=float, default=32.0)
+    p.add_argument(
+        "--settle",
+        type=float,
+        default=5.0,
+        help="seconds idle before the baseline and before the after-RSS is read",
+    )
     args = p.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="serve-hostile-"))
@@ -244,7 +296,10 @@ def main() -> int:
         raise SystemExit(f"{images or DEMO_IMAGES}: no PNG images")
     bodies = [multipart(path) for path in paths]
     log = workdir / "server.log"
-    limits = ("--body-timeout", str(args.body_timeout), "--max-upload-mb", str(args.max_upload_mb))
+    limits = (
+        *("--body-timeout", str(args.body_timeout), "--header-timeout", str(args.header_timeout)),
+        *("--max-upload-mb", str(args.max_upload_mb)),
+    )
     proc, address = start_server(model, log, *limits)
     print(f"{cpu_name()}, {os.cpu_count()} cores; load average {os.getloadavg()[0]:.2f}")
     try:
@@ -256,8 +311,9 @@ def main() -> int:
 
 def run(args, proc, address, bodies, good_png, workdir, log) -> int:
     good_load(address, bodies, args.clients, 2)  # warm-up: batches of every size, threads
-    time.sleep(1)
+    time.sleep(args.settle)  # the server idle, as it is after the load
     before = rss_mb(proc.pid)
+    print(f"baseline: {memory_line(proc.pid)}")
     log_before = len(log.read_text().splitlines())
     peak, done = [before], threading.Event()
 
@@ -294,17 +350,11 @@ def run(args, proc, address, bodies, good_png, workdir, log) -> int:
     done.set()
     for t in threads:
         t.join()
-    after = settle(proc.pid, before + args.rss_slack_mb)
+    time.sleep(args.settle)
+    after = rss_mb(proc.pid)
+    print(f"after:    {memory_line(proc.pid)}")
     counts["good"] = collections.Counter(statuses)
     return report(args, counts, latencies, wall, (before, peak[-1], after), log, log_before)
-
-
-def settle(pid: int, target: float, within_s: float = 20.0) -> float:
-    """The RSS once it is under ``target``, or after ``within_s``."""
-    deadline = time.monotonic() + within_s
-    while (rss := rss_mb(pid)) > target and time.monotonic() < deadline:
-        time.sleep(0.5)
-    return rss
 
 
 def report(args, counts, latencies, wall, rss, log, log_before) -> int:
