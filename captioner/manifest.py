@@ -29,6 +29,9 @@ FORMAT_NAME = "captioner-pretrained"
 FORMAT_VERSION = 1
 CONFIG = "config.json"
 DTYPES = ("float32", "float16")
+# the finest attention grid a folder may ask for, per side (those in use are 7 to 14): the grid is
+# no weight's shape, and one of 10^4 would make every image's features gigabytes
+MAX_GRID = 64
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 Scalar = str | int | float | bool | None
 
@@ -94,6 +97,12 @@ def _checked(raw: dict[str, Any]) -> Manifest:
     except (TypeError, ValueError, AttributeError) as exc:  # a wrong type deep inside
         raise UserError(first_line(exc)) from exc
     decoding = DecodeConfig.from_dict(raw["decoding"], "decoding")
+    grid = model.encoder.grid
+    if grid is not None and grid > MAX_GRID:  # not a weight's shape: the build cannot check it
+        raise UserError(
+            f"model.encoder.grid must be at most {MAX_GRID} (an attention grid of {MAX_GRID} x "
+            f"{MAX_GRID} positions), got {grid}"
+        )
     return Manifest(
         vocab_size=size,
         model=model,

@@ -309,6 +309,12 @@ def _edit_preprocessing(folder: Path, **changes: object) -> None:
     (folder / CONFIG).write_text(json.dumps(manifest))
 
 
+def _edit_model(folder: Path, part: str, **changes: object) -> None:
+    manifest = json.loads((folder / CONFIG).read_text())
+    manifest["model"][part].update(changes)
+    (folder / CONFIG).write_text(json.dumps(manifest))
+
+
 # every field of config.json a folder from someone else may get wrong: one line naming the file
 # and the field (the preprocessing values are Preprocessing's own checks)
 BAD_FIELDS = {
@@ -333,6 +339,7 @@ BAD_FIELDS = {
         "trained_on.dataset",
     ),
     "unknown_dtype": (lambda f: _edit_config(f, dtype="int8"), "dtype"),
+    "huge_grid": (lambda f: _edit_model(f, "encoder", grid=10**4), "model.encoder.grid"),
     "vocab_size_a_string": (lambda f: _edit_config(f, vocab_size="5"), "vocab_size"),
     "vocab_digest_a_number": (lambda f: _edit_config(f, vocab_sha256=5), "vocab_sha256"),
     "model_a_string": (lambda f: _edit_config(f, model="resnet18"), "model"),
