@@ -16,6 +16,7 @@ request's bad image is that request's 4xx and never touches the others. Every ba
 :mod:`captioner.serve.routes`; the command line in :mod:`captioner.cli.serve`.
 """
 
+import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
@@ -64,8 +65,12 @@ def create_app(captioner: "Captioner", settings: ServeSettings | None = None) ->
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """The batcher runs while the app does (an app may be started more than once)."""
+    """The batcher runs while the app does (an app may be started more than once). What is
+    alive at start-up (the model, the modules) lives as long as the server: it is kept out of the
+    garbage collector's scans (``gc.freeze``), so the collection the batcher runs when the server
+    goes idle takes a millisecond instead of ~0.4 s of the interpreter's time."""
     batcher: MicroBatcher = app.state.batcher
+    gc.freeze()
     await batcher.start()
     yield
     await batcher.stop()
