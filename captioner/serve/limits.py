@@ -1,5 +1,7 @@
 """A request body's bounds, kept as its bytes arrive whatever its headers say:
-:class:`BodyLimits`, a pure ASGI middleware around the app.
+:class:`BodyLimits`, a pure ASGI middleware around the app; and the bounds a request has before
+the app sees it, on its head and on connections (:func:`bounded_protocol`, uvicorn's HTTP
+protocol with a header timeout and a connection cap).
 
 ``Content-Length`` is checked before a body is read (:func:`~captioner.serve.requests.check_headers`),
 but a client may send ``Transfer-Encoding: chunked`` beside a small ``Content-Length`` and stream
