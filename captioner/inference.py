@@ -220,14 +220,17 @@ class Captioner:
     @torch.inference_mode()
     def caption(
         self,
-        images: Sequence[str | Path | Image.Image],
+        images: str | Path | Image.Image | Sequence[str | Path | Image.Image],
         config: DecodeConfig | None = None,
         batch_size: int = 32,
         attention: bool = False,
     ) -> list[CaptionResult]:
-        """One :class:`CaptionResult` per input, in order; an unreadable image gets ``error``
-        set and does not stop the others. ``config``: default :attr:`default_decoding`. ``attention``: also each caption's attention maps (a
+        """One :class:`CaptionResult` per input, in order (a single path or image is one input);
+        an unreadable image gets ``error`` set and does not stop the others. ``config``:
+        default :attr:`default_decoding`. ``attention``: also each caption's attention maps (a
         model that attends only; else a ``UserError``)."""
+        if isinstance(images, str | Path | Image.Image):  # one image, not a str's characters
+            images = [images]
         config = config or self.default_decoding
         if attention and not self.model.attends:
             raise UserError(

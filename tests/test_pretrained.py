@@ -561,3 +561,15 @@ def test_a_huge_model_in_config_json_is_refused_before_it_is_built(
     assert len(lines) == len(folders), done.stdout
     for line, folder, names in zip(lines, folders, HUGE_FIELDS.values(), strict=True):
         assert line.startswith(f"error: {folder}/{CONFIG}: ") and names in line, line
+
+
+def test_a_single_path_or_image_is_one_image(
+    lstm_export: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """``caption("photo.jpg")`` captions the photo, not the string's nine characters."""
+    captioner = Captioner.from_pretrained(lstm_export[1], device="cpu")
+    path = images(tmp_path, 1)[0]
+    want = captioner.caption([path])[0].caption
+    for single in (str(path), path, Image.open(path)):
+        results = captioner.caption(single)
+        assert len(results) == 1 and results[0].error is None and results[0].caption == want
