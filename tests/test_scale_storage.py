@@ -191,3 +191,31 @@ def test_path_table_keeps_undecodable_names(tmp_path) -> None:
     """A file name that is not UTF-8 (bytes from the file system) survives the packing."""
     odd = Path(tmp_path / b"caf\xe9.jpg".decode("utf-8", "surrogateescape"))
     assert PathTable([odd])[0] == odd
+
+
+# -- workers ------------------------------------------------------------------------------------
+
+
+def _worker_state(queue) -> None:
+    import gc
+    import signal
+
+    from captioner.training.loaders import init_worker
+
+    before = gc.get_freeze_count()
+    init_worker(0)
+    queue.put((before, gc.get_freeze_count(), signal.getsignal(signal.SIGINT) == signal.SIG_IGN))
+
+
+def test_init_worker_freezes_inherited_objects_and_ignores_signals() -> None:
+    """The loaders' workers never run a collection over what they inherited (which would copy
+    it into each of them) and leave Ctrl-C to the main process."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_worker_state, args=(queue,))
+    proc.start()
+    before, after, ignored = queue.get(timeout=60)
+    proc.join(timeout=60)
+    assert after > max(before, 1000) and ignored

@@ -11,6 +11,7 @@ every rank), and the loaders' workers leave SIGINT and SIGTERM to the main proce
 from __future__ import annotations
 
 import contextlib
+import gc
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,15 @@ from captioner.features import (
 from captioner.models.captioning import CaptionModel
 from captioner.runtime import Runtime, StopSignal, barrier, ignore_stop_signals
 from captioner.vocab import Vocab
+
+
+def init_worker(worker_id: int) -> None:
+    """A loader worker's start: SIGINT and SIGTERM left to the main process, and every object
+    inherited from it frozen out of the garbage collector. A full collection writes to every
+    object it visits, so it would copy into the worker each page of the run's records,
+    vocabulary and model that fork had shared (Python's advice: ``gc.freeze`` around fork)."""
+    ignore_stop_signals(worker_id)
+    gc.freeze()
 
 
 class RunLoaders:
@@ -111,7 +121,7 @@ class RunLoaders:
             num_workers=0 if cached else self.data.num_workers,
             collate_fn=partial(collate_captions, pad_id=self.vocab.pad_id),
             pin_memory=self.rt.device.type == "cuda",
-            worker_init_fn=ignore_stop_signals,
+            worker_init_fn=init_worker,
             # own generator: worker seeds never consume the global RNG (exact resume)
             generator=torch.Generator().manual_seed(self.seed * 100003 + epoch),
         )
