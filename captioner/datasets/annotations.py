@@ -7,6 +7,7 @@ and the entry. Torch-free on purpose: ``captioner prepare`` and the data pipelin
 - :func:`read_karpathy`: the ONE reader of Karpathy's ``dataset_{coco,flickr8k,flickr30k}.json``
   -> :class:`KarpathyImage` per entry (the split file's structure, checked);
 - :func:`load_karpathy_split`: one split of it as :class:`CaptionRecord` (training, evaluation).
+- :class:`PathTable`: image paths packed for loader workers to share (not copy).
 """
 
 from __future__ import annotations

@@ -1,0 +1,442 @@
+"""COCO scale on one machine: every stage of the data pipeline timed at N train images.
+
+Makes a COCO-shaped dataset (``--root``, outside the checkout): N train images (+ ``--val``
+val images) with five captions each, drawn from a real captions file (``--captions``) with rare
+words added so the vocabulary grows as COCO's does, and tiny PNG images. Then it times each stage
+at every N in its own process (so peak RSS is the stage's), and prints a table of seconds,
+seconds per image and its ratio to the first N, and peak RSS; the loader workers' unique memory
+(USS: the ``Private_*`` lines of ``/proc/PID/smaps_rollup``, pages that are the worker's alone)
+after ``--worker-batches`` batches of the image path.
+
+    nice -n 10 python benchmarks/scale.py --sizes 6000 30000 118287 --json scale.json
+    python benchmarks/scale.py --help
+
+Progress goes to stderr, the table to stdout. See benchmarks/README.md ("scale.py").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_CAPTIONS = HERE.parent.parent / "shared/data/flickr8k/annotations/captions_train.json"
+STAGES = ("annotations", "vocab", "encode", "cider_df", "cache", "startup", "workers", "epoch")
+CAPTIONS_PER_IMAGE = 5
+
+
+# ---------------------------------------------------------------------------------------------
+# the dataset
+
+
+def _png(rgb: tuple[int, int, int], size: int) -> bytes:
+    """A ``size`` x ``size`` PNG of one colour with a diagonal, written without Pillow."""
+    rows = []
+    for y in range(size):
+        row = bytearray(rgb * size)
+        row[3 * y : 3 * y + 3] = bytes(255 - c for c in rgb)
+        rows.append(b"\0" + bytes(row))
+    raw = zlib.compress(b"".join(rows))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return len(data).to_bytes(4, "big") + body + zlib.crc32(body).to_bytes(4, "big")
+
+    header = size.to_bytes(4, "big") * 2 + bytes([8, 2, 0, 0, 0])
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", raw) + chunk(b"IEND", b"")
+
+
+def rare_word(k: int) -> str:
+    """The k-th invented word: letters only, so ``tokenize`` keeps it whole."""
+    letters = ""
+    while True:
+        k, r = divmod(k, 26)
+        letters += chr(ord("a") + r)
+        if not k:
+            return "zq" + letters
+
+
+def make_captions(source: list[str], count: int, rng: np.random.Generator, p: float) -> list[str]:
+    """``count`` captions drawn from ``source``; a fraction ``p`` get one invented word whose
+    rank follows Zipf's law (1/k over a million words), so a word reaches ``min_freq`` as the
+    corpus grows, as new words do in COCO."""
+    picks = rng.integers(0, len(source), count)
+    ranks = np.floor(np.exp(rng.uniform(0, np.log(1e6), count))).astype(np.int64)
+    add = rng.random(count) < p
+    out = []
+    for i, j in enumerate(picks):
+        text = source[j]
+        if add[i]:
+            words = text.split()
+            words.insert(len(words) // 2, rare_word(int(ranks[i])))
+            text = " ".join(words)
+        out.append(text)
+    return out
+
+
+def make_dataset(args: argparse.Namespace) -> None:
+    """``root/images/*.png`` for max(N) + val images and ``root/captions_{train_N,val}.json``."""
+    root = args.root
+    images = root / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    total = max(args.sizes) + args.val
+    rng = np.random.default_rng(0)
+    pool = [
+        _png(tuple(int(c) for c in rng.integers(0, 256, 3)), args.image_size) for _ in range(64)
+    ]
+    start = time.perf_counter()
+    for i in range(1, total + 1):
+        path = images / f"{i:012d}.png"
+        if not path.exists():
+            path.write_bytes(pool[i % len(pool)])
+    log(f"{total} images in {images} ({time.perf_counter() - start:.0f} s)")
+    source = [a["caption"] for a in json.loads(args.captions.read_text())["annotations"]]
+    captions = make_captions(source, total * CAPTIONS_PER_IMAGE, rng, args.rare_fraction)
+    val_ids = range(max(args.sizes) + 1, total + 1)
+    write_split(root / "captions_val.json", val_ids, captions)
+    for n in args.sizes:
+        write_split(root / f"captions_train_{n}.json", range(1, n + 1), captions)
+    log(f"annotations written ({len(captions)} captions)")
+
+
+def write_split(path: Path, ids: range, captions: list[str]) -> None:
+    images = [{"id": i, "file_name": f"{i:012d}.png", "width": 32, "height": 32} for i in ids]
+    anns = [
+        {"id": (i - 1) * CAPTIONS_PER_IMAGE + k + 1, "image_id": i, "caption": captions[cid]}
+        for i in ids
+        for k, cid in enumerate(range((i - 1) * CAPTIONS_PER_IMAGE, i * CAPTIONS_PER_IMAGE))
+    ]
+    path.write_text(json.dumps({"info": {}, "licenses": [], "images": images, "annotations": anns}))
+
+
+# ---------------------------------------------------------------------------------------------
+# the stages, each in its own process: -> a dict of figures
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def timed(fn: Callable[[], Any], repeat: int = 1) -> tuple[Any, float]:
+    """``fn()`` and its time: the least of ``repeat`` runs (the machine is shared)."""
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - start)
+    return out, best
+
+
+def uss_mb(pid: int) -> float:
+    """The unique set size of ``pid``: its private pages, clean or dirty (not shared ones)."""
+    text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    kb = sum(int(line.split()[1]) for line in text.splitlines() if line.startswith("Private_"))
+    return kb / 1024
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS (``VmHWM``: unlike ``ru_maxrss``, not inherited across exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def split_paths(root: Path, n: int) -> tuple[Path, Path, Path]:
+    return root / f"captions_train_{n}.json", root / "captions_val.json", root / "images"
+
+
+def load(root: Path, n: int) -> Any:
+    from captioner.datasets.annotations import load_coco_captions
+
+    ann, _, images = split_paths(root, n)
+    return load_coco_captions(ann, images)
+
+
+def vocab_of(records: Any) -> Any:
+    from captioner.vocab import Vocab
+
+    return Vocab.build((c for r in records for c in r.captions), min_freq=5)
+
+
+def stage_annotations(args: argparse.Namespace) -> dict[str, Any]:
+    records, sec = timed(lambda: load(args.root, args.n), args.repeat)
+    return {"s": sec, "captions": sum(len(r.captions) for r in records)}
+
+
+def stage_vocab(args: argparse.Namespace) -> dict[str, Any]:
+    records = load(args.root, args.n)
+    vocab, sec = timed(lambda: vocab_of(records), args.repeat)
+    return {"s": sec, "vocab": len(vocab)}
+
+
+def stage_encode(args: argparse.Namespace) -> dict[str, Any]:
+    from captioner.datasets.captions import CaptionTrainDataset
+
+    records = load(args.root, args.n)
+    vocab = vocab_of(records)
+    dataset, sec = timed(lambda: CaptionTrainDataset(records, vocab, 20, None), args.repeat)
+    return {"s": sec, "items": len(dataset)}
+
+
+def stage_cider_df(args: argparse.Namespace) -> dict[str, Any]:
+    from captioner.evaluation.cider import CiderD
+    from captioner.vocab import tokenize
+
+    records = load(args.root, args.n)
+
+    def build() -> Any:
+        refs = [[(*tokenize(c), "<end>") for c in r.captions] for r in records]
+        return CiderD(refs)
+
+    _, sec = timed(build, args.repeat)
+    return {"s": sec}
+
+
+def fake_cache(paths: list[Path], root: Path, fingerprint: str, pre: Any, dim: int) -> None:
+    """A complete feature cache entry for ``paths`` (zeros), as ``build_feature_cache`` writes
+    one: the CNN pass it saves is linear by construction and not what is measured here."""
+    from captioner.features import CACHE_VERSION, cache_key
+
+    key = cache_key(fingerprint, pre, paths)
+    directory = root / key[:20]
+    directory.mkdir(parents=True, exist_ok=True)
+    np.lib.format.open_memmap(
+        directory / "features.npy", mode="w+", dtype=np.float16, shape=(len(paths), dim)
+    ).flush()
+    np.save(directory / "valid.npy", np.ones(len(paths), dtype=bool))
+    meta = {"key": key, "version": CACHE_VERSION, "encoder_fingerprint": fingerprint}
+    (directory / "meta.json").write_text(json.dumps({**meta, "preprocessing": pre.to_dict()}))
+
+
+def stage_cache(args: argparse.Namespace) -> dict[str, Any]:
+    """The cache's bookkeeping on a hit: the key over N paths, the entry opened."""
+    from captioner.configs.preprocessing import Preprocessing
+    from captioner.features import build_feature_cache
+
+    paths = [r.path for r in load(args.root, args.n)]
+    pre = Preprocessing(resize=32, crop=32, mean=(0.5,) * 3, std=(0.25,) * 3)
+    folder = args.root / f"features_{args.n}"
+    fake_cache(paths, folder, "bench", pre, 512)
+    cache, sec = timed(
+        lambda: build_feature_cache(None, pre, paths, folder, fingerprint="bench"), args.repeat
+    )  # type: ignore[arg-type]
+    _, read = timed(lambda: [cache[i] for i in range(0, len(cache), max(1, len(cache) // 1000))])
+    return {"s": sec, "read_1000_s": read}
+
+
+def overrides(args: argparse.Namespace, **extra: Any) -> list[str]:
+    ann, val, images = split_paths(args.root, args.n)
+    base = {
+        "data.root": args.root,
+        "data.train_annotations": ann.name,
+        "data.train_images": images,
+        "data.val_annotations": val.name,
+        "data.val_images": images,
+        "data.test_annotations": "null",
+        "data.test_images": "null",
+        "data.captions_per_image": "null",
+        "data.min_freq": 5,
+        "data.max_caption_len": 20,
+        "data.batch_size": 128,
+        "data.num_workers": 0,
+        "model.encoder.freeze": "true",
+        "model.encoder.resize": 32,
+        "model.encoder.crop": 32,
+        "model.decoder.embed_dim": 16,
+        "model.decoder.hidden_size": 32,
+        "trainer.max_epochs": 1,
+        "trainer.cache_dir": args.root / f"features_{args.n}",
+        "device": "cpu",
+    }
+    base.update(extra)
+    return ["data=coco", "model=demo", *(f"{k}={v}" for k, v in base.items())]
+
+
+def make_trainer(args: argparse.Namespace, **extra: Any) -> Any:
+    from captioner.configs.hydra import compose
+    from captioner.configs.training import parse_train_config
+    from captioner.runtime import setup_runtime
+    from captioner.training.trainer import Trainer
+
+    config = parse_train_config(compose("train", overrides(args, **extra)))
+    return Trainer(config, args.root / f"run_{args.n}", setup_runtime("cpu"))
+
+
+def prefill(trainer: Any) -> None:
+    """Complete (zero) feature caches for both splits of ``trainer``'s run."""
+    from captioner.features import encoder_fingerprint
+
+    loaders = trainer.loaders
+    fingerprint = encoder_fingerprint(trainer.model.encoder)
+    dim = trainer.model.encoder.feature_dim
+    for split in ("train", "val"):
+        paths = [r.path for r in loaders.records[split]]
+        fake_cache(
+            paths, loaders.trainer.feature_cache_dir, fingerprint, trainer.preprocessing, dim
+        )
+
+
+def stage_startup(args: argparse.Namespace) -> dict[str, Any]:
+    """Construction of the Trainer, then its first epoch's loader and first step (the feature
+    cache pre-filled between the two, untimed)."""
+    trainer, init = timed(lambda: make_trainer(args))
+    prefill(trainer)
+
+    def first_step() -> None:
+        module, loader, cached = trainer.start_epoch(0)
+        assert cached, "the benchmark's run reads the feature cache"
+        trainer.train_batch(module, next(iter(loader)), cached)
+
+    _, first = timed(first_step)
+    return {"s": init + first, "init_s": init, "first_step_s": first}
+
+
+def stage_epoch(args: argparse.Namespace) -> dict[str, Any]:
+    from captioner.runtime import StopSignal
+
+    trainer = make_trainer(args)
+    prefill(trainer)
+    _, sec = timed(lambda: trainer.train_epoch(0, StopSignal()))
+    return {"s": sec, "batches": trainer.progress.batch_in_epoch}
+
+
+def stage_workers(args: argparse.Namespace) -> dict[str, Any]:
+    """The image path's train loader with ``--workers`` workers: USS after K batches."""
+    trainer = make_trainer(args, **{"trainer.cache_features": "false"})
+    trainer.loaders.data.num_workers = args.workers
+    loader, cached = trainer.loaders.train(0)
+    assert not cached
+    batches, count = iter(loader), min(args.worker_batches, len(loader))
+    main_before = uss_mb(os.getpid())
+
+    def fetch() -> None:
+        for _ in range(count):
+            next(batches)
+
+    _, sec = timed(fetch)
+    workers = [uss_mb(w.pid) for w in getattr(batches, "_workers", [])]
+    out = {"s": sec, "main_uss_mb": uss_mb(os.getpid()), "main_uss_before_mb": main_before}
+    out.update(worker_uss_mb=workers, batches=count, epoch_fraction=count / len(loader))
+    return out
+
+
+def run_stage(args: argparse.Namespace) -> None:
+    out = globals()[f"stage_{args.stage}"](args)
+    out["peak_rss_mb"] = peak_rss_mb()
+    out["load_1min"] = os.getloadavg()[0]  # the machine is shared: how busy it was
+    print(json.dumps(out), flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# the parent: the dataset, one process per (stage, N), the table
+
+
+def measure(args: argparse.Namespace, stage: str, n: int, workers: int = 0) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--root", str(args.root), "--stage", stage, "--n", str(n)]
+    cmd += ["--workers", str(workers), "--worker-batches", str(args.worker_batches)]
+    cmd += ["--repeat", str(args.repeat)]
+    log(f"{stage} at N={n}" + (f", {workers} workers" if stage == "workers" else ""))
+    # one torch thread: on a shared 2-core machine, two spinning OpenMP threads made the tiny
+    # model's steps ten times slower, and that, not the data, is what the epoch timed
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
+    if done.returncode:
+        raise SystemExit(f"{stage} at N={n} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def table(results: dict[str, Any], sizes: list[int]) -> str:
+    first = sizes[0]
+    head = "| stage | " + " | ".join(f"N={n}: s, per image (vs N={first}), peak RSS" for n in sizes)
+    head += " |"
+    lines = [head, "|---|" + "---:|" * len(sizes)]
+    for stage, per_n in results.items():
+        if stage.startswith("workers"):
+            continue
+        base = per_n.get(str(first))
+        cells = []
+        for n in sizes:
+            r = per_n.get(str(n))
+            if r is None:
+                cells.append("not run")
+                continue
+            ratio = (r["s"] / n) / (base["s"] / first) if base and base["s"] > 0 else float("nan")
+            per = f"{1e6 * r['s'] / n:.0f} us/img ({ratio:.2f}x)"
+            cells.append(f"{r['s']:.2f} s, {per}, {r['peak_rss_mb']:.0f} MB")
+        lines.append(f"| {stage} | " + " | ".join(cells) + " |")
+    lines += ["", "| loader workers | " + " | ".join(f"N={n}: USS MB" for n in sizes) + " |"]
+    lines.append("|---|" + "---:|" * len(sizes))
+    for key in sorted(k for k in results if k.startswith("workers")):
+        cells = []
+        for n in sizes:
+            r = results[key].get(str(n))
+            if r is None:
+                cells.append("not run")
+                continue
+            ws = ", ".join(f"{u:.0f}" for u in r["worker_uss_mb"]) or "-"
+            share = f"{100 * r['epoch_fraction']:.0f}% of an epoch"
+            cells.append(f"main {r['main_uss_mb']:.0f}; workers {ws} ({share})")
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--root", type=Path, default=Path("/tmp/scale"), help="the dataset's folder")
+    p.add_argument("--captions", type=Path, default=DEFAULT_CAPTIONS, help="COCO captions file")
+    p.add_argument("--sizes", type=int, nargs="+", default=[6000, 30000, 118287])
+    p.add_argument("--val", type=int, default=5000, help="val images")
+    p.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
+    p.add_argument("--num-workers", type=int, nargs="+", default=[0, 2, 4], dest="worker_counts")
+    p.add_argument("--worker-batches", type=int, default=300, help="batches before USS is read")
+    p.add_argument("--epoch-max-n", type=int, default=30000, help="epoch stage only up to this N")
+    p.add_argument("--rare-fraction", type=float, default=0.2, help="captions given a rare word")
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--repeat", type=int, default=3, help="runs of a cheap stage (least kept)")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds per stage process")
+    p.add_argument("--json", type=Path, help="every figure, written as measured; resumed from")
+    p.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)  # a child process
+    p.add_argument("--n", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--workers", type=int, default=0, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    args.root = args.root.resolve()
+    if args.stage:
+        run_stage(args)
+        return 0
+    args.sizes = sorted(args.sizes)
+    make_dataset(args)
+    saved = json.loads(args.json.read_text()) if args.json and args.json.is_file() else {}
+    results: dict[str, Any] = saved.get("results", {})  # what an earlier run measured: kept
+    for stage in args.stages:
+        for n in args.sizes:
+            if stage == "epoch" and n > args.epoch_max_n:
+                continue
+            for w in args.worker_counts if stage == "workers" else [0]:
+                key = f"workers={w}" if stage == "workers" else stage
+                if str(n) in results.get(key, {}):
+                    continue
+                results.setdefault(key, {})[str(n)] = measure(args, stage, n, w)
+                log(f"  {results[key][str(n)]}")
+                if args.json:  # after every figure: an interrupted run keeps what it measured
+                    args.json.write_text(json.dumps({"results": results}, indent=1))
+    print(table(results, args.sizes))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
