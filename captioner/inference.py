@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -258,8 +258,12 @@ class Captioner:
 
     @property
     def default_decoding(self) -> DecodeConfig:
-        """How the model was selected in training (``trainer.val_decode``), else greedy."""
-        return self.info.decoding if self.info is not None else DecodeConfig()
+        """How the model was selected in training (``trainer.val_decode``), else greedy, with
+        ``<unk>`` suppressed: a caption shown to a person never says "<unk>" (``caption``,
+        ``serve`` and this class decode this way unless told otherwise; ``evaluate`` scores
+        the decoding it is given)."""
+        base = self.info.decoding if self.info is not None else DecodeConfig()
+        return replace(base, suppress_unk=True)
 
     @torch.inference_mode()
     def decode_tensors(

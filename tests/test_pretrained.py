@@ -573,3 +573,19 @@ def test_a_single_path_or_image_is_one_image(
     for single in (str(path), path, Image.open(path)):
         results = captioner.caption(single)
         assert len(results) == 1 and results[0].error is None and results[0].caption == want
+
+
+def test_captions_shown_never_say_unk_unless_asked(
+    lstm_export: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """The default decoding suppresses ``<unk>`` (issue 23: a caption shown to a person never
+    contains it); a decoding given explicitly is used as given, as ``evaluate`` needs."""
+    captioner = Captioner.from_pretrained(lstm_export[1], device="cpu")
+    with torch.no_grad():  # a model that would rather say <unk> than anything else
+        captioner.model.decoder.out.bias[captioner.vocab.unk_id] += 100.0
+    pics = images(tmp_path, 2)
+    assert captioner.default_decoding.suppress_unk
+    for result in captioner.caption(pics):
+        assert result.error is None and "<unk>" not in result.caption
+    as_given = captioner.caption(pics, DecodeConfig(suppress_unk=False))
+    assert all("<unk>" in r.caption for r in as_given)

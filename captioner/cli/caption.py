@@ -87,7 +87,7 @@ def add_decoding_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group(
         "decoding",
         "Default: how the model was selected in training (trainer.val_decode; greedy unless its "
-        "preset says otherwise); the options given are laid over it. --temperature, --top-k, "
+        "preset says otherwise), never emitting <unk>; the options given are laid over it. --temperature, --top-k, "
         "--top-p and --seed apply to sampling only: without --sample (or a model that samples by "
         "default) they are refused, never ignored; --length-penalty likewise needs a beam.",
     )

@@ -62,7 +62,14 @@ DECODE_OPTIONS: tuple[DecodeOption, ...] = (
         "length-penalty",
         "beam: GNMT alpha ({default})",
     ),
-    DecodeOption("suppress_unk", bool, "--suppress-unk", "suppress-unk", "never emit <unk>"),
+    DecodeOption(
+        "suppress_unk",
+        bool,
+        "--suppress-unk",
+        "suppress-unk",
+        "never emit <unk> (on by default where captions are shown; false / --no-suppress-unk: "
+        "let the model say it)",
+    ),
     DecodeOption("sample", bool, "--sample", "sample", "sample instead of greedy/beam"),
     DecodeOption("temperature", float, "--temperature", "temperature", "sampling ({default})"),
     DecodeOption("top_k", int, "--top-k", "top-k", "sample from the k most likely words (0: all)"),
