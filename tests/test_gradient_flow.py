@@ -31,7 +31,7 @@ from captioner.evaluation.gradient_flow import (
 from captioner.models.decoders import Decoder, build_decoder
 from captioner.vocab import Vocab
 
-V, FEAT, GRID, H = 12, 5, 4, 6
+V, FEAT, GRID, E, H = 12, 5, 4, 5, 6  # vocabulary, features, grid positions, embedding, hidden
 START, END = Vocab.start_id, Vocab.end_id
 # three captions of 4, 1 and 2 words: final steps T = 4, 1, 2
 CAPTIONS = torch.tensor(
@@ -43,7 +43,7 @@ FINAL = LENGTHS - 2  # the step that predicts <end>
 
 def decoder(cell: str = "lstm", attention: str = "none", dtype=torch.float32, **cfg) -> Decoder:
     torch.manual_seed(0)
-    settings = {"embed_dim": 5, "hidden_size": H, "dropout": 0.0, "num_layers": 2, **cfg}
+    settings = {"embed_dim": E, "hidden_size": H, "dropout": 0.0, "num_layers": 2, **cfg}
     dec = build_decoder(DecoderConfig(cell=cell, attention=attention, **settings), FEAT, V)
     return dec.to(dtype).eval()
 
@@ -56,11 +56,11 @@ def features(attention: str = "none", n: int = 3, dtype=torch.float32) -> torch.
 
 def rel_tol(dtype: torch.dtype, depth: int) -> float:
     """The relative error two float computations of the same gradient may differ by: a step
-    rounds each value of its dot products over at most ``H + FEAT + 5`` terms (relative error
-    <= terms * eps, the standard bound), a gradient at distance k goes through ``depth`` =
+    rounds each value of its dot products over at most ``H + FEAT + E`` terms (a cell's input
+    and recurrent weights, or attention's; relative error <= terms * eps, the standard bound), a gradient at distance k goes through ``depth`` =
     k + 1 such steps forward and back (2 * depth), and the bounds add; x4 for the gate
     products an LSTM step multiplies together."""
-    return 4 * 2 * depth * (H + FEAT + 5) * torch.finfo(dtype).eps
+    return 4 * 2 * depth * (H + FEAT + E) * torch.finfo(dtype).eps
 
 
 # ---------------------------------------------------------------------------------------------

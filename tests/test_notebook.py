@@ -33,6 +33,8 @@ def test_notebook_executes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     assert not [o for o in outputs if o.output_type == "error"]
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     assert "bleu4" in text and "best val_bleu4" in text
+    # the gradient-flow section: one line per cell (LSTM, GRU, RNN)
+    assert sum(f"{cell:<4}: at k=" in text for cell in ("LSTM", "GRU", "RNN")) == 3
     images = [o for o in outputs if "image/png" in o.get("data", {})]
-    assert len(images) == 2  # the caption grid and the training curves
+    assert len(images) == 3  # the caption grid, the training curves, the gradient flow
     assert (tmp_path / "outputs" / "notebook" / "evaluate" / "metrics.json").is_file()
