@@ -39,6 +39,7 @@ from captioner.checkpoint import (
 from captioner.configs.decode import DecodeConfig
 from captioner.configs.model import ModelConfig
 from captioner.configs.preprocessing import Preprocessing
+from captioner.datasets.trained_on import describe_trained_on
 from captioner.errors import UserError, first_line
 from captioner.files import atomic_path, atomic_write, read_json
 from captioner.manifest import CONFIG, FORMAT_NAME, FORMAT_VERSION, read_manifest, sized_fields
@@ -193,7 +194,6 @@ def model_card(manifest: Mapping[str, Any], checkpoint_name: str) -> str:
     """The README.md of an exported folder (Hugging Face model-card front matter)."""
     enc, dec = manifest["model"]["encoder"], manifest["model"]["decoder"]
     trained = manifest["trained_on"]
-    dataset = trained.get("dataset", "an unrecorded dataset")
     if dec["attention"] != "none":
         grid = f"{enc['grid']}x{enc['grid']} " if enc.get("grid") else ""
         how = " (top-down: an attention cell, then a language cell)"
@@ -218,10 +218,8 @@ def model_card(manifest: Mapping[str, Any], checkpoint_name: str) -> str:
         f"- **Decoder:** {dec['num_layers']}-layer {dec['cell'].upper()}, hidden size "
         f"{dec['hidden_size']}, embeddings {dec['embed_dim']}, vocabulary "
         f"{manifest['vocab_size']} words.",
-        f"- **Trained on:** {dataset}"
-        + (f", weights of epoch {trained['epoch']}" if "epoch" in trained else "")
-        + (", fine-tuned self-critically on CIDEr-D" if trained.get("self_critical") else "")
-        + f" (exported from `{checkpoint_name}`).",
+        f"- **Trained on:** {describe_trained_on(trained).removeprefix('trained on ')} "
+        f"(exported from `{checkpoint_name}`).",
         f"- **Weights:** `{WEIGHTS}`, {manifest['dtype']}.",
         "",
         "## Scores",

@@ -111,7 +111,11 @@ def test_export_writes_weights_json_and_a_model_card_without_pickle(
     assert json.loads((out / VOCAB).read_text()) == source["vocab"]
     card = (out / "README.md").read_text()
     assert "library_name: captioner" in card and "| BLEU-4 | 0.2500 |" in card
-    assert "Trained on:** demo, weights of epoch 3" in card
+    # what the model knows, in words: the demo says it captions shapes, not photos
+    assert (
+        "Trained on:** the synthetic shapes demo: it captions coloured shapes, not photos "
+        "(weights of epoch 3)" in card
+    )
     assert "Captioner.from_pretrained" in card and "captioner caption --model" in card
 
 
