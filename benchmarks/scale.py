@@ -31,7 +31,10 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_CAPTIONS = HERE.parent.parent / "shared/data/flickr8k/annotations/captions_train.json"
-STAGES = ("annotations", "vocab", "encode", "cider_df", "cache", "startup", "workers", "epoch")
+STAGES = (
+    *("annotations", "vocab", "encode", "cider_df", "cache", "startup", "workers", "batches"),
+    "epoch",
+)
 CAPTIONS_PER_IMAGE = 5
 
 
@@ -311,6 +314,21 @@ def stage_epoch(args: argparse.Namespace) -> dict[str, Any]:
     return {"s": sec, "batches": trainer.progress.batch_in_epoch}
 
 
+def stage_batches(args: argparse.Namespace) -> dict[str, Any]:
+    """The epoch's batches from the cache, without the steps: the data pipeline's share of an
+    epoch (a step's cost grows with the vocabulary, a property of the model, not of the data)."""
+    trainer = make_trainer(args)
+    prefill(trainer)
+    loader, cached = trainer.loaders.train(0)
+    assert cached
+
+    def fetch() -> int:
+        return sum(1 for _ in loader)
+
+    count, sec = timed(fetch)
+    return {"s": sec, "batches": count}
+
+
 def stage_workers(args: argparse.Namespace) -> dict[str, Any]:
     """The image path's train loader with ``--workers`` workers: USS after K batches."""
     trainer = make_trainer(args, **{"trainer.cache_features": "false"})
@@ -399,7 +417,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--val", type=int, default=5000, help="val images")
     p.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
     p.add_argument("--num-workers", type=int, nargs="+", default=[0, 2, 4], dest="worker_counts")
-    p.add_argument("--worker-batches", type=int, default=300, help="batches before USS is read")
+    p.add_argument(
+        "--worker-batches", type=int, default=10**6, help="batches before USS is read (<= epoch)"
+    )
     p.add_argument("--epoch-max-n", type=int, default=30000, help="epoch stage only up to this N")
     p.add_argument("--rare-fraction", type=float, default=0.2, help="captions given a rare word")
     p.add_argument("--image-size", type=int, default=32)
