@@ -17,13 +17,13 @@ import io
 import logging
 import os
 import posixpath
+from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import accumulate
 from operator import attrgetter, itemgetter
 from pathlib import Path
 from typing import Any, overload
-
-import numpy as np
 
 from captioner.configs.data import SPLITS
 from captioner.errors import UserError
@@ -43,7 +43,7 @@ class CaptionRecord:
 
 
 class PathTable(Sequence[Path]):
-    """Paths packed into one bytes buffer (their file-system encoding) with an offsets array:
+    """Paths packed into one bytes buffer (their file-system encoding) with an array of offsets:
     ``table[i]`` is a new :class:`~pathlib.Path`.
 
     A list of a hundred thousand ``Path`` objects is copied page by page into every forked
@@ -53,7 +53,7 @@ class PathTable(Sequence[Path]):
     def __init__(self, paths: Iterable[str | os.PathLike[str]]):
         encoded = [os.fsencode(p) for p in paths]
         self.data = b"".join(encoded)
-        self.offsets = np.cumsum([0, *map(len, encoded)], dtype=np.int64)
+        self.offsets = array("q", accumulate(map(len, encoded), initial=0))
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
