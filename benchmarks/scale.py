@@ -33,7 +33,7 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_CAPTIONS = HERE.parent.parent / "shared/data/flickr8k/annotations/captions_train.json"
 STAGES = (
     *("annotations", "vocab", "encode", "cider_df", "cache", "startup", "workers", "batches"),
-    "epoch",
+    *("validate", "epoch"),
 )
 CAPTIONS_PER_IMAGE = 5
 
@@ -327,6 +327,15 @@ def stage_batches(args: argparse.Namespace) -> dict[str, Any]:
 
     count, sec = timed(fetch)
     return {"s": sec, "batches": count}
+
+
+def stage_validate(args: argparse.Namespace) -> dict[str, Any]:
+    """``Trainer.validate``: val loss and BLEU over the val images with beam 3, from the cache
+    (the untrained tiny model: its captions run to ``max_len``, the costliest case)."""
+    trainer = make_trainer(args, **{"trainer.val_decode.strategy": "beam"})
+    prefill(trainer)
+    _, sec = timed(lambda: trainer.validate(0))
+    return {"s": sec, "images": len(trainer.val_records)}
 
 
 def stage_workers(args: argparse.Namespace) -> dict[str, Any]:
