@@ -398,8 +398,12 @@ def table(results: dict[str, Any], sizes: list[int]) -> str:
             if r is None:
                 cells.append("not run")
                 continue
-            ratio = (r["s"] / n) / (base["s"] / first) if base and base["s"] > 0 else float("nan")
-            per = f"{1e6 * r['s'] / n:.0f} us/img ({ratio:.2f}x)"
+            # per image of the stage's own images (validation: the val images, the same at any N)
+            each, base_each = r["s"] / r.get("images", n), None
+            if base and base["s"] > 0:
+                base_each = base["s"] / base.get("images", first)
+            ratio = each / base_each if base_each else float("nan")
+            per = f"{1e6 * each:.0f} us/img ({ratio:.2f}x)"
             cells.append(f"{r['s']:.2f} s, {per}, {r['peak_rss_mb']:.0f} MB")
         lines.append(f"| {stage} | " + " | ".join(cells) + " |")
     lines += ["", "| loader workers | " + " | ".join(f"N={n}: USS MB" for n in sizes) + " |"]
