@@ -36,6 +36,9 @@ class Validation:
         return [(records[i].path.name, self.captions[i]) for i in sorted(self.captions)[:n]]
 
 
+LOSS_CAPTIONS = 64  # captions per teacher-forced pass of the val loss
+
+
 @torch.no_grad()
 def validate(
     model: CaptionModel,
@@ -59,14 +62,19 @@ def validate(
     totals = {"loss": 0.0, "tokens": 0}
 
     def teacher_forced_loss(batch: dict[str, Any], feats: torch.Tensor) -> None:
-        captions = batch["captions"].to(rt.device)
-        with autocast(rt.device, autocast_dtype):
-            logits = model.decoder(
-                feats[batch["image_of_caption"].to(rt.device)], captions, batch["lengths"]
-            )
-        tokens = target_tokens(batch["lengths"])
-        totals["loss"] += float(caption_loss(logits, captions, vocab.pad_id)) * tokens
-        totals["tokens"] += tokens
+        # LOSS_CAPTIONS captions at a time: the logits of a whole batch's captions would be
+        # [5 x images, T, V], about 0.5 GB at COCO's vocabulary and batch size
+        for start in range(0, len(batch["lengths"]), LOSS_CAPTIONS):
+            rows = slice(start, start + LOSS_CAPTIONS)
+            lengths = batch["lengths"][rows]
+            captions = batch["captions"][rows, : int(lengths.max())].to(rt.device)
+            with autocast(rt.device, autocast_dtype):
+                logits = model.decoder(
+                    feats[batch["image_of_caption"][rows].to(rt.device)], captions, lengths
+                )
+            tokens = target_tokens(lengths)
+            totals["loss"] += float(caption_loss(logits, captions, vocab.pad_id)) * tokens
+            totals["tokens"] += tokens
 
     hyps = generate(
         model,
