@@ -284,6 +284,12 @@ class Optimization:
     def restore(self, state: TrainingState, source: Path) -> None:
         self.optimizer.load_state_dict(state.optimizer)
         self.scheduler.load_state_dict(state.scheduler)
+        if state.counters.get("global_step", 0) > 0:
+            # The optimizer stepped before last.pt was saved. PyTorch's schedulers note an
+            # optimizer step in memory only (``_opt_called``, set by the step they wrap), so a
+            # resume right after an epoch's last batch would step the scheduler with no step
+            # in this process and be warned of the wrong order, which it is not.
+            self.optimizer._opt_called = True  # type: ignore[attr-defined]
         self.scaler.load_state_dict(state.scaler)
         if self.ema is not None:
             if state.ema is not None:
