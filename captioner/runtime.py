@@ -4,8 +4,11 @@ precision, random-number streams and the stop signal.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
+import multiprocessing
+import multiprocessing.util  # its exit hook first: ours, registered later, runs before it
 import os
 import random
 import signal
@@ -202,3 +205,26 @@ def ignore_stop_signals(worker_id: int = 0) -> None:
     kept the main process's handler would log the stop itself."""
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
+
+
+def _kill_workers_at_exit() -> None:
+    """At the interpreter's exit, the daemonic children (loader workers) still alive are killed.
+
+    A loader's workers outlive a run whose iterator is still referenced (a traceback kept for
+    printing, a script's global), and PyTorch then relies on multiprocessing's own exit hook,
+    which sends its daemonic children SIGTERM and joins them: workers ignoring SIGTERM
+    (:func:`ignore_stop_signals`) made that join wait for ever, a stopped run's process alive
+    for as long as anyone let it be. Registered after that hook, so it runs first (atexit is
+    last in, first out); killing is what the hook would do with a signal they cannot ignore."""
+    workers = [child for child in multiprocessing.active_children() if child.daemon]
+    if not workers:
+        return
+    with contextlib.suppress(ValueError):  # PyTorch's SIGCHLD check would call this a failure
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in workers:
+        child.kill()
+    for child in workers:
+        child.join(timeout=5)
+
+
+atexit.register(_kill_workers_at_exit)
