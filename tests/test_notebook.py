@@ -35,6 +35,11 @@ def test_notebook_executes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     assert "bleu4" in text and "best val_bleu4" in text
     # the gradient-flow section: one line per cell (LSTM, GRU, RNN)
     assert sum(f"{cell:<4}: at k=" in text for cell in ("LSTM", "GRU", "RNN")) == 3
+    # the truncated-BPTT section: a chunk as long as the captions is full BPTT exactly, and
+    # what a step holds for backward stops growing with the caption's length once truncated
+    assert "TBPTT K=31: largest gradient difference from full BPTT 0.0e+00" in text
+    held = text.split("MB held, full / K=8 / K=4: ", 1)[1].splitlines()[0]
+    assert held.count("tokens") == 4
     images = [o for o in outputs if "image/png" in o.get("data", {})]
-    assert len(images) == 3  # the caption grid, the training curves, the gradient flow
+    assert len(images) == 4  # captions, training curves, gradient flow, memory held vs length
     assert (tmp_path / "outputs" / "notebook" / "evaluate" / "metrics.json").is_file()
