@@ -488,9 +488,10 @@ def test_the_python_api_decodes_like_the_model_was_selected(
 ) -> None:
     pics = images(tmp_path / "images", 3)
     captioner = Captioner.from_pretrained(lstm_export[1], device="cpu")
-    assert captioner.default_decoding == DecodeConfig("beam", beam_size=2)
+    # the selected decoding, with <unk> kept out of captions shown to people (issue 23)
+    assert captioner.default_decoding == DecodeConfig("beam", beam_size=2, suppress_unk=True)
     default = captioner.caption(pics)
-    explicit = captioner.caption(pics, DecodeConfig("beam", beam_size=2))
+    explicit = captioner.caption(pics, DecodeConfig("beam", beam_size=2, suppress_unk=True))
     assert [r.hypotheses for r in default] == [r.hypotheses for r in explicit]
 
 
@@ -498,7 +499,8 @@ def test_a_decoding_of_another_version_falls_back_to_greedy(tmp_path: Path) -> N
     ckpt = load_checkpoint(variant_checkpoint(tmp_path))
     ckpt["train_config"]["trainer"]["val_decode"] = {"strategy": "beam", "diversity": 0.5}
     path = save_checkpoint(ckpt, tmp_path / "future.pt")
-    assert Captioner.from_checkpoint(path, device="cpu").default_decoding == DecodeConfig()
+    fallback = Captioner.from_checkpoint(path, device="cpu").default_decoding
+    assert fallback == DecodeConfig(suppress_unk=True)
 
 
 def test_a_missing_checkpoint_path_is_not_taken_for_a_hub_id(tmp_path: Path, monkeypatch) -> None:

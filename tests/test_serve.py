@@ -103,11 +103,18 @@ def test_health_model_and_page(client: TestClient, pooled: Captioner) -> None:
 @pytest.mark.parametrize(
     ("fields", "config"),
     [
-        ({}, DecodeConfig("beam", beam_size=2)),  # the model's own default decoding
-        ({"beam-size": "1"}, DecodeConfig()),
-        ({"beam_size": "3", "n_best": "3"}, DecodeConfig("beam", beam_size=3, n_best=3)),
-        ({"sample": "true", "seed": "5", "top-k": "4"}, DecodeConfig("sample", seed=5, top_k=4)),
-        ({"beam-size": "1", "max-len": "3"}, DecodeConfig(max_len=3)),
+        # the model's own default decoding; <unk> is kept out of captions shown to people
+        ({}, DecodeConfig("beam", beam_size=2, suppress_unk=True)),
+        ({"beam-size": "1"}, DecodeConfig(suppress_unk=True)),
+        (
+            {"beam_size": "3", "n_best": "3"},
+            DecodeConfig("beam", beam_size=3, n_best=3, suppress_unk=True),
+        ),
+        (
+            {"sample": "true", "seed": "5", "top-k": "4"},
+            DecodeConfig("sample", seed=5, top_k=4, suppress_unk=True),
+        ),
+        ({"beam-size": "1", "max-len": "3"}, DecodeConfig(max_len=3, suppress_unk=True)),
     ],
 )
 def test_caption_json_is_the_cli_schema(
@@ -149,7 +156,7 @@ def test_attention_maps_of_a_model_that_attends(
             "/caption", files=upload(*pics[:2]), data={"attention": "true", "beam-size": "1"}
         )
     assert r.status_code == 200, r.text
-    direct = captioner.caption(pics[:2], DecodeConfig(), attention=True)
+    direct = captioner.caption(pics[:2], DecodeConfig(suppress_unk=True), attention=True)
     for res, want in zip(r.json()["results"], direct, strict=True):
         assert res["caption"] == want.caption and res["words"] == want.words
         head, _, data = res["attention_map"].partition(",")
@@ -502,7 +509,7 @@ def test_concurrent_clients_get_their_own_captions_and_a_bad_one_fails_alone(
     pooled: Captioner, pics: list[Path]
 ) -> None:
     app = create_app(pooled, ServeSettings(max_batch=32, max_wait_ms=300))
-    config = DecodeConfig()
+    config = DecodeConfig(suppress_unk=True)  # serve keeps <unk> out of captions by default
     want = {p.name: pooled.caption([p], config)[0] for p in pics}
     with TestClient(app) as c:
 
