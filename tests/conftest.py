@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -27,6 +28,28 @@ def _user_cache(tmp_path_factory: pytest.TempPathFactory):
         os.environ.pop("XDG_CACHE_HOME", None)
     else:
         os.environ["XDG_CACHE_HOME"] = saved
+
+
+@pytest.fixture(autouse=True)
+def _root_logging():
+    """Each test leaves the root logger as it found it. A command run in-process configures
+    logging (Hydra's dictConfig, the CLI's basicConfig) with handlers bound to that test's
+    captured stderr, which pytest closes when the test ends: a later test's log line would then
+    print '--- Logging error ---' into whatever it captures."""
+    root = logging.getLogger()
+
+    def ours(handler: logging.Handler) -> bool:  # pytest's capture handlers come and go per phase
+        return not type(handler).__module__.startswith("_pytest")
+
+    for handler in list(root.handlers):  # left by a session fixture's run, its stream closed since
+        if ours(handler) and getattr(getattr(handler, "stream", None), "closed", False):
+            root.removeHandler(handler)
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in list(root.handlers):
+        if handler not in handlers and ours(handler):
+            root.removeHandler(handler)
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="session")
