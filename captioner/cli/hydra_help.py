@@ -53,7 +53,10 @@ PAGES = {
         options=(
             ("data.root", "the dataset's folder (the demo is generated there on first use)"),
             ("data.batch_size", "images per batch"),
-            ("model.encoder.name", "the CNN: a torchvision (or, with source=timm, timm) name"),
+            (
+                "model.encoder.name",
+                "the CNN: a torchvision name (source=timm: a timm one; builtin: small_resnet)",
+            ),
             ("model.encoder.freeze", "keep the encoder's weights fixed (its features cached)"),
             ("model.decoder.hidden_size", "the decoder's hidden units"),
             ("model.decoder.attention", "none | soft | topdown"),

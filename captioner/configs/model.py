@@ -20,7 +20,9 @@ ATTENTION = ("none", "soft", "topdown")
 
 @dataclass
 class EncoderConfig:
-    source: str = "torchvision"  # torchvision | timm
+    # torchvision | timm | builtin (captioner.models.small_resnet: a compact ResNet for small
+    # images, trained from scratch; the demo's)
+    source: str = "torchvision"
     name: str = "resnet50"
     weights: str | None = (
         "DEFAULT"  # torchvision: DEFAULT / enum name / null; timm: any -> pretrained
@@ -46,9 +48,10 @@ class EncoderConfig:
     def __post_init__(self) -> None:
         if self.grid is not None and self.grid < 1:
             raise UserError(f"model.encoder.grid must be >= 1 or null, got {self.grid}")
-        if self.source not in ("torchvision", "timm"):
+        if self.source not in ("torchvision", "timm", "builtin"):
             raise UserError(
-                f"model.encoder.source must be 'torchvision' or 'timm', got {self.source!r}"
+                "model.encoder.source must be 'torchvision', 'timm' or 'builtin', "
+                f"got {self.source!r}"
             )
         if self.finetune_from_epoch is not None and self.finetune_from_epoch < 1:
             raise UserError(

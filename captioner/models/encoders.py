@@ -1,7 +1,8 @@
 """The image encoder: a CNN backbone without its classifier, and how it is built.
 
-:func:`create_encoder` makes the backbone (torchvision, timm, or for an untrained ResNet the
-torchvision-free copy of :mod:`captioner.models.backbones`), removes its head, loads a local
+:func:`create_encoder` makes the backbone (torchvision, timm, the builtin compact ResNet of
+:mod:`captioner.models.small_resnet`, or for an untrained ResNet the torchvision-free copy of
+:mod:`captioner.models.backbones`), removes its head, loads a local
 weights file when one is given, resolves the preprocessing its weights were trained with, and
 probes its feature size and, for attention, its spatial grid.
 
@@ -21,6 +22,7 @@ from captioner.configs.model import EncoderConfig
 from captioner.configs.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from captioner.errors import UserError, first_line
 from captioner.models.backbones import RESNET_CROP, RESNET_WEIGHTS, RESNETS, resnet
+from captioner.models.small_resnet import SMALL_RESNETS, small_resnet
 
 
 class Encoder(nn.Module):
@@ -211,6 +213,32 @@ def _native_resnet(cfg: EncoderConfig) -> tuple[nn.Module, Preprocessing]:
     return resnet(cfg.name), pre
 
 
+def _builtin_backbone(cfg: EncoderConfig, pretrained: bool) -> tuple[nn.Module, Preprocessing]:
+    """A compact ResNet of :mod:`captioner.models.small_resnet`: no pretrained weights exist
+    (it trains from scratch, so ``model.encoder.weights`` must be null), but a local
+    ``weights_file`` loads; preprocessing 64 px, mean and std 0.5 and 0.25 unless overridden."""
+    if cfg.name not in SMALL_RESNETS:
+        raise UserError(
+            f"model.encoder.name: unknown builtin encoder {cfg.name!r} "
+            f"(builtin: {', '.join(SMALL_RESNETS)})"
+        )
+    if cfg.weights is not None:
+        raise UserError(
+            f"model.encoder.weights: {cfg.name} has no pretrained weights (it trains from "
+            f"scratch); set model.encoder.weights=null, got {cfg.weights!r}"
+        )
+    model = small_resnet(cfg.name)
+    if pretrained and cfg.weights_file is not None:
+        try:
+            model.load_state_dict(_load_state_file(cfg.weights_file))
+        except RuntimeError as exc:
+            raise UserError(
+                f"model.encoder.weights_file: {cfg.weights_file} does not fit {cfg.name} "
+                f"({first_line(exc)})"
+            ) from exc
+    return model, Preprocessing(64, 64, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+
+
 def _timm_backbone(cfg: EncoderConfig, pretrained: bool) -> tuple[nn.Module, Preprocessing]:
     try:
         import timm
@@ -249,7 +277,9 @@ def create_encoder(
     ``pretrained=False`` builds the bare architecture (used when a checkpoint provides weights);
     ``spatial`` makes it give the image grid [B, P, F] that attention reads.
     """
-    build = _timm_backbone if cfg.source == "timm" else _torchvision_backbone
+    build = {"timm": _timm_backbone, "builtin": _builtin_backbone}.get(
+        cfg.source, _torchvision_backbone
+    )
     backbone, pre = build(cfg, pretrained)
     overrides = {
         k: v
