@@ -114,6 +114,17 @@ class Bottleneck(nn.Module):
         return self.relu(out)
 
 
+def init_resnet(model: nn.Module) -> None:
+    """torchvision's ResNet initialisation, in module order: He-normal convolutions (fan out),
+    BatchNorm scale 1 and shift 0 (the linear layers keep PyTorch's default)."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.constant_(m.weight, 1)
+            nn.init.constant_(m.bias, 0)
+
+
 class ResNet(nn.Module):
     """torchvision's ``ResNet`` (groups 1, width 64, no dilation) with ``fc`` the identity:
     images [B, 3, H, W] -> pooled features [B, C] (C = 512, or 2048 with bottlenecks)."""
@@ -134,12 +145,7 @@ class ResNet(nn.Module):
         # convolutions below get the values torchvision's would), then replaced, as
         # _strip_torchvision_head replaces it
         self.fc: nn.Module = nn.Linear(512 * block.expansion, 1000)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.constant_(m.weight, 1)
-                nn.init.constant_(m.bias, 0)
+        init_resnet(self)
         self.fc = nn.Identity()
 
     def _make_layer(

@@ -147,6 +147,17 @@ def _load_state_file(path: str) -> dict[str, Tensor]:
     return state
 
 
+def _load_weights_file(model: nn.Module, cfg: EncoderConfig) -> None:
+    """``cfg.weights_file`` into ``model`` (whole: every key, every shape), or one error line."""
+    try:
+        model.load_state_dict(_load_state_file(cfg.weights_file))
+    except RuntimeError as exc:
+        raise UserError(
+            f"model.encoder.weights_file: {cfg.weights_file} does not fit {cfg.name} "
+            f"({first_line(exc)})"
+        ) from exc
+
+
 def _torchvision_backbone(cfg: EncoderConfig, pretrained: bool) -> tuple[nn.Module, Preprocessing]:
     """torchvision model ``cfg.name`` without its head, and the preprocessing of ``cfg.weights``'
     metadata (256/224 ImageNet without weights). With ``pretrained=False`` a ResNet-18..152 is
@@ -176,13 +187,7 @@ def _torchvision_backbone(cfg: EncoderConfig, pretrained: bool) -> tuple[nn.Modu
     download = weights if pretrained and cfg.weights_file is None else None
     model = torchvision.models.get_model(cfg.name, weights=download)
     if pretrained and cfg.weights_file is not None:
-        try:
-            model.load_state_dict(_load_state_file(cfg.weights_file))
-        except RuntimeError as exc:
-            raise UserError(
-                f"model.encoder.weights_file: {cfg.weights_file} does not fit {cfg.name} "
-                f"({first_line(exc)})"
-            ) from exc
+        _load_weights_file(model, cfg)
     if weights is not None:
         tf = weights.transforms()
         pre = Preprocessing(
@@ -229,13 +234,7 @@ def _builtin_backbone(cfg: EncoderConfig, pretrained: bool) -> tuple[nn.Module, 
         )
     model = small_resnet(cfg.name)
     if pretrained and cfg.weights_file is not None:
-        try:
-            model.load_state_dict(_load_state_file(cfg.weights_file))
-        except RuntimeError as exc:
-            raise UserError(
-                f"model.encoder.weights_file: {cfg.weights_file} does not fit {cfg.name} "
-                f"({first_line(exc)})"
-            ) from exc
+        _load_weights_file(model, cfg)
     return model, Preprocessing(64, 64, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
 
 

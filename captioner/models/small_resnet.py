@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from captioner.models.backbones import BasicBlock, conv1x1
+from captioner.models.backbones import BasicBlock, conv1x1, init_resnet
 
 # name -> (width of the first stage, blocks per stage)
 SMALL_RESNETS: dict[str, tuple[int, tuple[int, int, int, int]]] = {
@@ -45,12 +45,7 @@ class SmallResNet(nn.Module):
         self.layer4 = self._make_layer(8 * width, layers[3], stride=2)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Identity()
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.constant_(m.weight, 1)
-                nn.init.constant_(m.bias, 0)
+        init_resnet(self)
 
     def _make_layer(self, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
         downsample = None
