@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+import shutil
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -36,3 +38,27 @@ def tiny_model(
     spatial = cfg.decoder.attention != "none"
     enc = Encoder(backbone(), feature_dim, spatial=spatial, grid=cfg.encoder.grid)
     return CaptionModel(enc, build_decoder(cfg.decoder, feature_dim, vocab_size), cfg)
+
+
+def chromium_driver(window: str) -> Iterator[Any]:
+    """A headless Chromium driven through chromedriver (selenium), ``window`` as "W,H"; skipped
+    where Debian's chromium and chromium-driver are missing, and failed instead under CI, which
+    installs them (.ci/run). Yields the driver and quits it after."""
+    import pytest
+
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver_path = shutil.which("chromedriver")
+    if not (chromium and driver_path):
+        if os.environ.get("CI"):
+            pytest.fail("CI is set but chromium/chromedriver are missing: .ci/run installs them")
+        pytest.skip("needs Debian's chromium and chromium-driver (CI installs them)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", f"--window-size={window}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    yield driver
+    driver.quit()

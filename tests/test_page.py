@@ -21,6 +21,7 @@ import torch
 
 pytest.importorskip("fastapi", reason="captioner serve needs the serve extra")
 from fastapi.testclient import TestClient  # noqa: E402
+from helpers import chromium_driver  # noqa: E402
 from test_pretrained import images, variant_checkpoint  # noqa: E402
 
 from captioner.checkpoint import save_checkpoint  # noqa: E402
@@ -92,22 +93,7 @@ def url(captioner: Captioner) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def browser():
-    webdriver = pytest.importorskip("selenium.webdriver")
-    from selenium.webdriver.chrome.service import Service
-
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver_path = shutil.which("chromedriver")
-    if not (chromium and driver_path):
-        if os.environ.get("CI"):
-            pytest.fail("CI is set but chromium/chromedriver are missing: .ci/run installs them")
-        pytest.skip("needs Debian's chromium and chromium-driver (CI installs them)")
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--window-size=1200,900"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(driver_path), options=options)
-    yield driver
-    driver.quit()
+    yield from chromium_driver("1200,900")
 
 
 def open_page(browser, url: str, width: int = 1200, height: int = 900):
