@@ -1,4 +1,5 @@
-"""``metrics.jsonl``: a torn last line (a crash mid-write) never breaks a resume or a report."""
+"""``metrics.jsonl``: a torn last line (a crash mid-write) never breaks a resume or a report; the
+lines a training run prints (issue 23: where it goes, epoch N/M and the time left, readable)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from captioner.cli.console import ConsoleFormatter
+from captioner.configs.preprocessing import Preprocessing
+from captioner.configs.training import TrainerConfig
 from captioner.training.progress import Progress
-from captioner.training.runlog import RunLog, read_metrics
+from captioner.training.runlog import RunLog, _duration, read_metrics
 
 
 def write_lines(path: Path, *lines: str) -> Path:
@@ -82,3 +86,66 @@ def test_a_log_missing_from_some_batches_is_their_mean_only() -> None:
     q.load_state_dict(old)
     q.add_batch(1.0, 40, {"reward": 0.0})
     assert q.epoch_means()["reward"] == pytest.approx(35.0 / 80)
+
+
+def epoch_row(epoch: int, seconds: float) -> dict:
+    return {
+        "epoch": epoch,
+        "train_loss": 1.0,
+        "val_loss": 2.0,
+        "val_bleu4": 0.3,
+        "seconds": seconds,
+    }
+
+
+def test_epoch_lines_count_to_max_epochs_and_say_the_time_left(tmp_path: Path, caplog) -> None:
+    log = RunLog(tmp_path, enabled=True, tcfg=TrainerConfig(max_epochs=4, patience=None))
+    with caplog.at_level(logging.INFO, logger="captioner.training.runlog"):
+        log.start(0, TrainerConfig(max_epochs=4, patience=None), cached=False)
+        log.epoch(epoch_row(1, 20.0), True, [("val_1.png", "a cat")])
+        log.epoch(epoch_row(2, 40.0), False, [])
+        log.epoch(epoch_row(4, 30.0), False, [])
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0].startswith(f"training into {tmp_path}: epochs 1 to 4 at most; features from")
+    assert "no feature cache" in lines[0]
+    # the mean epoch so far times the epochs to go: 20 s x 3, then 30 s x 2; none after the last
+    assert lines[1] == "epoch 1/4: train_loss 1.0000 val_loss 2.0000 val_bleu4 0.3000 *best* " + (
+        "(20s, about 1m00s left)"
+    )
+    assert lines[2].startswith("  val_1.png: a cat")
+    assert lines[3].endswith("(40s, about 1m00s left)")
+    assert lines[4].endswith("val_bleu4 0.3000 (30s)")
+
+
+def test_start_line_names_the_cache_and_early_stopping(tmp_path: Path, caplog) -> None:
+    tcfg = TrainerConfig(max_epochs=10, patience=3, cache_dir=str(tmp_path / "cache"))
+    with caplog.at_level(logging.INFO, logger="captioner.training.runlog"):
+        RunLog(tmp_path, enabled=True, tcfg=tcfg).start(4, tcfg, cached=True)
+    assert caplog.records[0].getMessage() == (
+        f"training into {tmp_path}: epochs 5 to 10 at most (stopping early after 3 without a "
+        f"better val_bleu4); features from the feature cache in {tmp_path / 'cache'}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"), [(4.4, "4s"), (59.6, "1m00s"), (185, "3m05s"), (3725, "1h02m")]
+)
+def test_durations_read_as_a_person_writes_them(seconds: float, text: str) -> None:
+    assert _duration(seconds) == text
+
+
+def test_preprocessing_is_described_in_words() -> None:
+    pre = Preprocessing(232, 224, interpolation="bicubic")
+    assert pre.describe() == (
+        "resize 232, crop 224 x 224, bicubic, mean 0.485 0.456 0.406, std 0.229 0.224 0.225"
+    )
+
+
+def test_the_console_prefix_is_the_time_and_a_warning_says_so() -> None:
+    def line(level: int, message: str) -> str:
+        record = logging.LogRecord("captioner.x", level, __file__, 1, message, None, None)
+        return ConsoleFormatter().format(record)
+
+    info, warning = line(logging.INFO, "epoch 1/4"), line(logging.WARNING, "skipped 2 images")
+    assert info[0] == "[" and info[9:] == "] epoch 1/4" and len(info) == len("[12:34:56] epoch 1/4")
+    assert warning.endswith("] warning: skipped 2 images")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -431,6 +432,13 @@ def test_sigint_saves_and_resumes(tiny_demo: Path, tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     assert [m["epoch"] for m in metrics(resumed)] == list(range(1, epochs + 1))
     assert load_checkpoint(resumed / "last.pt")["global_step"] == 3 * epochs
+    # what the terminal shows (conf/hydra/default.yaml): the time of day, then the message; where
+    # the run goes and how far it may go, and each epoch as N/M
+    console = done.stderr.splitlines()
+    start = rf"\[\d\d:\d\d:\d\d\] training into {re.escape(str(resumed))}: epochs \d+ to {epochs} "
+    assert any(re.match(start, line) for line in console), done.stderr[-2000:]
+    last = rf"\[\d\d:\d\d:\d\d\] epoch {epochs}/{epochs}: train_loss "
+    assert any(re.match(last, line) for line in console), done.stderr[-2000:]
 
 
 @pytest.mark.slow

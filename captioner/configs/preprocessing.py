@@ -62,6 +62,18 @@ class Preprocessing:
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
+    def describe(self) -> str:
+        """In words, for a log line: ``resize 64, crop 64 x 64, bilinear, mean 0.5 0.5 0.5, std
+        0.25 0.25 0.25``."""
+
+        def three(values: tuple[float, float, float]) -> str:
+            return " ".join(f"{v:g}" for v in values)
+
+        return (
+            f"resize {self.resize}, crop {self.crop} x {self.crop}, {self.interpolation}, "
+            f"mean {three(self.mean)}, std {three(self.std)}"
+        )
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
         if not isinstance(d, dict):

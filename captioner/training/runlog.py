@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from captioner.configs.training import TrainerConfig
 from captioner.errors import UserError
 from captioner.files import append_line, atomic_write
 
@@ -49,10 +50,12 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 
 class RunLog:
-    def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool = False):
-        self.out_dir, self.enabled = out_dir, enabled
+    def __init__(self, out_dir: Path, enabled: bool, tcfg: TrainerConfig | None = None):
+        tcfg = tcfg or TrainerConfig()
+        self.out_dir, self.enabled, self.max_epochs = out_dir, enabled, tcfg.max_epochs
         self.metrics_file = out_dir / METRICS_FILE
-        self._tensorboard = _open_tensorboard(out_dir) if enabled and tensorboard else None
+        self._tensorboard = _open_tensorboard(out_dir) if enabled and tcfg.tensorboard else None
+        self._seconds: list[float] = []  # this process's epochs (a resumed run's own)
 
     def continue_from(
         self, old_dir: Path, epochs_done: int, last_record: dict[str, Any] | None = None
@@ -80,14 +83,16 @@ class RunLog:
         if not self.enabled:
             return
         append_line(self.metrics_file, json.dumps(metrics))
+        self._seconds.append(float(metrics["seconds"]))
         log.info(
-            "epoch %d: train_loss %.4f val_loss %.4f val_bleu4 %.4f%s (%.0fs)",
+            "epoch %d/%d: train_loss %.4f val_loss %.4f val_bleu4 %.4f%s (%s)",
             metrics["epoch"],
+            self.max_epochs,
             metrics["train_loss"],
             metrics["val_loss"],
             metrics["val_bleu4"],
             " *best*" if improved else "",
-            metrics["seconds"],
+            self._timing(metrics["epoch"]),
         )
         for name, text in samples:
             log.info("  %s: %s", name, text)
@@ -96,10 +101,48 @@ class RunLog:
                 if key != "epoch" and isinstance(value, float | int) and math.isfinite(value):
                     self._tensorboard.add_scalar(key, value, metrics["epoch"])
 
+    def start(self, epoch: int, tcfg: TrainerConfig, cached: bool) -> None:
+        """One line before the first epoch (0-based ``epoch``): where the run goes, how long it
+        may last, and where the encoder's features come from."""
+        if not self.enabled:
+            return
+        log.info(
+            "training into %s: epochs %d to %d at most%s; features from %s",
+            self.out_dir,
+            epoch + 1,
+            tcfg.max_epochs,
+            f" (stopping early after {tcfg.patience} without a better {tcfg.monitor})"
+            if tcfg.patience
+            else "",
+            f"the feature cache in {tcfg.feature_cache_dir}"
+            if cached
+            else "the encoder, image by image (it trains or augments: no feature cache)",
+        )
+
+    def _timing(self, epoch: int) -> str:
+        """``15s`` for the last epoch, and while epochs remain ``about 1m45s left`` (this run's
+        mean epoch times the epochs to ``max_epochs``; early stopping may end it sooner)."""
+        text = _duration(self._seconds[-1])
+        left = self.max_epochs - epoch
+        if left > 0:
+            mean = sum(self._seconds) / len(self._seconds)
+            text += f", about {_duration(mean * left)} left"
+        return text
+
     def close(self) -> None:
         if self._tensorboard is not None:
             self._tensorboard.close()
             self._tensorboard = None
+
+
+def _duration(seconds: float) -> str:
+    """``42s``, ``3m05s``, ``1h02m``."""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 def _open_tensorboard(out_dir: Path) -> Any:

@@ -206,12 +206,12 @@ def vocab_and_model(
     if resume is not None:
         preprocessing = Preprocessing.from_dict(resume["preprocessing"])
     log.info(
-        "model: %s encoder (%d-d features, %.1fM params), decoder %.1fM params; preprocessing %s",
+        "model: %s encoder (%d-d features, %.1fM params), decoder %.1fM params; images: %s",
         model_cfg.encoder.name,
         model.encoder.feature_dim,
         sum(p.numel() for p in model.encoder.parameters()) / 1e6,
         sum(p.numel() for p in model.decoder.parameters()) / 1e6,
-        preprocessing,
+        preprocessing.describe(),
     )
     return vocab, model, preprocessing
 

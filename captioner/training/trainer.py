@@ -117,7 +117,7 @@ class Trainer:
         self._ddp_trainable: int | None | str = "unset"
         self._trainable: list[torch.nn.Parameter] = []  # what clipping sees (set per epoch)
 
-        self.runlog = RunLog(out_dir, enabled=rt.is_main, tensorboard=self.tcfg.tensorboard)
+        self.runlog = RunLog(out_dir, rt.is_main, tcfg)
         if resume is not None:
             self.load_state_dict(resume)
             p = self.progress
@@ -276,6 +276,7 @@ class Trainer:
         if self.rng_states is not None:  # resumed: continue this rank's random streams
             set_rng_state(self.rng_states[min(self.rt.rank, len(self.rng_states) - 1)])
         last: dict[str, Any] = {}
+        self.runlog.start(p.epoch, self.tcfg, cached=self.loaders.use_cache(p.epoch))
         with StopSignal() as stop:
             self.loaders.stop = stop
             while p.epoch < self.tcfg.max_epochs:
