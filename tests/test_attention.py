@@ -545,7 +545,7 @@ def test_attention_run_trains_from_the_grid_cache_with_scst_and_reports_maps(
     overrides = [
         "model.encoder.freeze=true",
         "model.encoder.resize=64",
-        "model.encoder.crop=64",  # ResNet-18: a 2 x 2 grid
+        "model.encoder.crop=64",  # the demo's small ResNet: a 4 x 4 grid of 256-d features
         "model.decoder.cell=gru",
         f"model.decoder.attention={attention}",
         "model.decoder.attention_dim=16",
@@ -562,7 +562,7 @@ def test_attention_run_trains_from_the_grid_cache_with_scst_and_reports_maps(
     ckpt = load_checkpoint(run / "best.pt")
     cache = Path(ckpt["train_config"]["trainer"]["cache_dir"])
     shapes = sorted(np.load(f, mmap_mode="r").shape for f in cache.glob("*/features.npy"))
-    assert (8, 4, 512) in shapes and (24, 4, 512) in shapes  # val and train grids, 2 x 2
+    assert (8, 16, 256) in shapes and (24, 16, 256) in shapes  # val and train grids, 4 x 4
 
     out = tmp_path / "eval"
     evaluate(compose("evaluate", [f"checkpoint={run / 'best.pt'}", "split=val", "report=true",

@@ -395,7 +395,10 @@ def test_scst_from_the_start_of_a_run_from_a_trained_model(
             "model.decoder.hidden_size=24",
             r"^init_from: .*model\.decoder\.hidden_size=32, this run ",
         ),
-        ("model.encoder.name=resnet34", r"^init_from: .*model\.encoder\.name=resnet18, this run "),
+        (  # the demo's builtin encoder against torchvision's ResNet-18
+            "model.encoder.source=torchvision model.encoder.name=resnet18",
+            r"^init_from: .*model\.encoder\.source=builtin, this run model\.encoder\.source=torch",
+        ),
     ],
 )
 @pytest.mark.slow
@@ -403,7 +406,7 @@ def test_init_from_another_model_is_one_clear_error(
     make_cfg, trained: Path, tmp_path: Path, override: str, message: str
 ) -> None:
     with pytest.raises(UserError, match=message) as info:
-        train(make_cfg(f"init_from={trained}", override), tmp_path / "run")
+        train(make_cfg(f"init_from={trained}", *override.split()), tmp_path / "run")
     assert "\n" not in str(info.value)
 
 
