@@ -238,3 +238,24 @@ def test_bad_values_fail_in_one_line_before_any_work(tmp_path: Path) -> None:
         assert proc.returncode == 2, stderr
         assert stderr.strip() == BAD_VALUES[name][1]
     assert not (tmp_path / "data").exists()  # train never got to generating the demo data
+
+
+def test_a_reader_that_goes_away_gets_no_traceback(tmp_path: Path) -> None:
+    """``captioner train --help | head -3``: the pipe closes before the page is written; the
+    command ends quietly with 141 (128 + SIGPIPE, what a shell reports) instead of a
+    ``BrokenPipeError`` traceback."""
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before anything is written
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "captioner", "train", "--help"],
+            cwd=tmp_path,
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        os.close(write)
+    assert proc.returncode == 141, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "BrokenPipeError" not in proc.stderr

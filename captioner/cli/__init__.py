@@ -109,6 +109,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         _dispatch(argv[0], argv[1:])
     except KeyboardInterrupt:  # Ctrl-C outside training's own handling (which saves last.pt)
         fail("interrupted", 130)
+    except BrokenPipeError:  # the reader went away (`captioner ... | head`): nothing to say
+        # point stdout at /dev/null so that the interpreter's last flush cannot fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(141) from None  # 128 + SIGPIPE, as a shell reports it
 
 
 def _hydra_command(command: str, task: Callable[[Any], Any], rest: list[str]) -> None:
