@@ -220,7 +220,7 @@ def test_the_parts_add_up_to_the_batch_loss(attention: str) -> None:
     full = objective(model, None)(model, batch, features=True)
     for k in (1, 2, 3):
         loss, logs = accumulate(objective(model, k), model, batch)
-        assert loss == pytest.approx(float(full.loss), rel=1e-5)
+        assert loss == pytest.approx(full.loss.item(), rel=1e-5)
         assert logs == pytest.approx(full.logs, rel=1e-5)
 
 
