@@ -7,7 +7,9 @@ ResNet-18 at 64 px also does 0.15 GMACs an image, most of a demo epoch on a 2-co
 The small-image ResNets (the CIFAR ResNets of He et al. 2016) open with a 3x3 convolution
 instead; this one does too, with stride 2, and stacks one basic block per stage at a quarter of
 ResNet-18's widths (32, 64, 128, 256): a 32 x 32 map after the stem, a 4 x 4 grid at the end,
-about 0.06 GMACs and 1.2 M parameters at 64 px.
+about 0.06 GMACs and 1.2 M parameters at 64 px. It also reads two coordinate channels beside
+the RGB ones (x and y from -1 to 1; CoordConv, Liu et al. 2018): an average-pooled CNN otherwise
+forgets where things are, and half of the demo's captions say where, or which shape is left.
 
 ``model.encoder.source=builtin`` with ``model.encoder.name`` one of :data:`SMALL_RESNETS`
 (``model=demo`` uses ``small_resnet``). The module mirrors torchvision's ResNet attribute for
