@@ -114,6 +114,23 @@ class Bottleneck(nn.Module):
         return self.relu(out)
 
 
+def residual_stage(
+    block: type[BasicBlock | Bottleneck], inplanes: int, planes: int, blocks: int, stride: int = 1
+) -> nn.Sequential:
+    """A ResNet stage: ``blocks`` blocks taking ``inplanes`` channels to ``planes * expansion``,
+    the first with ``stride`` and, where the shape changes, a 1x1 projection on its shortcut
+    (modules created in torchvision's ``_make_layer`` order)."""
+    downsample = None
+    if stride != 1 or inplanes != planes * block.expansion:
+        downsample = nn.Sequential(
+            conv1x1(inplanes, planes * block.expansion, stride),
+            nn.BatchNorm2d(planes * block.expansion),
+        )
+    layers = [block(inplanes, planes, stride, downsample)]
+    layers += [block(planes * block.expansion, planes) for _ in range(1, blocks)]
+    return nn.Sequential(*layers)
+
+
 def init_resnet(model: nn.Module) -> None:
     """torchvision's ResNet initialisation, in module order: He-normal convolutions (fan out),
     BatchNorm scale 1 and shift 0 (the linear layers keep PyTorch's default)."""
@@ -151,16 +168,9 @@ class ResNet(nn.Module):
     def _make_layer(
         self, block: type[BasicBlock | Bottleneck], planes: int, blocks: int, stride: int = 1
     ) -> nn.Sequential:
-        downsample = None
-        if stride != 1 or self.inplanes != planes * block.expansion:
-            downsample = nn.Sequential(
-                conv1x1(self.inplanes, planes * block.expansion, stride),
-                nn.BatchNorm2d(planes * block.expansion),
-            )
-        layers = [block(self.inplanes, planes, stride, downsample)]
+        stage = residual_stage(block, self.inplanes, planes, blocks, stride)
         self.inplanes = planes * block.expansion
-        layers += [block(self.inplanes, planes) for _ in range(1, blocks)]
-        return nn.Sequential(*layers)
+        return stage
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))  # [B, 64, H/4, W/4]

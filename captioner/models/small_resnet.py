@@ -12,9 +12,10 @@ the RGB ones (x and y from -1 to 1; CoordConv, Liu et al. 2018): an average-pool
 forgets where things are, and half of the demo's captions say where, or which shape is left.
 
 ``model.encoder.source=builtin`` with ``model.encoder.name`` one of :data:`SMALL_RESNETS`
-(``model=demo`` uses ``small_resnet``). The module mirrors torchvision's ResNet attribute for
-attribute (``conv1`` ... ``layer4``, ``avgpool``, ``fc``), so the encoder's spatial grid,
-its stages for fine-tuning and checkpoints work as for a ResNet-18.
+(``model=demo`` uses ``small_resnet``). Its stages are torchvision's ResNet stages
+(:func:`captioner.models.backbones.residual_stage`, named ``layer1`` ... ``layer4``), so
+fine-tuning the last K stages works as for a ResNet-18; ``forward_features`` gives the grid
+attention reads.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from captioner.models.backbones import BasicBlock, conv1x1, init_resnet
+from captioner.models.backbones import BasicBlock, init_resnet, residual_stage
 
 # name -> (width of the first stage, blocks per stage)
 SMALL_RESNETS: dict[str, tuple[int, tuple[int, int, int, int]]] = {
@@ -35,35 +36,22 @@ class SmallResNet(nn.Module):
 
     def __init__(self, width: int, layers: tuple[int, int, int, int]):
         super().__init__()
-        self.inplanes = width
         # the image's RGB and two coordinate channels (CoordConv, Liu et al. 2018)
         self.conv1 = nn.Conv2d(5, width, kernel_size=3, stride=2, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.Identity()  # kept so that the stem reads as a torchvision ResNet's
-        self.layer1 = self._make_layer(width, layers[0])
-        self.layer2 = self._make_layer(2 * width, layers[1], stride=2)
-        self.layer3 = self._make_layer(4 * width, layers[2], stride=2)
-        self.layer4 = self._make_layer(8 * width, layers[3], stride=2)
+        self.layer1 = residual_stage(BasicBlock, width, width, layers[0])
+        self.layer2 = residual_stage(BasicBlock, width, 2 * width, layers[1], stride=2)
+        self.layer3 = residual_stage(BasicBlock, 2 * width, 4 * width, layers[2], stride=2)
+        self.layer4 = residual_stage(BasicBlock, 4 * width, 8 * width, layers[3], stride=2)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Identity()
         init_resnet(self)
 
-    def _make_layer(self, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
-        downsample = None
-        if stride != 1 or self.inplanes != planes:
-            downsample = nn.Sequential(
-                conv1x1(self.inplanes, planes, stride), nn.BatchNorm2d(planes)
-            )
-        layers = [BasicBlock(self.inplanes, planes, stride, downsample)]
-        self.inplanes = planes
-        layers += [BasicBlock(planes, planes) for _ in range(1, blocks)]
-        return nn.Sequential(*layers)
-
     def forward_features(self, images: Tensor) -> Tensor:
         """images [B, 3, H, W] -> the last feature map [B, 8w, H/16, W/16] (what attention reads;
         the name is timm's, which :meth:`captioner.models.encoders.Encoder.feature_map` asks for)."""
-        x = self.maxpool(self.relu(self.bn1(self.conv1(with_coordinates(images)))))
+        x = self.relu(self.bn1(self.conv1(with_coordinates(images))))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
     def forward(self, images: Tensor) -> Tensor:
