@@ -101,7 +101,7 @@ def epoch_row(epoch: int, seconds: float) -> dict:
 def test_epoch_lines_count_to_max_epochs_and_say_the_time_left(tmp_path: Path, caplog) -> None:
     log = RunLog(tmp_path, enabled=True, tcfg=TrainerConfig(max_epochs=4, patience=None))
     with caplog.at_level(logging.INFO, logger="captioner.training.runlog"):
-        log.start(0, TrainerConfig(max_epochs=4, patience=None), cached=False)
+        log.start(0, cached=False)
         log.epoch(epoch_row(1, 20.0), True, [("val_1.png", "a cat")])
         log.epoch(epoch_row(2, 40.0), False, [])
         log.epoch(epoch_row(4, 30.0), False, [])
@@ -120,7 +120,7 @@ def test_epoch_lines_count_to_max_epochs_and_say_the_time_left(tmp_path: Path, c
 def test_start_line_names_the_cache_and_early_stopping(tmp_path: Path, caplog) -> None:
     tcfg = TrainerConfig(max_epochs=10, patience=3, cache_dir=str(tmp_path / "cache"))
     with caplog.at_level(logging.INFO, logger="captioner.training.runlog"):
-        RunLog(tmp_path, enabled=True, tcfg=tcfg).start(4, tcfg, cached=True)
+        RunLog(tmp_path, enabled=True, tcfg=tcfg).start(4, cached=True)
     assert caplog.records[0].getMessage() == (
         f"training into {tmp_path}: epochs 5 to 10 at most (stopping early after 3 without a "
         f"better val_bleu4); features from the feature cache in {tmp_path / 'cache'}"

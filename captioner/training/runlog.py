@@ -51,10 +51,10 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 class RunLog:
     def __init__(self, out_dir: Path, enabled: bool, tcfg: TrainerConfig | None = None):
-        tcfg = tcfg or TrainerConfig()
-        self.out_dir, self.enabled, self.max_epochs = out_dir, enabled, tcfg.max_epochs
+        self.out_dir, self.enabled, self.tcfg = out_dir, enabled, tcfg or TrainerConfig()
         self.metrics_file = out_dir / METRICS_FILE
-        self._tensorboard = _open_tensorboard(out_dir) if enabled and tcfg.tensorboard else None
+        tensorboard = enabled and self.tcfg.tensorboard
+        self._tensorboard = _open_tensorboard(out_dir) if tensorboard else None
         self._seconds: list[float] = []  # this process's epochs (a resumed run's own)
 
     def continue_from(
@@ -87,7 +87,7 @@ class RunLog:
         log.info(
             "epoch %d/%d: train_loss %.4f val_loss %.4f val_bleu4 %.4f%s (%s)",
             metrics["epoch"],
-            self.max_epochs,
+            self.tcfg.max_epochs,
             metrics["train_loss"],
             metrics["val_loss"],
             metrics["val_bleu4"],
@@ -101,11 +101,12 @@ class RunLog:
                 if key != "epoch" and isinstance(value, float | int) and math.isfinite(value):
                     self._tensorboard.add_scalar(key, value, metrics["epoch"])
 
-    def start(self, epoch: int, tcfg: TrainerConfig, cached: bool) -> None:
+    def start(self, epoch: int, cached: bool) -> None:
         """One line before the first epoch (0-based ``epoch``): where the run goes, how long it
         may last, and where the encoder's features come from."""
         if not self.enabled:
             return
+        tcfg = self.tcfg
         log.info(
             "training into %s: epochs %d to %d at most%s; features from %s",
             self.out_dir,
@@ -123,7 +124,7 @@ class RunLog:
         """``15s`` for the last epoch, and while epochs remain ``about 1m45s left`` (this run's
         mean epoch times the epochs to ``max_epochs``; early stopping may end it sooner)."""
         text = _duration(self._seconds[-1])
-        left = self.max_epochs - epoch
+        left = self.tcfg.max_epochs - epoch
         if left > 0:
             mean = sum(self._seconds) / len(self._seconds)
             text += f", about {_duration(mean * left)} left"

@@ -276,7 +276,7 @@ class Trainer:
         if self.rng_states is not None:  # resumed: continue this rank's random streams
             set_rng_state(self.rng_states[min(self.rt.rank, len(self.rng_states) - 1)])
         last: dict[str, Any] = {}
-        self.runlog.start(p.epoch, self.tcfg, cached=self.loaders.use_cache(p.epoch))
+        self.runlog.start(p.epoch, cached=self.loaders.use_cache(p.epoch))
         with StopSignal() as stop:
             self.loaders.stop = stop
             while p.epoch < self.tcfg.max_epochs:
