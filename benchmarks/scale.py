@@ -31,10 +31,15 @@ from scale_data import log, make_dataset
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_CAPTIONS = HERE.parent.parent / "shared/data/flickr8k/annotations/captions_train.json"
+DEFAULT_PHOTOS = HERE.parent.parent / "shared/data/flickr8k"  # the report stages' photos
 STAGES = (
     *("annotations", "vocab", "encode", "cider_df", "cache", "startup", "workers", "batches"),
-    *("validate", "epoch"),
+    *("validate", "epoch", "evaluate", "scst", "report", "report_maps"),
 )
+# stages of benchmarks/scale_eval.py, and those whose cost does not depend on N (run at the
+# first N only)
+EVAL_STAGES = ("evaluate", "scst", "report", "report_maps")
+N_FREE = ("report", "report_maps")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,7 +275,12 @@ def stage_workers(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_stage(args: argparse.Namespace) -> None:
-    out = globals()[f"stage_{args.stage}"](args)
+    if args.stage in EVAL_STAGES:
+        import scale_eval  # it imports this file's helpers: only in a stage's own process
+
+        out = getattr(scale_eval, f"stage_{args.stage}")(args)
+    else:
+        out = globals()[f"stage_{args.stage}"](args)
     out["peak_rss_mb"] = peak_rss_mb()
     out["load_1min"] = os.getloadavg()[0]  # the machine is shared: how busy it was
     print(json.dumps(out), flush=True)
@@ -283,7 +293,7 @@ def run_stage(args: argparse.Namespace) -> None:
 def measure(args: argparse.Namespace, stage: str, n: int, workers: int = 0) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--root", str(args.root), "--stage", stage, "--n", str(n)]
     cmd += ["--workers", str(workers), "--worker-batches", str(args.worker_batches)]
-    cmd += ["--repeat", str(args.repeat)]
+    cmd += ["--repeat", str(args.repeat), "--photos", str(args.photos), "--val", str(args.val)]
     log(f"{stage} at N={n}" + (f", {workers} workers" if stage == "workers" else ""))
     # one torch thread: on a shared 2-core machine, two spinning OpenMP threads made the tiny
     # model's steps ten times slower, and that, not the data, is what the epoch timed
@@ -349,6 +359,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--repeat", type=int, default=3, help="runs of a cheap stage (least kept)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per stage process")
+    p.add_argument("--photos", type=Path, default=DEFAULT_PHOTOS, help="report: real photos")
     p.add_argument("--json", type=Path, help="every figure, written as measured; resumed from")
     p.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)  # a child process
     p.add_argument("--n", type=int, help=argparse.SUPPRESS)
@@ -368,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = saved.get("results", {})  # what an earlier run measured: kept
     for stage in args.stages:
         for n in args.sizes:
-            if stage == "epoch" and n > args.epoch_max_n:
+            if stage == "epoch" and n > args.epoch_max_n or stage in N_FREE and n != args.sizes[0]:
                 continue
             for w in args.worker_counts if stage == "workers" else [0]:
                 key = f"workers={w}" if stage == "workers" else stage
@@ -379,6 +390,10 @@ def main(argv: list[str] | None = None) -> int:
                 if args.json:  # after every figure: an interrupted run keeps what it measured
                     args.json.write_text(json.dumps({"results": results}, indent=1))
     print(table(results, args.sizes))
+    if any(stage in results for stage in EVAL_STAGES):
+        from scale_eval import table as eval_table
+
+        print("\n" + "\n".join(eval_table(results)))
     return 0
 
 
