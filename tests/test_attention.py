@@ -569,9 +569,9 @@ def test_attention_run_trains_from_the_grid_cache_with_scst_and_reports_maps(
                                   "coco_metrics=false", "decode.max_len=6"]), out)  # fmt: skip
     page = (out / "report.html").read_text()
     rows = [json.loads(line) for line in (out / "per_image.jsonl").read_text().splitlines()]
-    assert page.count('<details class="attention">') == len(rows) == 8
-    # one panel per word of every caption, named by its word
-    panels = re.findall(r'alt="attention for ([^"]*)"', page)
-    assert Counter(html.unescape(w) for w in panels) == Counter(
+    assert page.count('<details class="attention"') == len(rows) == 8
+    # one map per word of every caption, with its word (the page draws them when opened)
+    captions = [json.loads(html.unescape(w)) for w in re.findall(r'data-words="([^"]*)"', page)]
+    assert Counter(w for words in captions for w in words) == Counter(
         w for row in rows for w in tokenize(row["caption"])
     )

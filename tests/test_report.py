@@ -3,6 +3,8 @@ training curves."""
 
 from __future__ import annotations
 
+import base64
+import html
 import json
 import os
 import re
@@ -12,13 +14,18 @@ import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import tiny_overrides
+from helpers import chromium_driver
 from omegaconf import OmegaConf
 from PIL import Image
 
 from captioner.configs.hydra import compose
+from captioner.configs.preprocessing import Preprocessing
+from captioner.datasets.images import model_view
+from captioner.evaluation.attention_maps import heat_overlay, jet_lut, quantized_maps, view_box
 from captioner.evaluation.report import (
     CURVES,
     plot_training_curves,
@@ -371,3 +378,142 @@ def test_report_screenshot(chromium: str, tmp_path: Path, rows: list[dict]) -> N
             assert counts.get(rgb, 0) > 50, (label, color)
     if os.environ.get("REPORT_SCREENSHOT"):  # keep a copy to look at
         shutil.copy(shot, os.environ["REPORT_SCREENSHOT"])
+
+
+# ---------------------------------------------------------------------------------------------
+# attention maps: stored once per caption as bytes, drawn by the page when opened (issue 20: a
+# JPEG per word made 5,000 entries 208 MB)
+
+PRE = Preprocessing(resize=48, crop=48)
+
+
+def peaked_maps(words: int, h: int = 3, w: int = 4) -> torch.Tensor:
+    """Word i looks at cell i of the grid (row-major), a little everywhere else."""
+    maps = torch.full((words, h, w), 0.02)
+    for i in range(words):
+        maps[i].view(-1)[i % (h * w)] = 1.0
+    return maps / maps.sum((1, 2), keepdim=True)
+
+
+@pytest.mark.parametrize("size", [(640, 480), (480, 640), (48, 48), (300, 50), (33, 97)])
+def test_view_box_is_the_model_view(size: tuple[int, int]) -> None:
+    """The box the page crops from the thumbnail is the region ``model_view`` keeps: an image
+    whose pixels encode their own coordinates shows the box's corners at the view's corners."""
+    w, h = size
+    xs = np.broadcast_to(np.linspace(0, 255, w, dtype=np.float32), (h, w))
+    ys = np.broadcast_to(np.linspace(0, 255, h, dtype=np.float32)[:, None], (h, w))
+    image = Image.fromarray(np.stack([xs, ys, xs * 0], -1).round().astype(np.uint8))
+    pre = Preprocessing(resize=40, crop=32, interpolation="nearest")
+    view = np.asarray(model_view(image, pre)).astype(float)
+    left, top, right, bottom = view_box(w, h, pre.resize, pre.crop)
+    assert 0 <= left < right <= 1 and 0 <= top < bottom <= 1
+    # the view's first and last column (row) sample the box's edges, half a view pixel in (to a
+    # source pixel: the image's value at x is 255 x / (n - 1))
+    for got, lo, hi, n in ((view[0, :, 0], left, right, w), (view[:, 0, 1], top, bottom, h)):
+        step = (hi - lo) / pre.crop
+        want = [
+            255 * (lo + step / 2) * n / max(n - 1, 1),
+            255 * (hi - step / 2) * n / max(n - 1, 1),
+        ]
+        assert got[0] == pytest.approx(want[0], abs=255 / max(n - 1, 1) + 2)
+        assert got[-1] == pytest.approx(want[1], abs=255 / max(n - 1, 1) + 2)
+
+
+def test_report_stores_each_captions_maps_once_as_bytes(tmp_path: Path, rows: list[dict]) -> None:
+    """One ``details.attention`` per caption with its words, the grids (bytes on the caption's
+    one scale) and the view's box, no image per word; a few hundred bytes per caption."""
+    words = ["a", "dog", "<unk>", "runs", EVIL]
+    maps = peaked_maps(len(words))
+    attention = {r["image_id"]: (words, maps) for r in rows}
+    attention[0] = ([], torch.zeros(0, 3, 4))  # an empty caption: no strip
+    plain = write_report(tmp_path / "plain", METRICS, rows).stat().st_size
+    path = write_report(tmp_path / "maps", METRICS, rows, attention=attention, preprocessing=PRE)
+    text = path.read_text("utf-8")
+    assert text.count('<details class="attention"') == 4
+    assert text.count("<img") == 4 and "<script>window" not in text
+    assert (path.stat().st_size - plain - len(jet_lut()) * 4 / 3) / 4 < 500
+    found = re.search(
+        r'data-words="([^"]*)" data-grid="3 4" data-box="([^"]*)" data-maps="([^"]*)"', text
+    )
+    assert found and json.loads(html.unescape(found[1])) == words
+    grids = np.frombuffer(base64.b64decode(found[3]), np.uint8).reshape(len(words), 3, 4)
+    assert (grids == quantized_maps(maps)).all() and grids.max() == 255
+    assert (quantized_maps(maps.numpy()) == grids).all()  # an array is taken as well
+    assert quantized_maps(torch.tensor([[[float("nan"), 0.5]]])).tolist() == [[[0, 255]]]
+    assert grids[1, 0, 1] == 255 and grids[1, 0, 0] < 10  # word 1 looked at cell 1
+    image_3 = Image.open(rows[3]["file"]).size  # the worst entry, shown first
+    assert [float(v) for v in found[2].split()] == pytest.approx(
+        view_box(*image_3, 48, 48), abs=1e-4
+    )
+    with pytest.raises(ValueError, match="5 words but 2 attention maps"):
+        write_report(tmp_path / "bad", METRICS, rows, attention={3: (words, maps[:2])})
+
+
+@pytest.fixture
+def driver():
+    yield from chromium_driver("1200,900")
+
+
+def panel_pixels(driver, entry: int, panel: int) -> np.ndarray:
+    data = driver.execute_script(
+        "const c = document.querySelectorAll('.entry')[arguments[0]]"
+        ".querySelectorAll('details.attention canvas')[arguments[1]];"
+        "return Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data);",
+        entry,
+        panel,
+    )
+    side = int(round((len(data) / 4) ** 0.5))
+    return np.array(data, dtype=float).reshape(side, side, 4)[..., :3]
+
+
+def test_report_draws_the_maps_as_heat_overlay_when_opened(
+    driver, tmp_path: Path, rows: list[dict]
+) -> None:
+    """In Chromium: nothing drawn until an entry's maps are opened, then one panel per word,
+    named by it, whose pixels are ``heat_overlay``'s over the model's view of the thumbnail
+    (a grey image: the map itself; a striped one: the box, not the whole thumbnail)."""
+    grey, stripes = tmp_path / "grey.png", tmp_path / "stripes.png"
+    Image.new("RGB", (60, 60), (128, 128, 128)).save(grey)
+    band = np.zeros((48, 96, 3), np.uint8)
+    band[:, :24, 1] = band[:, 72:, 1] = 255  # green | red | blue | green; the view: red | blue
+    band[:, 24:48, 0] = band[:, 48:72, 2] = 255
+    Image.fromarray(band).save(stripes)
+    page_rows = [dict(rows[0], file=str(grey), bleu4=0.1), dict(rows[2], file=str(stripes))]
+    words = ["a", "dog", "runs"]
+    attention = {
+        rows[0]["image_id"]: (words, peaked_maps(3)),
+        rows[2]["image_id"]: (["x"], torch.zeros(1, 2, 2)),
+    }
+    path = write_report(
+        tmp_path / "run", METRICS, page_rows, attention=attention, preprocessing=PRE
+    )
+    driver.get(path.as_uri())
+    assert driver.execute_script("return document.querySelectorAll('canvas').length") == 0
+    driver.execute_script(
+        "document.querySelectorAll('details.attention').forEach(d => d.open = true)"
+    )
+    driver.execute_async_script(  # "toggle" fires after the change; the drawing follows it
+        "const done = arguments[0], wait = () =>"
+        " document.querySelectorAll('details[data-drawn]').length == 2 ? done() : setTimeout(wait, 10);"
+        "wait();"
+    )
+    labels = driver.execute_script(
+        "return Array.from(document.querySelectorAll('.entry')[0].querySelectorAll('canvas'))"
+        ".map(c => c.getAttribute('aria-label') + '/' + c.nextSibling.textContent)"
+    )
+    assert labels == [f"attention for {w}/{w}" for w in words]
+    maps = peaked_maps(3)
+    for i in range(3):
+        want = heat_overlay(Image.new("RGB", (80, 80), (128, 128, 128)), maps[i], float(maps.max()))
+        diff = np.abs(panel_pixels(driver, 0, i) - np.asarray(want, dtype=float))
+        assert diff.mean() < 2 and np.percentile(diff, 99) < 8, (i, diff.mean())
+    # zero weights: jet's bottom (dark blue) over the view, red then blue; no green of the edges
+    striped = panel_pixels(driver, 1, 0)
+    assert striped[40, 8].round().tolist() == pytest.approx([115, 0, 70], abs=12)
+    assert striped[40, 72].round().tolist() == pytest.approx([0, 0, 185], abs=12)
+    assert (
+        driver.execute_script(
+            "sortCards('best'); return document.querySelectorAll('canvas').length"
+        )
+        == 4
+    )

@@ -5,9 +5,11 @@ center-cropped input, :func:`captioner.datasets.images.model_view`). They are up
 (bilinear), and blended over the view on one colour scale for the whole caption: the most
 attended position of any of its words is at the top of the colour map, so a word whose weights
 are spread thin looks cold instead of having its noise stretched into a pattern. ``captioner caption --attention-map DIR`` writes one PNG per image
-(:func:`save_attention_figure`: the image, then one panel per word); the evaluation report shows
-a strip of small panels per entry (:func:`attention_panels`). matplotlib's object-oriented API on
-a non-GUI canvas draws the figures, so a notebook's pyplot backend is left alone.
+(:func:`save_attention_figure`: the image, then one panel per word); the evaluation report stores
+each caption's grids once, as bytes (:func:`quantized_maps`), and its script draws the same
+panels over the entry's thumbnail (:func:`view_box`, :func:`jet_lut`) when they are opened.
+matplotlib's object-oriented API on a non-GUI canvas draws the figures, so a notebook's pyplot
+backend is left alone.
 """
 
 from __future__ import annotations
@@ -94,23 +96,41 @@ def save_attention_figure(
     return path
 
 
-def attention_panels(view: Image.Image, maps: torch.Tensor, size: int = 80) -> list[bytes]:
-    """One small JPEG per word (longest side ``size``): the report's strip of maps."""
-    small = view.copy()
-    small.thumbnail((size, size), Image.Resampling.LANCZOS)
-    vmax = float(maps.max()) if len(maps) else None
-    out = []
-    for weights in maps:
-        buf = io.BytesIO()
-        heat_overlay(small, weights, vmax).save(buf, format="JPEG", quality=80)
-        out.append(buf.getvalue())
-    return out
+def quantized_maps(maps: torch.Tensor | np.ndarray) -> np.ndarray:
+    """``maps`` [words, h, w] (a tensor or array; NaN read as 0) as uint8 on the caption's one colour scale (255: its largest
+    weight), what the report stores: :func:`heat_overlay` of ``maps[i]`` with the caption's
+    ``vmax`` is the colour map of these over 255, to half a step of 255."""
+    weights = torch.as_tensor(maps).detach().float().cpu().nan_to_num(0.0)
+    top = max(float(weights.max()), 1e-12) if weights.numel() else 1.0
+    return (weights / top).clamp(0, 1).mul(255).round().to(torch.uint8).numpy()
+
+
+def view_box(width: int, height: int, resize: int, crop: int) -> tuple[float, float, float, float]:
+    """The model's view of a ``width`` x ``height`` image (``model_view``: shorter side
+    resized to ``resize``, center crop ``crop``) as (left, top, right, bottom) fractions of the
+    image: the region an attention grid covers, for drawing it over a thumbnail."""
+    short, long = (width, height) if width <= height else (height, width)
+    new_long = int(resize * long / short)
+    new_w, new_h = (resize, new_long) if width <= height else (new_long, resize)
+    top, left = int(round((new_h - crop) / 2.0)), int(round((new_w - crop) / 2.0))
+    return left / new_w, top / new_h, (left + crop) / new_w, (top + crop) / new_h
+
+
+def jet_lut() -> bytes:
+    """matplotlib's ``jet`` as 256 RGB triplets (what :func:`heat_overlay` draws with), for the
+    report's script, which colours the maps itself."""
+    from matplotlib import colormaps
+
+    rgb = colormaps["jet"](np.arange(256))[:, :3]
+    return (rgb * 255).round().astype(np.uint8).tobytes()
 
 
 __all__ = [
     "attention_figure",
-    "attention_panels",
     "attention_png",
     "heat_overlay",
+    "jet_lut",
+    "quantized_maps",
     "save_attention_figure",
+    "view_box",
 ]

@@ -34,16 +34,9 @@ from captioner.configs.evaluate import EvaluateConfig
 from captioner.configs.preprocessing import Preprocessing
 from captioner.datasets.annotations import CaptionRecord
 from captioner.datasets.captions import load_split
-from captioner.datasets.images import (
-    ImageLoadError,
-    build_transform,
-    collate_images,
-    load_image,
-    model_view,
-)
+from captioner.datasets.images import build_transform, collate_images
 from captioner.decoding import Hypothesis
 from captioner.errors import UserError
-from captioner.evaluation.attention_maps import attention_panels
 from captioner.evaluation.metrics import coco_caption_metrics, sentence_bleu_from_text
 from captioner.evaluation.report import SCORE_KEYS, write_report
 from captioner.features import build_feature_cache, image_source
@@ -116,9 +109,9 @@ def evaluate(cfg: DictConfig | EvaluateConfig, out_dir: str | Path) -> dict[str,
     rows = _write_run_files(out_dir, metrics, captions, records)
     if cfg.report:
         attention = None
-        if model.attends:
+        if model.attends:  # each word's map, drawn by the page over the thumbnail
             attention = {
-                records[i].image_id: _attention_panels(records[i].path, h[0], vocab, pre)
+                records[i].image_id: (vocab.decode(h[0].tokens), h[0].attention)
                 for i, h in hyps.items()
             }
         report = write_report(
@@ -127,6 +120,7 @@ def evaluate(cfg: DictConfig | EvaluateConfig, out_dir: str | Path) -> dict[str,
             rows,
             metrics_log=ckpt_path.parent / "metrics.jsonl" if ckpt_path.is_file() else None,
             attention=attention,
+            preprocessing=pre,
         )
         metrics["report"] = str(report)
         log.info("report: %s", report)
@@ -234,19 +228,6 @@ def _write_run_files(
     with open(out_dir / "per_image.jsonl", "w", encoding="utf-8") as f:
         f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     return rows
-
-
-def _attention_panels(
-    path: Path, hyp: Hypothesis, vocab: Vocab, pre: Preprocessing
-) -> list[tuple[str, bytes]]:
-    """(word, JPEG of its attention map) per word of the caption, for the report."""
-    assert hyp.attention is not None
-    try:
-        view = model_view(load_image(path), pre)
-    except ImageLoadError as exc:  # decoded from the feature cache; the file is gone since
-        log.warning("report: no attention maps for %s (%s)", path, exc)
-        return []
-    return list(zip(vocab.decode(hyp.tokens), attention_panels(view, hyp.attention), strict=True))
 
 
 # what each score printed by `captioner evaluate` is, beside its value

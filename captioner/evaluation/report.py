@@ -3,7 +3,11 @@
 ``write_report`` turns the rows of ``per_image.jsonl`` into ``report.html``: a grid of thumbnails
 (embedded as JPEG data URIs, so the file can be mailed or attached anywhere), each with the
 generated caption, its references and its sentence BLEU-4, worst first, under the corpus scores,
-and the training curves as inline SVG.
+and the training curves as inline SVG. An attending model's maps are stored once per caption as
+bytes (its grids: 49 bytes a word on a 7 x 7 grid) and drawn by the page's script over the
+thumbnail when an entry's maps are opened: 5,000 entries with maps make 47 MB and open in
+headless Chromium in 4.5 s (benchmarks/README.md, "scale.py"), where a JPEG per word made 208 MB
+that took two minutes.
 
 ``training_curves_figure`` draws train/val loss and validation BLEU-4 per epoch from a run's
 ``metrics.jsonl`` records with matplotlib's object-oriented API on a non-GUI canvas (pyplot is
@@ -17,6 +21,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 import logging
 import math
 from collections.abc import Sequence
@@ -25,7 +30,10 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
+from captioner.configs.preprocessing import Preprocessing
 from captioner.datasets.images import load_image
+from captioner.evaluation.attention_maps import jet_lut, quantized_maps, view_box
+from captioner.evaluation.report_assets import CSS, JS
 from captioner.training.runlog import read_metrics
 
 if TYPE_CHECKING:
@@ -56,19 +64,26 @@ def esc(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
-def thumbnail_uri(path: str | Path | None, size: int) -> str | None:
-    """A ``data:image/jpeg;base64,...`` thumbnail of ``path`` (longest side ``size``), or None."""
+# a 160 px thumbnail of a Flickr8k photo is 7.3 KB as base64 at quality 70 (11.1 KB at 85):
+# 5,000 entries with attention maps under 50 MB
+THUMB_QUALITY = 70
+
+
+def thumbnail(path: str | Path | None, size: int) -> tuple[str, tuple[int, int]] | None:
+    """A ``data:image/jpeg;base64,...`` thumbnail of ``path`` (longest side ``size``) and the
+    image's own size, or None."""
     if not path:
         return None
     try:
         img = load_image(path)
+        full = img.size
         img.thumbnail((size, size), Image.Resampling.LANCZOS)
         buf = io.BytesIO()
-        img.save(buf, format="JPEG", quality=85)
+        img.save(buf, format="JPEG", quality=THUMB_QUALITY, optimize=True)
     except Exception as exc:  # a report must never die on one bad image
         log.warning("report: no thumbnail for %s (%s)", path, exc)
         return None
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii"), full
 
 
 def _bleu(row: dict[str, Any]) -> float:
@@ -88,27 +103,36 @@ def _id_key(image_id: Any) -> tuple[int, float, str]:
         return (1, 0.0, str(image_id))
 
 
-def _attention_strip(panels: Sequence[tuple[str, bytes]]) -> str:
-    """A folded strip of (word, JPEG of its attention map) panels."""
-    figures = "".join(
-        f'<figure><img src="data:image/jpeg;base64,{base64.b64encode(jpeg).decode("ascii")}" '
-        f'alt="attention for {esc(word)}"><figcaption>{esc(word)}</figcaption></figure>'
-        for word, jpeg in panels
-    )
+def _attention_strip(words: Sequence[str], maps: Any, box: Sequence[float]) -> str:
+    """A folded strip of a caption's attention maps, one panel per word, drawn by the page's
+    script when opened: ``words``, the grids ``maps`` [words, h, w] (bytes on the caption's one
+    scale, :func:`quantized_maps`) and ``box``, the model's view in the thumbnail (fractions)."""
+    grids = quantized_maps(maps)
+    if len(grids) != len(words):
+        raise ValueError(f"{len(words)} words but {len(grids)} attention maps")
+    _, h, w = grids.shape
     return (
-        f'<details class="attention"><summary>attention, {len(panels)} words</summary>'
-        f'<div class="strip">{figures}</div></details>'
+        f'<details class="attention" data-words="{esc(json.dumps(list(words)))}" '
+        f'data-grid="{h} {w}" data-box="{" ".join(f"{v:.4f}" for v in box)}" '
+        f'data-maps="{base64.b64encode(grids.tobytes()).decode("ascii")}">'
+        f'<summary>attention, {len(words)} words</summary><div class="strip"></div></details>'
     )
 
 
 def _entry(
-    row: dict[str, Any], thumb_size: int, attention: Sequence[tuple[str, bytes]] | None = None
+    row: dict[str, Any],
+    thumb_size: int,
+    attention: tuple[Sequence[str], Any] | None = None,
+    pre: Preprocessing | None = None,
 ) -> str:
     bleu = _bleu(row)
-    uri = thumbnail_uri(row.get("file"), thumb_size)
+    thumb = thumbnail(row.get("file"), thumb_size)
     name = Path(str(row.get("file") or "")).name
-    if uri:
-        picture = f'<img src="{uri}" alt="{esc(name)}">'
+    box: Sequence[float] = (0.0, 0.0, 1.0, 1.0)
+    if thumb:
+        picture = f'<img src="{thumb[0]}" alt="{esc(name)}">'
+        if pre is not None:
+            box = view_box(*thumb[1], pre.resize, pre.crop)
     else:
         picture = '<div class="missing">image unavailable</div>'
     refs = "".join(f"<li>{esc(r)}</li>" for r in row.get("references") or [])
@@ -123,7 +147,7 @@ def _entry(
         f"{esc(name)}</span></div>"
         f'<p class="caption">{esc(row.get("caption", ""))}</p>'
         f'<ol class="refs">{refs}</ol>'
-        f"{_attention_strip(attention) if attention else ''}"
+        f"{_attention_strip(*attention, box) if attention and len(attention[0]) else ''}"
         f"</figcaption></figure>"
     )
 
@@ -150,74 +174,6 @@ def _header(metrics: dict[str, Any], shown: int, total: int) -> str:
     return f'<div class="scores">{scores}</div><table class="facts">{rows}</table>'
 
 
-CSS = """
-:root{--fg:#1d2430;--muted:#5b6575;--line:#dde2ea;--bg:#f4f6f9}
-*{box-sizing:border-box}
-body{margin:0;padding:24px 32px;font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,
-"Helvetica Neue",Arial,sans-serif;color:var(--fg);background:var(--bg)}
-h1{font-size:22px;margin:0 0 14px}h2{font-size:16px;margin:22px 0 10px}
-.scores{display:flex;flex-wrap:wrap;gap:10px;margin-bottom:12px}
-.score{background:#fff;border:1px solid var(--line);border-radius:8px;padding:8px 14px;
-min-width:92px;text-align:center}
-.score b{display:block;font-size:19px;font-variant-numeric:tabular-nums}
-.score span{color:var(--muted);font-size:12px}
-.facts{border-collapse:collapse;font-size:13px}
-.facts th{text-align:left;color:var(--muted);font-weight:500;padding:2px 14px 2px 0;vertical-align:top}
-.facts td{word-break:break-all}
-.curves{background:#fff;border:1px solid var(--line);border-radius:8px;padding:8px;max-width:760px}
-.curves svg{display:block;width:100%;height:auto}
-.controls{margin:20px 0 12px;display:flex;gap:8px;align-items:center;color:var(--muted)}
-select{font:inherit;padding:3px 6px}
-.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(250px,1fr));gap:14px}
-.entry{margin:0;background:#fff;border:1px solid var(--line);border-radius:10px;overflow:hidden;
-display:flex;flex-direction:column}
-.thumb{display:flex;align-items:center;justify-content:center;background:#e9edf2}
-.thumb img{width:100%;height:100%;object-fit:contain;display:block}
-.missing{color:var(--muted);font-size:12px;border:2px dashed #b9c1cc;border-radius:6px;
-padding:24px 14px}
-figcaption{padding:10px 12px 12px}
-.meta{display:flex;justify-content:space-between;align-items:center;gap:8px;font-size:12px}
-.bleu{color:#fff;border-radius:999px;padding:1px 9px;font-weight:600;white-space:nowrap;
-font-variant-numeric:tabular-nums}
-.id{color:var(--muted);overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
-.caption{font-weight:600;margin:8px 0 6px;font-size:14.5px}
-.refs{margin:0;padding-left:18px;color:var(--muted);font-size:12.5px}
-.attention{margin-top:8px;font-size:12.5px;color:var(--muted)}
-.attention summary{cursor:pointer}
-.attention .strip{display:flex;flex-wrap:wrap;gap:4px;margin-top:6px}
-.attention figure{margin:0;text-align:center}
-.attention img{display:block;width:72px}
-.attention figcaption{padding:0;font-size:11px}
-"""
-
-# Sorts the cards in place (entries carry data-bleu4 and data-image-id); the URL's #worst, #best or
-# #id picks the initial order.
-JS = """
-const grid = document.getElementById("grid");
-const cards = Array.from(grid.querySelectorAll(".entry"));
-const idOf = (e) => e.dataset.imageId;
-const numeric = cards.every((e) => idOf(e) !== "" && !isNaN(Number(idOf(e))));
-const byId = (a, b) => numeric ? Number(idOf(a)) - Number(idOf(b)) : idOf(a).localeCompare(idOf(b));
-const orders = {
-  worst: (a, b) => a.dataset.bleu4 - b.dataset.bleu4 || byId(a, b),
-  best: (a, b) => b.dataset.bleu4 - a.dataset.bleu4 || byId(a, b),
-  id: byId,
-};
-function sortCards(how) {
-  cards.slice().sort(orders[how]).forEach((e) => grid.appendChild(e));
-  grid.dataset.sorted = how;
-}
-const select = document.getElementById("order");
-const asked = location.hash.slice(1);  // report.html#best opens best first
-if (Object.hasOwn(orders, asked)) select.value = asked;
-select.addEventListener("change", () => {
-  sortCards(select.value);
-  try { history.replaceState(null, "", "#" + select.value); } catch (e) {}  // a shareable URL
-});
-sortCards(select.value);
-"""
-
-
 def write_report(
     out_dir: Path,
     metrics: dict[str, Any],
@@ -225,21 +181,26 @@ def write_report(
     thumb_size: int = 160,
     max_images: int | None = None,
     metrics_log: Path | None = None,
-    attention: dict[Any, Sequence[tuple[str, bytes]]] | None = None,
+    attention: dict[Any, tuple[Sequence[str], Any]] | None = None,
+    preprocessing: Preprocessing | None = None,
 ) -> Path:
     """Write ``out_dir/report.html`` and return its path.
 
     ``rows`` are ``per_image.jsonl`` records (image_id, file, caption, references, bleu4); they
     are shown worst sentence BLEU-4 first (``max_images`` keeps the worst N). ``metrics_log``, a
     training run's ``metrics.jsonl``, adds its loss/BLEU curves when the file exists.
-    ``attention``: per image id, (word, JPEG of its attention map) panels shown with the entry
-    (:func:`captioner.evaluation.attention_maps.attention_panels`).
+    ``attention``: per image id, the caption's words and their attention maps [words, h, w]
+    (a tensor or array), drawn over the thumbnail's part that ``preprocessing`` (the model's
+    resize and crop) shows the model; without it, over the whole thumbnail.
     """
     out_dir = Path(out_dir)
     ordered = sorted(rows, key=lambda r: (_bleu(r), _id_key(r.get("image_id"))))
     shown = ordered if max_images is None else ordered[: max(0, int(max_images))]
     maps = attention or {}
-    entries = "\n".join(_entry(r, thumb_size, maps.get(r.get("image_id"))) for r in shown)
+    entries = "\n".join(
+        _entry(r, thumb_size, maps.get(r.get("image_id")), preprocessing) for r in shown
+    )
+    jet = f' data-jet="{base64.b64encode(jet_lut()).decode("ascii")}"' if maps else ""
     curves = ""
     if metrics_log is not None and Path(metrics_log).is_file():
         svg = training_curves_svg(read_metrics(metrics_log))
@@ -258,7 +219,7 @@ def write_report(
 <select id="order"><option value="worst" selected>worst first (sentence BLEU-4)</option>
 <option value="best">best first</option><option value="id">image id</option></select>
 <span>{len(shown)} entries</span></div>
-<main class="grid" id="grid">
+<main class="grid" id="grid"{jet}>
 {entries}
 </main>
 <script>{JS}</script>
