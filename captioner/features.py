@@ -149,7 +149,7 @@ def build_feature_cache(
         for stale in directory.glob(".*.tmp"):  # left by a killed build: its lock is gone
             stale.unlink(missing_ok=True)
         loader = DataLoader(
-            ImageDataset(paths, build_transform(preprocessing)),
+            ImageDataset(paths, build_transform(preprocessing), preprocessing.draft_to),
             batch_size=batch_size,
             num_workers=num_workers,
             collate_fn=collate_images,
@@ -281,9 +281,11 @@ def _gb(n: int) -> str:
 
 
 def image_source(
-    paths: Sequence[Path], transform: Any, cache: CachedFeatures | None
+    paths: Sequence[Path], pre: Preprocessing, transform: Any, cache: CachedFeatures | None
 ) -> IndexedFeatures | ImageDataset:
     """What the model reads per image, ``(tensor or None, index)``: the cached encoder features
     when a cache is given, else the images decoded and transformed (the CNN in the loop). The one
     place where training, validation and ``captioner evaluate`` make that choice concrete."""
-    return IndexedFeatures(cache) if cache is not None else ImageDataset(paths, transform)
+    if cache is not None:
+        return IndexedFeatures(cache)
+    return ImageDataset(paths, transform, pre.draft_to)

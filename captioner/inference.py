@@ -214,7 +214,10 @@ class Captioner:
         return cls.from_pretrained(source, device)
 
     def _tensor(self, image: str | Path | Image.Image) -> torch.Tensor:
-        img = from_pil(image) if isinstance(image, Image.Image) else load_image(image)
+        if isinstance(image, Image.Image):
+            img = from_pil(image)  # decoded by the caller: taken as it is
+        else:
+            img = load_image(image, self.preprocessing.draft_to)
         return self.transform(img)
 
     @torch.inference_mode()

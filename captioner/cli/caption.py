@@ -246,5 +246,7 @@ def _write_map(directory: Path, res: CaptionResult, captioner: Captioner, names:
         n += 1
     names.add(name)
     assert res.attention is not None
-    view = model_view(load_image(res.source), captioner.preprocessing)
+    view = model_view(
+        load_image(res.source, captioner.preprocessing.draft_to), captioner.preprocessing
+    )
     return save_attention_figure(directory / f"{name}.png", view, res.words, res.attention)

@@ -172,7 +172,7 @@ def _caption_images(
             desc=f"{cfg.split} images",
         )
     loader = DataLoader(
-        image_source(paths, build_transform(pre), cache),
+        image_source(paths, pre, build_transform(pre), cache),
         batch_size=cfg.batch_size,
         num_workers=0 if cache is not None else cfg.num_workers,
         collate_fn=collate_images,

@@ -301,7 +301,7 @@ def measure_checkpoint(
     if cache_dir is not None:
         paths = [r.path for r in records]
         cache = build_feature_cache(model.encoder, pre, paths, cache_dir, device=device)
-    source = image_source([r.path for r in records[:used]], build_transform(pre), cache)
+    source = image_source([r.path for r in records[:used]], pre, build_transform(pre), cache)
     feats, ids = [], []
     with torch.no_grad():
         for start in range(0, used, batch_size):

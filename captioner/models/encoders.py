@@ -11,6 +11,7 @@ Shapes: B batch, F feature size, P grid positions (h x w).
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -298,6 +299,7 @@ def create_encoder(
             pre = Preprocessing.from_dict(merged)
         except UserError as exc:
             raise UserError(f"model.encoder: bad preprocessing override ({exc})") from exc
+    pre = dataclasses.replace(pre, fast_decode=bool(cfg.fast_decode))
     backbone.eval()
     encoder = Encoder(backbone, 0, cfg.flip_average, spatial=spatial, grid=cfg.grid)
     zeros = torch.zeros(1, 3, pre.crop, pre.crop)

@@ -210,7 +210,7 @@ async def read_upload(
 def prepare(captioner: "Captioner", data: bytes, name: str, attention: bool) -> tuple[Any, Any]:
     """Decode and preprocess one upload -> (the model's view of the image when attention maps
     are drawn over it, else None; the input tensor)."""
-    image = load_image_bytes(data, name)
+    image = load_image_bytes(data, name, captioner.preprocessing.draft_to)
     if not attention:
         return None, captioner.transform(image)
     view = captioner.transform.geometry(image)  # resized and cropped once for both

@@ -109,7 +109,8 @@ class RunLoaders:
             self.preprocessing, train=train, augment=train and self.data.augment
         )
         paths: list[Path] = [r.path for r in self.records[split]]
-        return image_source(paths, transform, self.cache(split) if cached else None), cached
+        cache = self.cache(split) if cached else None
+        return image_source(paths, self.preprocessing, transform, cache), cached
 
     def _loader(
         self, dataset: Any, sampler: Any, cached: bool, epoch: int, batch_size: int
