@@ -188,7 +188,7 @@ def test_data_options(option: str, expected: dict) -> None:
 @pytest.mark.parametrize(
     ("option", "source", "name", "weights", "freeze"),
     [
-        ("demo", "builtin", "small_resnet", None, False),
+        ("demo", "builtin", "small_resnet_halves", None, False),
         ("resnet50", "torchvision", "resnet50", "DEFAULT", True),
         ("timm", "timm", "efficientnet_lite0", "pretrained", True),
     ],

@@ -42,6 +42,32 @@ def test_shapes_parameters_and_the_grid_at_64_px() -> None:
     assert 1.0e6 < sum(p.numel() for p in net.parameters()) < 1.5e6
 
 
+def test_halves_pool_the_left_and_right_of_the_map_apart() -> None:
+    torch.manual_seed(0)
+    plain, halves = small_resnet("small_resnet").eval(), small_resnet("small_resnet_halves").eval()
+    halves.load_state_dict(plain.state_dict())  # the same layers: only the pooling differs
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        maps = plain.forward_features(images)  # [2, 256, 4, 4]
+        out = halves(images)
+        whole = plain(images)
+    assert out.shape == (2, 512)
+    left, right = out[:, 0::2], out[:, 1::2]  # each feature's left-half mean, then its right's
+    # means of 8 float32 values of order 1: equal to a few ulps
+    assert torch.allclose(left, maps[..., :2].mean((2, 3)), atol=1e-6)
+    assert torch.allclose(right, maps[..., 2:].mean((2, 3)), atol=1e-6)
+    assert torch.allclose(whole, (left + right) / 2, atol=1e-6)
+
+
+def test_the_halves_encoder_attends_over_its_map_and_pools_512_features() -> None:
+    enc, _ = create_encoder(builtin(name="small_resnet_halves"), pretrained=True)
+    assert enc.feature_dim == 512
+    enc, _ = create_encoder(builtin(name="small_resnet_halves"), pretrained=False, spatial=True)
+    assert enc.feature_dim == 256  # what a grid position holds
+    with torch.no_grad():
+        assert enc(torch.rand(2, 3, 64, 64)).shape == (2, 16, 256)
+
+
 def test_encoder_builds_with_its_preprocessing_and_spatial_grid() -> None:
     enc, pre = create_encoder(builtin(), pretrained=True)
     assert (pre.resize, pre.crop, pre.mean, pre.std) == (64, 64, (0.5,) * 3, (0.25,) * 3)
@@ -68,7 +94,10 @@ def test_a_weights_file_loads_and_a_wrong_one_is_refused(tmp_path: Path) -> None
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"name": "resnet18"}, r"unknown builtin encoder 'resnet18' \(builtin: small_resnet\)"),
+        (
+            {"name": "resnet18"},
+            r"unknown builtin encoder 'resnet18' \(builtin: small_resnet, small_resnet_halves\)",
+        ),
         ({"weights": "DEFAULT"}, r"small_resnet has no pretrained weights .*weights=null"),
     ],
 )
@@ -82,11 +111,12 @@ def test_unknown_source_names_the_builtin_one() -> None:
         EncoderConfig(source="keras")
 
 
+@pytest.mark.parametrize("name", ["small_resnet", "small_resnet_halves"])
 @pytest.mark.parametrize("attention", ["none", "soft", "topdown"])
-def test_a_captioning_model_trains_its_encoder_end_to_end(attention: str) -> None:
+def test_a_captioning_model_trains_its_encoder_end_to_end(attention: str, name: str) -> None:
     torch.manual_seed(0)
     config = ModelConfig(
-        builtin(freeze=False),
+        builtin(name=name, freeze=False),
         DecoderConfig(embed_dim=8, hidden_size=16, attention=attention, attention_dim=8),
     )
     model, _ = build_model(config, 12)

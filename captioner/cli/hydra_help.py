@@ -55,7 +55,7 @@ PAGES = {
             ("data.batch_size", "images per batch"),
             (
                 "model.encoder.name",
-                "the CNN: a torchvision name (source=timm: a timm one; builtin: small_resnet)",
+                "the CNN: a torchvision name (source=timm: a timm one; builtin: small_resnet_halves)",
             ),
             ("model.encoder.freeze", "keep the encoder's weights fixed (its features cached)"),
             ("model.decoder.hidden_size", "the decoder's hidden units"),

@@ -306,6 +306,9 @@ def create_encoder(
     with torch.no_grad():
         encoder.feature_dim = int(backbone(zeros).flatten(1).shape[1])
         if spatial:
+            # a backbone whose pooled features are not one position's (the small ResNet pooled
+            # by halves) says what a position holds
+            encoder.feature_dim = getattr(backbone, "map_channels", encoder.feature_dim)
             maps = encoder.feature_map(zeros)
             if maps.dim() == 4 and maps.shape[1] != encoder.feature_dim:
                 # Swin-style maps come channels last, [1, h, w, F]
