@@ -56,6 +56,14 @@ def timed(fn: Callable[[], Any], repeat: int = 1) -> tuple[Any, float]:
     return out, best
 
 
+def timed_cpu(fn: Callable[[], Any]) -> tuple[Any, float, float]:
+    """``fn()``, its wall time and this process's CPU time over it: on a shared machine the
+    wall time of a long stage includes the time the process waited for a core."""
+    start, cpu = time.perf_counter(), time.process_time()
+    out = fn()
+    return out, time.perf_counter() - start, time.process_time() - cpu
+
+
 def uss_mb(pid: int) -> float:
     """The unique set size of ``pid``: its private pages, clean or dirty (not shared ones)."""
     text = Path(f"/proc/{pid}/smaps_rollup").read_text()
@@ -82,10 +90,37 @@ def load(root: Path, n: int) -> Any:
     return load_coco_captions(ann, images)
 
 
-def vocab_of(records: Any) -> Any:
+def vocab_of(records: Any, min_freq: int = 5) -> Any:
     from captioner.vocab import Vocab
 
-    return Vocab.build((c for r in records for c in r.captions), min_freq=5)
+    return Vocab.build((c for r in records for c in r.captions), min_freq=min_freq)
+
+
+def held_min_freqs(args: argparse.Namespace) -> dict[int, int]:
+    """``--hold-vocab``: per N, the ``data.min_freq`` whose vocabulary is closest in size to the
+    first N's at ``--min-freq`` (the data option the product has; ties: the lower threshold).
+    Holds the model's output layer the same at every N, so what is left of a stage's growth is
+    not the vocabulary's."""
+    from collections import Counter
+
+    from captioner.vocab import SPECIALS, tokenize
+
+    out: dict[int, int] = {}
+    target = None
+    for n in args.sizes:
+        counts = Counter(t for r in load(args.root, n) for c in r.captions for t in tokenize(c))
+        for special in SPECIALS:
+            counts.pop(special, None)
+        freqs = np.sort(np.fromiter(counts.values(), dtype=np.int64))
+
+        def size(m: int, freqs: np.ndarray = freqs) -> int:  # words occurring >= m times
+            return len(SPECIALS) + len(freqs) - int(np.searchsorted(freqs, m))
+
+        if target is None:
+            target = size(args.min_freq)
+        out[n] = min(range(1, int(freqs[-1]) + 2), key=lambda m: (abs(size(m) - target), m))
+        log(f"N={n}: min_freq {out[n]}, {size(out[n])} words (held near {target})")
+    return out
 
 
 def stage_annotations(args: argparse.Namespace) -> dict[str, Any]:
@@ -95,7 +130,7 @@ def stage_annotations(args: argparse.Namespace) -> dict[str, Any]:
 
 def stage_vocab(args: argparse.Namespace) -> dict[str, Any]:
     records = load(args.root, args.n)
-    vocab, sec = timed(lambda: vocab_of(records), args.repeat)
+    vocab, sec = timed(lambda: vocab_of(records, args.min_freq), args.repeat)
     return {"s": sec, "vocab": len(vocab)}
 
 
@@ -103,7 +138,7 @@ def stage_encode(args: argparse.Namespace) -> dict[str, Any]:
     from captioner.datasets.captions import CaptionTrainDataset
 
     records = load(args.root, args.n)
-    vocab = vocab_of(records)
+    vocab = vocab_of(records, args.min_freq)
     dataset, sec = timed(lambda: CaptionTrainDataset(records, vocab, 20, None), args.repeat)
     return {"s": sec, "items": len(dataset)}
 
@@ -165,7 +200,7 @@ def overrides(args: argparse.Namespace, **extra: Any) -> list[str]:
         "data.test_annotations": "null",
         "data.test_images": "null",
         "data.captions_per_image": "null",
-        "data.min_freq": 5,
+        "data.min_freq": args.min_freq,
         "data.max_caption_len": 20,
         "data.batch_size": 128,
         "data.num_workers": 0,
@@ -218,7 +253,7 @@ def stage_startup(args: argparse.Namespace) -> dict[str, Any]:
         trainer.train_batch(module, next(iter(loader)), cached)
 
     _, first = timed(first_step)
-    return {"s": init + first, "init_s": init, "first_step_s": first}
+    return {"s": init + first, "init_s": init, "first_step_s": first, "vocab": len(trainer.vocab)}
 
 
 def stage_epoch(args: argparse.Namespace) -> dict[str, Any]:
@@ -226,8 +261,9 @@ def stage_epoch(args: argparse.Namespace) -> dict[str, Any]:
 
     trainer = make_trainer(args)
     prefill(trainer)
-    _, sec = timed(lambda: trainer.train_epoch(0, StopSignal()))
-    return {"s": sec, "batches": trainer.progress.batch_in_epoch}
+    _, sec, cpu = timed_cpu(lambda: trainer.train_epoch(0, StopSignal()))
+    out = {"s": sec, "cpu_s": cpu, "batches": trainer.progress.batch_in_epoch}
+    return {**out, "vocab": len(trainer.vocab)}
 
 
 def stage_batches(args: argparse.Namespace) -> dict[str, Any]:
@@ -250,8 +286,8 @@ def stage_validate(args: argparse.Namespace) -> dict[str, Any]:
     (the untrained tiny model: its captions run to ``max_len``, the costliest case)."""
     trainer = make_trainer(args, **{"trainer.val_decode.strategy": "beam"})
     prefill(trainer)
-    _, sec = timed(lambda: trainer.validate(0))
-    return {"s": sec, "images": len(trainer.val_records)}
+    _, sec, cpu = timed_cpu(lambda: trainer.validate(0))
+    return {"s": sec, "cpu_s": cpu, "images": len(trainer.val_records), "vocab": len(trainer.vocab)}
 
 
 def stage_workers(args: argparse.Namespace) -> dict[str, Any]:
@@ -282,6 +318,7 @@ def run_stage(args: argparse.Namespace) -> None:
     else:
         out = globals()[f"stage_{args.stage}"](args)
     out["peak_rss_mb"] = peak_rss_mb()
+    out["min_freq"] = args.min_freq
     out["load_1min"] = os.getloadavg()[0]  # the machine is shared: how busy it was
     print(json.dumps(out), flush=True)
 
@@ -290,8 +327,11 @@ def run_stage(args: argparse.Namespace) -> None:
 # the parent: the dataset, one process per (stage, N), the table
 
 
-def measure(args: argparse.Namespace, stage: str, n: int, workers: int = 0) -> dict[str, Any]:
+def measure(
+    args: argparse.Namespace, stage: str, n: int, workers: int = 0, min_freq: int = 5
+) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--root", str(args.root), "--stage", stage, "--n", str(n)]
+    cmd += ["--min-freq", str(min_freq)]
     cmd += ["--workers", str(workers), "--worker-batches", str(args.worker_batches)]
     cmd += ["--repeat", str(args.repeat), "--photos", str(args.photos), "--val", str(args.val)]
     log(f"{stage} at N={n}" + (f", {workers} workers" if stage == "workers" else ""))
@@ -325,7 +365,8 @@ def table(results: dict[str, Any], sizes: list[int]) -> str:
                 base_each = base["s"] / base.get("images", first)
             ratio = each / base_each if base_each else float("nan")
             per = f"{1e6 * each:.0f} us/img ({ratio:.2f}x)"
-            cells.append(f"{r['s']:.2f} s, {per}, {r['peak_rss_mb']:.0f} MB")
+            words = f", {r['vocab']} words" if "vocab" in r else ""
+            cells.append(f"{r['s']:.2f} s, {per}, {r['peak_rss_mb']:.0f} MB{words}")
         lines.append(f"| {stage} | " + " | ".join(cells) + " |")
     lines += ["", "| loader workers | " + " | ".join(f"N={n}: USS MB" for n in sizes) + " |"]
     lines.append("|---|" + "---:|" * len(sizes))
@@ -358,6 +399,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rare-fraction", type=float, default=0.2, help="captions given a rare word")
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--repeat", type=int, default=3, help="runs of a cheap stage (least kept)")
+    p.add_argument("--min-freq", type=int, default=5, help="data.min_freq (at the first N)")
+    p.add_argument(
+        "--hold-vocab",
+        action="store_true",
+        help="at every N, the data.min_freq whose vocabulary is closest in size to the first "
+        "N's: the output layer held the same (use another --json: figures are keyed by N)",
+    )
     p.add_argument("--timeout", type=float, default=1800, help="seconds per stage process")
     p.add_argument("--photos", type=Path, default=DEFAULT_PHOTOS, help="report: real photos")
     p.add_argument("--json", type=Path, help="every figure, written as measured; resumed from")
@@ -377,15 +425,19 @@ def main(argv: list[str] | None = None) -> int:
     make_dataset(args)
     saved = json.loads(args.json.read_text()) if args.json and args.json.is_file() else {}
     results: dict[str, Any] = saved.get("results", {})  # what an earlier run measured: kept
+    min_freqs = (
+        held_min_freqs(args) if args.hold_vocab else dict.fromkeys(args.sizes, args.min_freq)
+    )
     for stage in args.stages:
         for n in args.sizes:
             if stage == "epoch" and n > args.epoch_max_n or stage in N_FREE and n != args.sizes[0]:
                 continue
             for w in args.worker_counts if stage == "workers" else [0]:
                 key = f"workers={w}" if stage == "workers" else stage
-                if str(n) in results.get(key, {}):
+                kept = results.get(key, {}).get(str(n))
+                if kept is not None and kept.get("min_freq", 5) == min_freqs[n]:
                     continue
-                results.setdefault(key, {})[str(n)] = measure(args, stage, n, w)
+                results.setdefault(key, {})[str(n)] = measure(args, stage, n, w, min_freqs[n])
                 log(f"  {results[key][str(n)]}")
                 if args.json:  # after every figure: an interrupted run keeps what it measured
                     args.json.write_text(json.dumps({"results": results}, indent=1))

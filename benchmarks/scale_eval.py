@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scale import load, make_trainer, prefill, timed, vocab_of
+from scale import load, make_trainer, prefill, timed, timed_cpu, vocab_of
 from scale_data import log
 
 SCST_IMAGES, SCST_SAMPLES, SCST_BATCHES = 50, 5, 20
@@ -35,8 +35,9 @@ def stage_evaluate(args: argparse.Namespace) -> dict[str, Any]:
         "evaluate",
         [f"checkpoint={checkpoint}", "split=val", "device=cpu", "coco_metrics=false"],
     )
-    metrics, sec = timed(lambda: evaluate(cfg, args.root / f"eval_{args.n}"))
-    return {"s": sec, "images": metrics["num_images"], "bleu4": metrics["bleu4"]}
+    metrics, sec, cpu = timed_cpu(lambda: evaluate(cfg, args.root / f"eval_{args.n}"))
+    out = {"s": sec, "cpu_s": cpu, "images": metrics["num_images"], "bleu4": metrics["bleu4"]}
+    return {**out, "vocab": len(trainer.vocab)}
 
 
 def photo_rows(photos: Path, count: int) -> list[dict[str, Any]]:
@@ -194,7 +195,7 @@ def stage_scst(args: argparse.Namespace) -> dict[str, Any]:
     from captioner.training.scst import SelfCritical
 
     records = load(args.root, args.n)
-    vocab = vocab_of(records)
+    vocab = vocab_of(records, args.min_freq)
     scst = SelfCritical(vocab, records, SCSTConfig(), max_len=20)
     rng = np.random.default_rng(0)
     order = rng.permutation(len(records))
