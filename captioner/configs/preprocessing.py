@@ -39,7 +39,7 @@ class Preprocessing:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     interpolation: str = "bilinear"
-    # The fast path from a file to the tensor (benchmarks/decode.py: about 2x the images/s on
+    # The fast path from a file to the tensor (benchmarks/decode.py: 1.8x the images/s on
     # COCO's 640 x 480 photos): a JPEG is decoded at the smallest of libjpeg's DCT scales (1/1,
     # 1/2, 1/4, 1/8) that keeps both sides >= resize (Pillow's ``draft``), and only the region
     # the center crop keeps is resampled. The pixels differ slightly from the exact path's
