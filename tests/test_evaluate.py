@@ -65,7 +65,10 @@ def test_per_image_rows_use_the_training_dataset(default_run: dict, tiny_demo: P
     assert len(rows) == 8 and {r["image_id"] for r in rows} == set(refs)
     for r in rows:
         assert r["references"] == refs[r["image_id"]]  # ALL references, as text
-        assert isinstance(r["caption"], str) and r["caption"] and "<" not in r["caption"]
+        assert isinstance(r["caption"], str) and r["caption"]
+        # no <pad>/<start>/<end> in the text; evaluate scores the decoding it was given, so an
+        # undertrained model's <unk> is a word like any other here
+        assert not {"<pad>", "<start>", "<end>"} & set(r["caption"].split())
         assert Path(r["file"]).parent == tiny_demo / "images" / "test"
         assert r["bleu4"] == pytest.approx(
             sentence_bleu_from_text(r["caption"], r["references"])["bleu4"]
@@ -227,7 +230,10 @@ def test_missing_coco_eval_warns_once_and_goes_on(
 def test_official_coco_metrics_when_available(tiny_checkpoint: Path, tmp_path: Path) -> None:
     if metrics_module._coco_unavailable_reason() is not None:
         pytest.skip(metrics_module._coco_unavailable_reason())
-    m = run_eval(tiny_checkpoint, tmp_path, "coco_metrics=true", "max_images=4")["metrics"]
+    # the tiny model is trained for one epoch and says <unk>, which the two tokenizers split
+    # differently; the demo's own words they split alike
+    args = ("coco_metrics=true", "max_images=4", "decode.suppress_unk=true")
+    m = run_eval(tiny_checkpoint, tmp_path, *args)["metrics"]
     assert {"coco_bleu4", "rouge_l", "cider"} <= set(m)
     assert all(m[k] >= 0.0 for k in ("coco_bleu4", "rouge_l", "cider"))
     # ours without Java: the official CIDEr-D (PTBTokenizer and ours split demo text alike)
