@@ -39,13 +39,14 @@ class Preprocessing:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     interpolation: str = "bilinear"
-    # The fast path from a file to the tensor (benchmarks/decode.py: 1.8x the images/s on
-    # COCO's 640 x 480 photos): a JPEG is decoded at the smallest of libjpeg's DCT scales (1/1,
-    # 1/2, 1/4, 1/8) that keeps both sides >= resize (Pillow's ``draft``), and only the region
-    # the center crop keeps is resampled. The pixels differ slightly from the exact path's
-    # (torchvision's Resize + CenterCrop on a full decode), so a checkpoint stores which: False in
-    # checkpoints written before it existed, which caption exactly as before;
-    # ``model.encoder.fast_decode`` sets it for new ones.
+    # The fast path from a file to the tensor (benchmarks/decode.py): a JPEG is decoded at the
+    # smallest of libjpeg's DCT scales (1/1, 1/2, 1/4, 1/8) that keeps both sides >= resize
+    # (Pillow's ``draft``), and resized by PyTorch's vectorised 8-bit port of Pillow's filter
+    # (bilinear, bicubic; other filters, and long strips, resample the crop's region alone, in
+    # Pillow: :class:`~captioner.datasets.images.EvalTransform`). The pixels differ slightly
+    # from the exact path's (torchvision's Resize + CenterCrop on a full decode), so a checkpoint
+    # stores which: False in checkpoints written before it existed, which caption exactly as
+    # before; ``model.encoder.fast_decode`` sets it for new ones.
     fast_decode: bool = False
 
     def __post_init__(self) -> None:
