@@ -90,17 +90,18 @@ def load(root: Path, n: int) -> Any:
     return load_coco_captions(ann, images)
 
 
-def vocab_of(records: Any, min_freq: int = 5) -> Any:
+def vocab_of(records: Any, min_freq: int = 5, max_vocab: int | None = None) -> Any:
     from captioner.vocab import Vocab
 
-    return Vocab.build((c for r in records for c in r.captions), min_freq=min_freq)
+    return Vocab.build((c for r in records for c in r.captions), min_freq, max_size=max_vocab)
 
 
-def held_min_freqs(args: argparse.Namespace) -> dict[int, int]:
-    """``--hold-vocab``: per N, the ``data.min_freq`` whose vocabulary is closest in size to the
-    first N's at ``--min-freq`` (the data option the product has; ties: the lower threshold).
-    Holds the model's output layer the same at every N, so what is left of a stage's growth is
-    not the vocabulary's."""
+def held_min_freqs(args: argparse.Namespace) -> tuple[dict[int, int], int]:
+    """``--hold-vocab``: per N, the largest ``data.min_freq`` that keeps at least as many words
+    as the first N's at ``--min-freq``, and that word count as ``data.max_vocab`` at every N (the
+    most frequent kept): the same vocabulary size, so the same output layer, at every N. (Sizes
+    merely close are not enough: the output layer's step at 2,719 words takes 1.3x its time at
+    2,720, the matrix kernels' tail when a size is not a multiple of 8.)"""
     from collections import Counter
 
     from captioner.vocab import SPECIALS, tokenize
@@ -113,14 +114,15 @@ def held_min_freqs(args: argparse.Namespace) -> dict[int, int]:
             counts.pop(special, None)
         freqs = np.sort(np.fromiter(counts.values(), dtype=np.int64))
 
-        def size(m: int, freqs: np.ndarray = freqs) -> int:  # words occurring >= m times
-            return len(SPECIALS) + len(freqs) - int(np.searchsorted(freqs, m))
+        def words(m: int, freqs: np.ndarray = freqs) -> int:  # words occurring >= m times
+            return len(freqs) - int(np.searchsorted(freqs, m))
 
         if target is None:
-            target = size(args.min_freq)
-        out[n] = min(range(1, int(freqs[-1]) + 2), key=lambda m: (abs(size(m) - target), m))
-        log(f"N={n}: min_freq {out[n]}, {size(out[n])} words (held near {target})")
-    return out
+            target = words(args.min_freq)
+        out[n] = max(m for m in range(1, int(freqs[-1]) + 1) if words(m) >= target)
+        log(f"N={n}: min_freq {out[n]}, {words(out[n])} words, the {target} most frequent kept")
+    assert target is not None
+    return out, target
 
 
 def stage_annotations(args: argparse.Namespace) -> dict[str, Any]:
@@ -130,7 +132,7 @@ def stage_annotations(args: argparse.Namespace) -> dict[str, Any]:
 
 def stage_vocab(args: argparse.Namespace) -> dict[str, Any]:
     records = load(args.root, args.n)
-    vocab, sec = timed(lambda: vocab_of(records, args.min_freq), args.repeat)
+    vocab, sec = timed(lambda: vocab_of(records, args.min_freq, args.max_vocab), args.repeat)
     return {"s": sec, "vocab": len(vocab)}
 
 
@@ -138,7 +140,7 @@ def stage_encode(args: argparse.Namespace) -> dict[str, Any]:
     from captioner.datasets.captions import CaptionTrainDataset
 
     records = load(args.root, args.n)
-    vocab = vocab_of(records, args.min_freq)
+    vocab = vocab_of(records, args.min_freq, args.max_vocab)
     dataset, sec = timed(lambda: CaptionTrainDataset(records, vocab, 20, None), args.repeat)
     return {"s": sec, "items": len(dataset)}
 
@@ -201,6 +203,7 @@ def overrides(args: argparse.Namespace, **extra: Any) -> list[str]:
         "data.test_images": "null",
         "data.captions_per_image": "null",
         "data.min_freq": args.min_freq,
+        "data.max_vocab": "null" if args.max_vocab is None else args.max_vocab,
         "data.max_caption_len": 20,
         "data.batch_size": 128,
         "data.num_workers": 0,
@@ -319,6 +322,7 @@ def run_stage(args: argparse.Namespace) -> None:
         out = globals()[f"stage_{args.stage}"](args)
     out["peak_rss_mb"] = peak_rss_mb()
     out["min_freq"] = args.min_freq
+    out["max_vocab"] = args.max_vocab
     out["load_1min"] = os.getloadavg()[0]  # the machine is shared: how busy it was
     print(json.dumps(out), flush=True)
 
@@ -328,10 +332,17 @@ def run_stage(args: argparse.Namespace) -> None:
 
 
 def measure(
-    args: argparse.Namespace, stage: str, n: int, workers: int = 0, min_freq: int = 5
+    args: argparse.Namespace,
+    stage: str,
+    n: int,
+    workers: int = 0,
+    min_freq: int = 5,
+    max_vocab: int | None = None,
 ) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--root", str(args.root), "--stage", stage, "--n", str(n)]
-    cmd += ["--min-freq", str(min_freq)]
+    cmd += ["--min-freq", str(min_freq)] + (
+        [] if max_vocab is None else ["--max-vocab", str(max_vocab)]
+    )
     cmd += ["--workers", str(workers), "--worker-batches", str(args.worker_batches)]
     cmd += ["--repeat", str(args.repeat), "--photos", str(args.photos), "--val", str(args.val)]
     log(f"{stage} at N={n}" + (f", {workers} workers" if stage == "workers" else ""))
@@ -403,9 +414,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--hold-vocab",
         action="store_true",
-        help="at every N, the data.min_freq whose vocabulary is closest in size to the first "
-        "N's: the output layer held the same (use another --json: figures are keyed by N)",
+        help="at every N, the first N's vocabulary size exactly (data.min_freq and "
+        "data.max_vocab): the output layer held the same (use another --json: figures are "
+        "keyed by N)",
     )
+    p.add_argument("--max-vocab", type=int, help=argparse.SUPPRESS)  # a child: data.max_vocab
     p.add_argument("--timeout", type=float, default=1800, help="seconds per stage process")
     p.add_argument("--photos", type=Path, default=DEFAULT_PHOTOS, help="report: real photos")
     p.add_argument("--json", type=Path, help="every figure, written as measured; resumed from")
@@ -425,9 +438,9 @@ def main(argv: list[str] | None = None) -> int:
     make_dataset(args)
     saved = json.loads(args.json.read_text()) if args.json and args.json.is_file() else {}
     results: dict[str, Any] = saved.get("results", {})  # what an earlier run measured: kept
-    min_freqs = (
-        held_min_freqs(args) if args.hold_vocab else dict.fromkeys(args.sizes, args.min_freq)
-    )
+    min_freqs, max_vocab = dict.fromkeys(args.sizes, args.min_freq), None
+    if args.hold_vocab:
+        min_freqs, max_vocab = held_min_freqs(args)
     for stage in args.stages:
         for n in args.sizes:
             if stage == "epoch" and n > args.epoch_max_n or stage in N_FREE and n != args.sizes[0]:
@@ -435,9 +448,12 @@ def main(argv: list[str] | None = None) -> int:
             for w in args.worker_counts if stage == "workers" else [0]:
                 key = f"workers={w}" if stage == "workers" else stage
                 kept = results.get(key, {}).get(str(n))
-                if kept is not None and kept.get("min_freq", 5) == min_freqs[n]:
+                same = (kept or {}).get("min_freq", 5), (kept or {}).get("max_vocab")
+                if kept is not None and same == (min_freqs[n], max_vocab):
                     continue
-                results.setdefault(key, {})[str(n)] = measure(args, stage, n, w, min_freqs[n])
+                results.setdefault(key, {})[str(n)] = measure(
+                    args, stage, n, w, min_freqs[n], max_vocab
+                )
                 log(f"  {results[key][str(n)]}")
                 if args.json:  # after every figure: an interrupted run keeps what it measured
                     args.json.write_text(json.dumps({"results": results}, indent=1))

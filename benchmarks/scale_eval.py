@@ -195,7 +195,7 @@ def stage_scst(args: argparse.Namespace) -> dict[str, Any]:
     from captioner.training.scst import SelfCritical
 
     records = load(args.root, args.n)
-    vocab = vocab_of(records, args.min_freq)
+    vocab = vocab_of(records, args.min_freq, args.max_vocab)
     scst = SelfCritical(vocab, records, SCSTConfig(), max_len=20)
     rng = np.random.default_rng(0)
     order = rng.permutation(len(records))

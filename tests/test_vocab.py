@@ -253,3 +253,24 @@ def test_plain_fast_path_on_random_text() -> None:
         fast += bool(_PLAIN.fullmatch(text.lower()))
         assert tokenize(text) == _pattern_tokens(text.lower()), repr(text)
     assert fast > 1000  # the fast path was exercised, not only the pattern
+
+
+def test_data_max_vocab_keeps_the_most_frequent_training_words():
+    """``data.max_vocab=k``: a new run's vocabulary is the k most frequent words of min_freq (so
+    a benchmark can hold the output layer's size exactly), null keeps them all."""
+    from pathlib import Path
+
+    from captioner.configs.hydra import compose
+    from captioner.configs.training import parse_train_config
+    from captioner.datasets.annotations import CaptionRecord
+    from captioner.training.setup import vocab_and_model
+
+    records = [CaptionRecord(0, Path("0.png"), ["a dog runs", "a dog sits", "a cat"])]
+    overrides = ["model=demo", "model.encoder.weights=null", "data.min_freq=1"]
+    capped = parse_train_config(compose("train", [*overrides, "data.max_vocab=2"]))
+    vocab, _, _ = vocab_and_model(capped, records, None)
+    assert vocab.itos == [*SPECIALS, "a", "dog"]  # 3 and 2 occurrences; the rest once
+    every = parse_train_config(compose("train", overrides))
+    assert len(vocab_and_model(every, records, None)[0]) == len(SPECIALS) + 5
+    with pytest.raises(UserError, match=r"data\.max_vocab must be >= 1"):
+        parse_train_config(compose("train", [*overrides, "data.max_vocab=0"]))

@@ -57,6 +57,7 @@ class DataConfig:
     images: str | None = None  # Karpathy format: image folder, relative to root
     restval_in_train: bool = True
     min_freq: int = 5  # a word enters the vocabulary iff it occurs >= min_freq times in TRAIN
+    max_vocab: int | None = None  # null: every such word; k: the k most frequent (specials apart)
     max_caption_len: int = 20  # ids incl. <start>/<end>; longer captions are cut, <end> kept
     captions_per_image: int | None = None  # null: (image, caption) pairs; k: each image once
     augment: bool = False
@@ -71,6 +72,8 @@ class DataConfig:
         at_least(self, "data", min_freq=1, max_caption_len=3, batch_size=1, num_workers=0)
         if self.captions_per_image is not None:
             at_least(self, "data", captions_per_image=1)
+        if self.max_vocab is not None:
+            at_least(self, "data", max_vocab=1)
 
     def split_files(self, split: str) -> tuple[str, str]:
         """(annotations, images) of a COCO-format split, relative to ``root``."""

@@ -194,7 +194,8 @@ def vocab_and_model(
         vocab, model_cfg = Vocab(resume["vocab"]), ModelConfig.from_dict(resume["model_config"])
     else:
         captions = (c for r in train_records for c in r.captions)
-        vocab, model_cfg = Vocab.build(captions, min_freq=config.data.min_freq), config.model
+        vocab = Vocab.build(captions, config.data.min_freq, max_size=config.data.max_vocab)
+        model_cfg = config.model
     init_from = config.init_from
     if resume is not None:
         weights: Any = resume["model"]
