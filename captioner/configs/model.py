@@ -38,9 +38,9 @@ class EncoderConfig:
     mean: list[float] | None = None
     std: list[float] | None = None
     # the fast path from a JPEG to the tensor (captioner.configs.preprocessing.Preprocessing's
-    # fast_decode: a reduced DCT scale when the photo is at least twice the resize, only the
-    # crop resampled): 1.8x the images/s on COCO's 640 x 480 photos, features within a cosine of
-    # 0.99 of the exact path's (benchmarks/decode.py). Stored in the checkpoint's preprocessing.
+    # fast_decode: a reduced DCT scale when the photo is at least twice the resize, PyTorch's
+    # vectorised resize): 2.3x the images/s on COCO's 640 x 480 photos, features within a cosine
+    # of 0.99 of the exact path's (benchmarks/decode.py). Stored in the checkpoint's preprocessing.
     fast_decode: bool = True
     # features = mean over the image and its mirror image: a flip-invariant summary, for the
     # feature cache, evaluation and captioning alike (costs a second encoder pass)
