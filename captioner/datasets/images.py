@@ -155,8 +155,8 @@ class EvalTransform:
     ``fast_decode`` (after the reduced-DCT decode of :func:`load_image`) resizes an RGB image
     with PyTorch's vectorised 8-bit antialiased resize, Pillow's algorithm, within 1-2 levels of
     its output (``tests/test_fast_decode.py``) at about 1.7x its speed, for the bilinear and
-    bicubic filters, whenever the resized image has at most :attr:`max_fast_pixels`; otherwise it
-    takes the crop-only resample above.
+    bicubic filters, whenever the resized image has at most :attr:`max_fast_pixels_per_crop`
+    times the crop's pixels; otherwise it takes the crop-only resample above.
     """
 
     # 48 MiB as RGB: at resize 256 every aspect ratio up to 256:1 takes the exact path
