@@ -96,7 +96,7 @@ def vocab_of(records: Any, min_freq: int = 5, max_vocab: int | None = None) -> A
     return Vocab.build((c for r in records for c in r.captions), min_freq, max_size=max_vocab)
 
 
-def held_min_freqs(args: argparse.Namespace) -> tuple[dict[int, int], int]:
+def held_vocab(args: argparse.Namespace) -> tuple[dict[int, int], int]:
     """``--hold-vocab``: per N, the largest ``data.min_freq`` that keeps at least as many words
     as the first N's at ``--min-freq``, and that word count as ``data.max_vocab`` at every N (the
     most frequent kept): the same vocabulary size, so the same output layer, at every N. (Sizes
@@ -440,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = saved.get("results", {})  # what an earlier run measured: kept
     min_freqs, max_vocab = dict.fromkeys(args.sizes, args.min_freq), None
     if args.hold_vocab:
-        min_freqs, max_vocab = held_min_freqs(args)
+        min_freqs, max_vocab = held_vocab(args)
     for stage in args.stages:
         for n in args.sizes:
             if stage == "epoch" and n > args.epoch_max_n or stage in N_FREE and n != args.sizes[0]:
@@ -448,8 +448,8 @@ def main(argv: list[str] | None = None) -> int:
             for w in args.worker_counts if stage == "workers" else [0]:
                 key = f"workers={w}" if stage == "workers" else stage
                 kept = results.get(key, {}).get(str(n))
-                same = (kept or {}).get("min_freq", 5), (kept or {}).get("max_vocab")
-                if kept is not None and same == (min_freqs[n], max_vocab):
+                wanted = (min_freqs[n], max_vocab)  # a figure measured otherwise is redone
+                if kept is not None and (kept.get("min_freq", 5), kept.get("max_vocab")) == wanted:
                     continue
                 results.setdefault(key, {})[str(n)] = measure(
                     args, stage, n, w, min_freqs[n], max_vocab

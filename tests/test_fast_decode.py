@@ -1,6 +1,7 @@
 """The fast decode path (``Preprocessing.fast_decode``): JPEGs decoded at a reduced DCT scale and
-resized by PyTorch's vectorised kernel, for new models; checkpoints written before it existed keep the exact
-path; one decode path for the feature cache, training, evaluation, ``caption`` and ``serve``."""
+resized by PyTorch's vectorised kernel, for new models; checkpoints written before it existed
+keep the exact path; one decode path for the feature cache, training, evaluation, ``caption``
+and ``serve``."""
 
 from __future__ import annotations
 

@@ -180,16 +180,28 @@ class EvalTransform:
         crop = self.pre.crop  # <= resize (Preprocessing checks it): no padding is ever needed
         return new_w, new_h, int(round((new_h - crop) / 2.0)), int(round((new_w - crop) / 2.0))
 
-    def _resized_by_torch(self, img: Image.Image) -> bool:
-        new_w, new_h, _, _ = self._layout(img.size)
+    def _resized_by_torch(self, img: Image.Image, new_w: int, new_h: int) -> bool:
         small = new_w * new_h <= self.max_fast_pixels_per_crop * self.pre.crop**2
         return self.torch_resize and img.mode == "RGB" and small and (new_w, new_h) != img.size
 
     def pixels(self, img: Image.Image) -> torch.Tensor:
         """The resized, center-cropped 8-bit pixels, uint8 [channels, crop, crop]."""
-        if not self._resized_by_torch(img):
-            return _uint8_chw(self.geometry(img))
-        new_w, new_h, top, left = self._layout(img.size)
+        layout = self._layout(img.size)
+        if self._resized_by_torch(img, *layout[:2]):
+            return self._torch_pixels(img, *layout)
+        return _uint8_chw(self._pillow_geometry(img, *layout))
+
+    def geometry(self, img: Image.Image) -> Image.Image:
+        """Resize the shorter side to ``resize``, then center-crop ``crop`` x ``crop``: the
+        image the model sees, as a PIL image (the pixels :meth:`pixels` gives)."""
+        layout = self._layout(img.size)
+        if self._resized_by_torch(img, *layout[:2]):
+            return Image.fromarray(self._torch_pixels(img, *layout).permute(1, 2, 0).numpy())
+        return self._pillow_geometry(img, *layout)
+
+    def _torch_pixels(
+        self, img: Image.Image, new_w: int, new_h: int, top: int, left: int
+    ) -> torch.Tensor:
         source = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)[None]
         # channels-last uint8 [1, 3, h, w]: the layout of PyTorch's vectorised antialiased kernel
         resized = torch.nn.functional.interpolate(
@@ -198,13 +210,10 @@ class EvalTransform:
         crop = self.pre.crop
         return resized[0, :, top : top + crop, left : left + crop]
 
-    def geometry(self, img: Image.Image) -> Image.Image:
-        """Resize the shorter side to ``resize``, then center-crop ``crop`` x ``crop``: the
-        image the model sees, as a PIL image."""
-        if self._resized_by_torch(img):
-            return Image.fromarray(self.pixels(img).permute(1, 2, 0).numpy())
+    def _pillow_geometry(
+        self, img: Image.Image, new_w: int, new_h: int, top: int, left: int
+    ) -> Image.Image:
         w, h = img.size
-        new_w, new_h, top, left = self._layout(img.size)
         crop = self.pre.crop
         too_large = new_w * new_h > self.max_resized_pixels
         if (new_w, new_h) != (w, h) and (too_large or self.pre.fast_decode):
