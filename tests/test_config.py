@@ -364,6 +364,7 @@ BAD_TRAIN_VALUES = [
     ),
     ("trainer.scst.start_epoch=0", r"^trainer\.scst\.start_epoch=0 needs init_from=<checkpoint>"),
     ("trainer.scst.lr=0", r"^trainer\.scst\.lr must be > 0 or null, got 0"),
+    ("trainer.scst.warmup_steps=-1", r"^trainer\.scst\.warmup_steps must be >= 0, got -1$"),
     ("trainer.scst.batch_size=0", r"^trainer\.scst\.batch_size must be >= 1, got 0$"),
     ("trainer.scst.max_len=abc", r"^trainer\.scst\.max_len: expected an integer"),
     ("init_from=/nonexistent/best.pt", r"^init_from: /nonexistent/best\.pt: checkpoint not found$"),

@@ -24,7 +24,13 @@ from captioner.models.encoders import Encoder
 from captioner.runtime import setup_runtime
 from captioner.training import scst as scst_module
 from captioner.training.runlog import read_metrics
-from captioner.training.scst import SelfCritical, mean_of_others, sequence_log_probs
+from captioner.training.scst import (
+    ScstSwitch,
+    SelfCritical,
+    mean_of_others,
+    sequence_log_probs,
+)
+from captioner.training.setup import Optimization
 from captioner.training.train import Trainer, TrainingInterrupted, train
 from captioner.vocab import Vocab
 
@@ -265,6 +271,36 @@ def test_samples_are_drawn_from_the_global_rng_for_exact_resume(vocab: Vocab, re
 
 
 # ---------------------------------------------------------------------------------------------
+# the learning rate's warm-up at the switch (trainer.scst.warmup_steps)
+
+
+def test_warmup_ramps_the_first_scst_epochs_first_steps_only(vocab: Vocab, records) -> None:
+    config = SCSTConfig(start_epoch=2, warmup_steps=4)
+    switch = ScstSwitch(
+        config, teacher_forcing=None, vocab=vocab, records=records, default_max_len=8
+    )
+    assert [switch.lr_scale(2, b) for b in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert switch.lr_scale(1, 0) == 1.0  # teacher forcing
+    assert switch.lr_scale(3, 0) == 1.0  # the second SCST epoch
+    plain = ScstSwitch(SCSTConfig(start_epoch=2), None, vocab, records, 8)
+    assert plain.lr_scale(2, 0) == 1.0
+
+
+def test_a_scaled_step_takes_that_share_of_the_rate_and_keeps_the_rate() -> None:
+    """SGD moves a weight by exactly lr * scale * grad; the group's rate, which the schedule and
+    checkpoints read, is the unscaled one after the step."""
+    weight = nn.Parameter(torch.zeros(3))
+    optimizer = torch.optim.SGD([weight], lr=0.5)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    opt = Optimization(optimizer, None, None, scaler, None)
+    weight.grad = torch.tensor([1.0, -2.0, 4.0])
+    opt.step(nn.Linear(1, 1), [weight], grad_clip=None, lr_scale=0.25)
+    # 0.5 * 0.25 = 0.125 and the gradients are powers of two: every product is exact
+    assert torch.equal(weight.detach(), torch.tensor([-0.125, 0.25, -0.5]))
+    assert optimizer.param_groups[0]["lr"] == 0.5 and weight.grad is None
+
+
+# ---------------------------------------------------------------------------------------------
 # in a training run (the tiny demo: 24 train images, 3 batches of 8 per epoch)
 
 # teacher forcing in epoch 1, SCST in epochs 2 and 3 at its own rate; images in the loop
@@ -343,6 +379,27 @@ def test_resume_at_the_switch_equals_uninterrupted(
     assert (ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["global_step"]) == (1, 0, 3)
     train(make_cfg(*SWITCH, f"resume={tmp_path / 'a' / 'last.pt'}"), tmp_path / "b")
     assert_same_run_end(tmp_path / "b", switched)
+
+
+@pytest.mark.slow
+def test_a_warmed_up_switch_resumes_mid_warmup_as_uninterrupted(
+    make_cfg, switched: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The warm-up changes the run (its first SCST steps are smaller) and, being a function of
+    the counters, continues exactly after a resume between its steps."""
+    warm = [*SWITCH, "trainer.scst.warmup_steps=3"]
+    train(make_cfg(*warm), tmp_path / "ref")
+    got = load_checkpoint(tmp_path / "ref" / "last.pt")["model"]
+    plain = load_checkpoint(switched / "last.pt")["model"]
+    assert any(not torch.equal(got[k], plain[k]) for k in got)
+    rows = read_metrics(tmp_path / "ref" / "metrics.jsonl")
+    assert rows[1]["lr"] == 5e-4  # the logged rate is the schedule's, not the warmed one
+    interrupt_at(monkeypatch, step=4)  # the first of the 3 warm-up steps is taken
+    with pytest.raises(TrainingInterrupted):
+        train(make_cfg(*warm), tmp_path / "a")
+    monkeypatch.undo()
+    train(make_cfg(*warm, f"resume={tmp_path / 'a'}"), tmp_path / "b")
+    assert_same_run_end(tmp_path / "b", tmp_path / "ref")
 
 
 @pytest.mark.slow

@@ -41,6 +41,9 @@ class SCSTConfig:
     baseline: str = "mean"  # mean: of the image's OTHER K-1 samples | greedy: the greedy caption
     batch_size: int | None = None  # images per batch; null: data.batch_size
     lr: float | None = None  # null: keep the optimizer's rate; else every group's rate from here
+    # the first SCST epoch's first N optimizer steps take 1/N, 2/N, ... of the rate (a linear
+    # warm-up from the teacher-forced model); 0: the full rate from the first step
+    warmup_steps: int = 0
     max_len: int | None = None  # tokens per sample, <end> included; null: trainer.val_decode's
     # <end> is a word of the samples and the references for CIDEr-D, so unfinished fragments
     # miss the final n-grams
@@ -60,6 +63,7 @@ class SCSTConfig:
             )
         if self.start_epoch is not None:
             at_least(self, where, start_epoch=0)
+        at_least(self, where, warmup_steps=0)
         for name in ("batch_size", "max_len"):
             if getattr(self, name) is not None:
                 at_least(self, where, **{name: 1})

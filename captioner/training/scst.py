@@ -228,6 +228,15 @@ class ScstSwitch:
             else self.teacher_forcing
         )
 
+    def lr_scale(self, epoch: int, batch_in_epoch: int) -> float:
+        """The share of the rate the optimizer step of batch ``batch_in_epoch`` (0-based) of
+        ``epoch`` takes: ``(b + 1) / trainer.scst.warmup_steps`` for the first SCST epoch's first
+        steps, else 1. A function of the counters alone, so a resumed run continues it."""
+        warmup = self.config.warmup_steps
+        if not self.active(epoch) or epoch != self.config.start_epoch or batch_in_epoch >= warmup:
+            return 1.0
+        return (batch_in_epoch + 1) / warmup
+
     def loader_options(self, epoch: int) -> dict[str, Any]:
         """How :meth:`captioner.training.loaders.RunLoaders.train` batches ``epoch``."""
         if self.active(epoch):

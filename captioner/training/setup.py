@@ -32,6 +32,7 @@ from captioner.errors import UserError, first_line
 from captioner.models.captioning import CaptionModel
 from captioner.runtime import Runtime, autocast_dtype
 from captioner.training.ema import ModelEMA
+from captioner.training.gradients import clip_and_measure
 from captioner.training.objectives import TeacherForcing
 from captioner.vocab import Vocab
 
@@ -272,6 +273,35 @@ class Optimization:
         decay = config.trainer.ema_decay
         ema = ModelEMA(model, decay) if decay is not None else None
         return cls(optimizer, scheduler, dtype, scaler, ema)
+
+    def step(
+        self,
+        model: torch.nn.Module,
+        trainable: list[torch.nn.Parameter],
+        grad_clip: float | None,
+        lr_scale: float = 1.0,
+    ) -> dict[str, float]:
+        """One update from the gradients back-propagated into ``trainable``: unscale (float16),
+        clip and measure them, step at ``lr_scale`` times every group's rate, clear them, and
+        move the weight average. The groups' rates are scaled for this step only, so the
+        schedule and a checkpoint see the unscaled ones. Returns the gradient's logs."""
+        self.scaler.unscale_(self.optimizer)  # no-op without a float16 scaler
+        logs = clip_and_measure(trainable, grad_clip)
+        groups = self.optimizer.param_groups
+        rates = [group["lr"] for group in groups]
+        if lr_scale != 1.0:
+            for group, lr in zip(groups, rates, strict=True):
+                group["lr"] = lr * lr_scale
+        try:
+            self.scaler.step(self.optimizer)
+        finally:
+            for group, lr in zip(groups, rates, strict=True):
+                group["lr"] = lr
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(model)
+        return logs
 
     def state(self) -> dict[str, Any]:
         """The parts of :class:`~captioner.checkpoint.TrainingState` this holds."""

@@ -44,7 +44,6 @@ from captioner.runtime import (
     seed_everything,
     set_rng_state,
 )
-from captioner.training.gradients import clip_and_measure
 from captioner.training.loaders import RunLoaders
 from captioner.training.monitor import Monitor
 from captioner.training.objectives import Objective, backpropagate, loss_parts, to_device
@@ -192,15 +191,13 @@ class Trainer:
             lambda loss: self.scaler.scale(loss).backward(),
             lambda: autocast(self.rt.device, self.autocast_dtype),
         )
-        self.scaler.unscale_(self.optimizer)  # no-op without a float16 scaler
-        out.logs.update(clip_and_measure(self._trainable, self.tcfg.grad_clip))
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.ema is not None:
-            self.ema.update(self.model)
+        p = self.progress
+        lr_scale = self.objectives.lr_scale(p.epoch, p.batch_in_epoch)
+        out.logs.update(
+            self.optimization.step(self.model, self._trainable, self.tcfg.grad_clip, lr_scale)
+        )
         loss = float(out.loss)
-        self.progress.add_batch(loss, out.weight, out.logs)
+        p.add_batch(loss, out.weight, out.logs)
         return loss
 
     def train_batch(
