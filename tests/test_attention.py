@@ -157,8 +157,9 @@ def test_bad_cell_and_attention_are_user_errors() -> None:
 
 
 def test_topdown_preset_is_the_attention_preset_with_the_topdown_decoder() -> None:
-    """``experiment=flickr8k_topdown`` changes the decoder only: the same encoder, grid and
-    feature cache as ``flickr8k_attention``, so the two compare on one cache."""
+    """``experiment=flickr8k_topdown`` changes the decoder (and its penalty's weight) only: the
+    same encoder, grid and feature cache as ``flickr8k_attention``, so the two compare on one
+    cache."""
     from omegaconf import OmegaConf
 
     from captioner.configs.hydra import compose
@@ -170,7 +171,30 @@ def test_topdown_preset_is_the_attention_preset_with_the_topdown_decoder() -> No
     topdown, soft = composed("flickr8k_topdown"), composed("flickr8k_attention")
     assert ModelConfig.from_dict(topdown["model"]).decoder.attention == "topdown"
     soft["model"]["decoder"]["attention"] = "topdown"
+    soft["model"]["decoder"]["attention_penalty"] = 0.1
+    soft["trainer"]["max_epochs"] = 8
     assert topdown == soft
+
+
+def test_topdown_scst_preset_trains_the_topdown_model_the_scst_way() -> None:
+    """``experiment=flickr8k_topdown_scst`` is ``flickr8k_topdown``'s model (so its best.pt is
+    accepted by ``init_from``, and its grid cache reused) under ``flickr8k_scst``'s training,
+    plus the warm-up."""
+    from omegaconf import OmegaConf
+
+    from captioner.configs.hydra import compose
+
+    def composed(experiment: str, *more: str) -> dict:
+        overrides = [f"experiment={experiment}", "model.encoder.weights_file=/w.pth", *more]
+        cfg = compose("train", overrides)
+        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+    both = composed("flickr8k_topdown_scst", "init_from=/best.pt")
+    assert both["model"] == composed("flickr8k_topdown")["model"]
+    scst = composed("flickr8k_scst", "init_from=/best.pt")
+    assert both["trainer"]["scst"] == {**scst["trainer"]["scst"], "warmup_steps": 120}
+    del both["model"], scst["model"], both["trainer"]["scst"], scst["trainer"]["scst"]
+    assert both == scst
 
 
 def test_encoder_without_a_spatial_map_is_a_user_error() -> None:
