@@ -156,18 +156,20 @@ def test_bad_cell_and_attention_are_user_errors() -> None:
         DecoderConfig(attention_penalty=-1.0)
 
 
-def test_topdown_preset_is_the_attention_preset_with_the_topdown_decoder() -> None:
-    """``experiment=flickr8k_topdown`` changes the decoder (and its penalty's weight) only: the
-    same encoder, grid and feature cache as ``flickr8k_attention``, so the two compare on one
-    cache."""
+def composed(experiment: str, *more: str) -> dict:
+    """The train config ``experiment=`` composes (with ``more`` overrides), as plain data."""
     from omegaconf import OmegaConf
 
     from captioner.configs.hydra import compose
 
-    def composed(experiment: str) -> dict:
-        cfg = compose("train", [f"experiment={experiment}", "model.encoder.weights_file=/w.pth"])
-        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    overrides = [f"experiment={experiment}", "model.encoder.weights_file=/w.pth", *more]
+    return OmegaConf.to_container(compose("train", overrides), resolve=True)  # type: ignore[return-value]
 
+
+def test_topdown_preset_is_the_attention_preset_with_the_topdown_decoder() -> None:
+    """``experiment=flickr8k_topdown`` changes the decoder (and its penalty's weight) only: the
+    same encoder, grid and feature cache as ``flickr8k_attention``, so the two compare on one
+    cache."""
     topdown, soft = composed("flickr8k_topdown"), composed("flickr8k_attention")
     assert ModelConfig.from_dict(topdown["model"]).decoder.attention == "topdown"
     soft["model"]["decoder"]["attention"] = "topdown"
@@ -180,15 +182,6 @@ def test_topdown_scst_preset_trains_the_topdown_model_the_scst_way() -> None:
     """``experiment=flickr8k_topdown_scst`` is ``flickr8k_topdown``'s model (so its best.pt is
     accepted by ``init_from``, and its grid cache reused) under ``flickr8k_scst``'s training,
     plus the warm-up."""
-    from omegaconf import OmegaConf
-
-    from captioner.configs.hydra import compose
-
-    def composed(experiment: str, *more: str) -> dict:
-        overrides = [f"experiment={experiment}", "model.encoder.weights_file=/w.pth", *more]
-        cfg = compose("train", overrides)
-        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-
     both = composed("flickr8k_topdown_scst", "init_from=/best.pt")
     assert both["model"] == composed("flickr8k_topdown")["model"]
     scst = composed("flickr8k_scst", "init_from=/best.pt")

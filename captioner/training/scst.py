@@ -233,7 +233,7 @@ class ScstSwitch:
         ``epoch`` takes: ``(b + 1) / trainer.scst.warmup_steps`` for the first SCST epoch's first
         steps, else 1. A function of the counters alone, so a resumed run continues it."""
         warmup = self.config.warmup_steps
-        if not self.active(epoch) or epoch != self.config.start_epoch or batch_in_epoch >= warmup:
+        if epoch != self.config.start_epoch or batch_in_epoch >= warmup:
             return 1.0
         return (batch_in_epoch + 1) / warmup
 
