@@ -213,6 +213,24 @@ class Captioner:
             return cls.from_checkpoint(path, device)
         return cls.from_pretrained(source, device)
 
+    @classmethod
+    def ensemble(cls, sources: Sequence[str | Path], device: str = "auto") -> Captioner:
+        """Several models (each as :meth:`load` reads it) decoded as one: the mean of their word
+        probabilities at every step (:mod:`captioner.models.ensemble`). They must share the
+        vocabulary, the preprocessing and the encoder's weights; the first one's decoding
+        defaults and description apply."""
+        from captioner.models.ensemble import ensemble_model
+
+        members = [cls.load(source, device) for source in sources]
+        model = ensemble_model(
+            [
+                (str(s), c.model, c.vocab, c.preprocessing)
+                for s, c in zip(sources, members, strict=True)
+            ]
+        )
+        first = members[0]
+        return cls(model, first.vocab, first.preprocessing, first.device, first.info)
+
     def _tensor(self, image: str | Path | Image.Image) -> torch.Tensor:
         if isinstance(image, Image.Image):
             img = from_pil(image)  # decoded by the caller: taken as it is

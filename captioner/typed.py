@@ -44,7 +44,9 @@ def _describe(hint: Any) -> str:
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
-    """``value`` as ``hint`` (int, float, bool, str, list[X], dict, X | None, a dataclass)."""
+    """``value`` as ``hint`` (int, float, bool, str, list[X], dict, X | None, a dataclass);
+    an OmegaConf node is read as the plain list or dict it holds."""
+    value = _plain(value)
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:

@@ -139,3 +139,13 @@ def encoder_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
 
     monkeypatch.setattr(Encoder, "forward", counting_forward)
     return calls
+
+
+@pytest.fixture
+def keep_logging():
+    """Hydra reconfigures logging onto the captured streams; put the root logger back after."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)

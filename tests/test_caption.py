@@ -11,6 +11,7 @@ import io
 import json
 import os
 import pickle
+import shutil
 import struct
 import subprocess
 import sys
@@ -22,6 +23,7 @@ import pytest
 import torch
 from PIL import Image
 
+from captioner.checkpoint import load_checkpoint
 from captioner.cli import main
 from captioner.configs.decode import DecodeConfig
 from captioner.errors import UserError
@@ -206,6 +208,34 @@ def test_cli_one_tab_separated_line_per_image(
     assert not errors(err)
     assert [ln.split("\t")[0] for ln in out] == [str(p) for p in images]
     assert all(len(ln.split("\t")) == 2 and ln.split("\t")[1].strip() for ln in out)
+
+
+def test_cli_ensemble_of_a_model_with_its_copy_captions_as_the_model(
+    capsys, tiny_checkpoint: Path, images: list[Path], tmp_path: Path
+) -> None:
+    """``--ensemble``: the mean of two equal distributions is that distribution."""
+    copy = tmp_path / "copy.pt"
+    shutil.copyfile(tiny_checkpoint, copy)
+    _, alone, _ = caption_cli(capsys, *images, "--checkpoint", tiny_checkpoint, "--device", "cpu")
+    code, out, err = caption_cli(
+        capsys, *images, "--checkpoint", tiny_checkpoint, "--ensemble", copy, "--device", "cpu"
+    )
+    assert code == 0, err
+    assert out == alone
+
+
+def test_cli_ensemble_member_of_another_vocabulary_is_one_error_line(
+    capsys, tiny_checkpoint: Path, images: list[Path], tmp_path: Path
+) -> None:
+    ckpt = load_checkpoint(tiny_checkpoint)
+    ckpt["vocab"] = [*ckpt["vocab"][:-1], "zebra"]
+    other = tmp_path / "other.pt"
+    torch.save(ckpt, other)
+    code, out, err = caption_cli(
+        capsys, images[0], "-c", tiny_checkpoint, "--ensemble", other, "--device", "cpu"
+    )
+    assert code not in (0, None) and out == []
+    assert len(errors(err)) == 1 and "other.pt has another vocabulary" in errors(err)[0], err
 
 
 def test_cli_control_characters_in_names_are_escaped_not_records(

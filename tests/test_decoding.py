@@ -24,6 +24,7 @@ from captioner.decoding import (
 )
 from captioner.errors import UserError
 from captioner.models.decoders import Decoder, build_decoder
+from captioner.models.ensemble import EnsembleDecoder
 
 PAD, START, END, UNK, A, B, C, D = range(8)  # scripted vocabulary (same specials as Vocab)
 IDS = {"start_id": START, "end_id": END, "unk_id": UNK, "pad_id": PAD}
@@ -184,7 +185,13 @@ def product_decoder(cell: str, attention: str, vocab: int = 12, feat: int = 6) -
 VARIANTS = [
     "fake",
     *(f"{c}-{a}" for a in ("none", "soft", "topdown") for c in ("lstm", "gru", "rnn")),
+    "ensemble-none",  # captioner.models.ensemble: two decoders' mean probabilities, their states
+    "ensemble-grid",  # side by side (and a soft and a top-down decoder's grids) for beams to reorder
 ]
+ENSEMBLES = {
+    "none": (("lstm", "none"), ("gru", "none")),
+    "grid": (("lstm", "soft"), ("gru", "topdown")),
+}
 
 
 @pytest.fixture(scope="module", params=VARIANTS)
@@ -193,7 +200,10 @@ def lstm(request: pytest.FixtureRequest) -> nn.Module:
     (cell x attention; with attention the features are grids, which beams reorder)."""
     if request.param == "fake":
         return TinyLSTMDecoder()
-    return product_decoder(*request.param.split("-"))
+    kind, attention = request.param.split("-")
+    if kind == "ensemble":
+        return EnsembleDecoder([product_decoder(*m) for m in ENSEMBLES[attention]]).eval()
+    return product_decoder(kind, attention)
 
 
 @pytest.fixture(scope="module")

@@ -294,16 +294,6 @@ def test_table_labels_the_two_ciders_and_prints_distinct() -> None:
 # -- through the CLI ---------------------------------------------------------------------------
 
 
-@pytest.fixture
-def keep_logging():
-    """Hydra reconfigures logging onto the captured streams; put the root logger back after."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-
-
 def test_cli_writes_run_and_prints_table(
     capsys,
     keep_logging,

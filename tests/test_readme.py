@@ -103,12 +103,12 @@ def _anchors(path: Path) -> frozenset[str]:
 def _captioner_invocations(text: str) -> list[list[str]]:
     """`captioner CMD ARGS...` (also under `python -m` or torchrun) in the page's bash blocks and
     inline code: placeholders such as `<run>` made plain words, `[--optional]` brackets and
-    `...` dropped."""
+    `...` dropped (a Hydra list, 'ensemble=[a,b]', keeps its brackets)."""
     inline = re.findall(r"`((?:captioner|python -m captioner|torchrun) [^`]*)`", _prose(text))
     out = []
     for line in [*_commands(text), *(span.replace("\n", " ") for span in inline)]:
         for part in line.split("&&"):
-            part = re.sub(r"<[^>]*>", "x", part).replace("[", "").replace("]", "")
+            part = re.sub(r"\[(--?[^\]]*)\]", r"\1", re.sub(r"<[^>]*>", "x", part))
             words = [w.replace("...", "x") for w in shlex.split(part) if w != "..."]
             rest = words[words.index("captioner") + 1 :] if "captioner" in words else []
             if rest:

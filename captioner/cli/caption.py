@@ -58,6 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH_OR_HUB_ID",
         help="the same as --checkpoint: either takes any of them",
     )
+    p.add_argument(
+        "--ensemble",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="one more model decoded with the first as one (repeat it for more): the mean of "
+        "their word probabilities at every step; one vocabulary, one frozen encoder, e.g. the "
+        "seeds of one preset",
+    )
     add_decoding_options(p)
     p.add_argument(
         "--device", default="auto", help="auto (CUDA > MPS > CPU), cpu, cuda, cuda:1 ..."
@@ -165,7 +174,10 @@ def run(argv: Sequence[str]) -> int:
     from captioner.inference import Captioner
 
     checkpoint = args.source or find_checkpoint()
-    captioner = Captioner.load(checkpoint, device=args.device)
+    if args.ensemble:
+        captioner = Captioner.ensemble([checkpoint, *args.ensemble], device=args.device)
+    else:
+        captioner = Captioner.load(checkpoint, device=args.device)
     if args.source is None:  # say which model answers, and what it knows
         trained_on = describe_trained_on(captioner.info.trained_on if captioner.info else None)
         print(f"using checkpoint {checkpoint}, {trained_on}", file=sys.stderr)

@@ -35,6 +35,9 @@ class EvaluateConfig:
     cache_features: bool = True
     # null: the checkpoint's training trainer.cache_dir, else $XDG_CACHE_HOME/captioner/features
     cache_dir: str | None = None
+    # more checkpoints decoded with `checkpoint` as one model, the mean of their word
+    # probabilities at every step (captioner.models.ensemble): one vocabulary, one frozen encoder
+    ensemble: list[str] = field(default_factory=list)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     data: dict | None = None  # overrides of the checkpoint's training data config
 

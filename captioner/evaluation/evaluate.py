@@ -42,6 +42,7 @@ from captioner.evaluation.report import SCORE_KEYS, write_report
 from captioner.features import build_feature_cache, image_source
 from captioner.inference import corpus_scores, generate, hypothesis_text
 from captioner.models.captioning import CaptionModel
+from captioner.models.ensemble import ensemble_model
 from captioner.pretrained import CONFIG, load_pretrained
 from captioner.runtime import resolve_device
 from captioner.typed import from_dict
@@ -76,12 +77,18 @@ def evaluate(cfg: DictConfig | EvaluateConfig, out_dir: str | Path) -> dict[str,
     out_dir = Path(out_dir)
     device = resolve_device(cfg.device)
     ckpt_path, model, vocab, pre, trained = load_model(cfg.checkpoint, device)
+    if cfg.ensemble:
+        members = [(str(ckpt_path), model, vocab, pre)]
+        for source in cfg.ensemble:
+            path, member, member_vocab, member_pre, _ = load_model(source, device)
+            members.append((str(path), member, member_vocab, member_pre))
+        model = ensemble_model(members).eval()
     decode_cfg = cfg.decode
     records = load_split(resolve_data_config(trained, cfg.data or {}), cfg.split)
     records = records[: cfg.max_images]
     log.info(
         "evaluating %s on %d %s images (%s decoding)",
-        ckpt_path,
+        " + ".join([str(ckpt_path), *cfg.ensemble]),
         len(records),
         cfg.split,
         decode_cfg.strategy,
@@ -103,6 +110,7 @@ def evaluate(cfg: DictConfig | EvaluateConfig, out_dir: str | Path) -> dict[str,
         "num_images": len(captions),
         "skipped_images": skipped,
         "checkpoint": str(ckpt_path),
+        "ensemble": list(cfg.ensemble),
         "decode": asdict(decode_cfg),
         "seconds": round(seconds, 2),
     }
