@@ -258,6 +258,26 @@ def test_unfrozen_encoder_does_train() -> None:
     )
 
 
+def test_frozen_batchnorm_trains_the_weights_and_keeps_the_statistics() -> None:
+    """``model.encoder.frozen_batchnorm``: a fine-tuned encoder's BatchNorm layers normalise by
+    their running statistics (eval mode, unchanged by a step) while every weight, the norms'
+    scale and shift included, gets a gradient and moves."""
+    torch.manual_seed(0)
+    model, _ = build_model(resnet18_config(freeze=False, frozen_batchnorm=True), V)
+    before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+    _train_step(model, torch.randn(2, 3, 32, 32) * 3 + 1)
+    norms = [m for m in model.encoder.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert norms and all(not m.training for m in norms)
+    assert model.decoder.training and model.encoder.backbone.conv1.training
+    after = model.encoder.state_dict()
+    for k, v in after.items():
+        statistic = k.endswith(("running_mean", "running_var", "num_batches_tracked"))
+        assert torch.equal(v, before[k]) == statistic, k
+    model.set_encoder_trainable(2)  # a later epoch's stages: the norms stay frozen
+    model.train()
+    assert all(not m.training for m in norms)
+
+
 def test_finetune_last_stages_trains_only_those() -> None:
     torch.manual_seed(0)
     model, _ = build_model(resnet18_config(freeze=True), V)

@@ -32,6 +32,10 @@ class EncoderConfig:
     finetune_from_epoch: int | None = None  # 1-based: epochs >= N fine-tune the encoder
     finetune_last_stages: int | None = None  # only the last K stages (None: all)
     lr: float | None = None  # encoder learning rate when fine-tuned (None: optimizer lr)
+    # fine-tuned stages normalise by their BatchNorm running statistics (kept as trained on
+    # ImageNet; the norms' scale and shift still train), not by each batch's: for batches of a
+    # few images, whose statistics are noisy (false: batch statistics, as torchvision trains)
+    frozen_batchnorm: bool = False
     # preprocessing overrides; null takes the value from the weights' metadata
     resize: int | None = None
     crop: int | None = None

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from captioner.configs.model import ModelConfig
 from captioner.configs.preprocessing import Preprocessing
@@ -40,7 +41,8 @@ class CaptionModel(nn.Module):
         """0: frozen; None: whole encoder trainable; K: only its last K stages.
 
         Frozen parts get ``requires_grad=False`` and stay in eval mode even under ``train()``, so
-        BatchNorm running statistics never drift.
+        BatchNorm running statistics never drift; with ``model.encoder.frozen_batchnorm`` so do
+        the BatchNorm layers of the trainable stages (their weights still train).
         """
         self.encoder.requires_grad_(last_stages is None)
         if last_stages is None:
@@ -62,6 +64,10 @@ class CaptionModel(nn.Module):
         super().train(mode)
         for m in self._frozen:
             m.eval()
+        if self.config.encoder.frozen_batchnorm:  # statistics kept, scale and shift trained
+            for m in self.encoder.modules():
+                if isinstance(m, _BatchNorm):
+                    m.eval()
         return self
 
     def param_groups(self) -> list[dict[str, Any]]:
