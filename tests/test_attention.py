@@ -99,9 +99,18 @@ def padded(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
 # -- shapes ------------------------------------------------------------------------------------
 
 
+MODES = ["init_state", "first_input", "zeros"]
+# every cell x attention x feature_mode a decoder can be built with (a zero start needs attention)
+BUILDABLE = [
+    (cell, attention, mode)
+    for cell, attention, mode in itertools.product(CELLS, ATTENTION, MODES)
+    if not (mode == "zeros" and attention == "none")
+]
+
+
 @pytest.mark.parametrize(
     ("cell", "attention", "feature_mode", "layers"),
-    list(itertools.product(CELLS, ATTENTION, ["init_state", "first_input"], [1, 2])),
+    [(*variant, layers) for variant in BUILDABLE for layers in (1, 2)],
 )
 def test_shapes_of_every_variant(cell: str, attention: str, feature_mode: str, layers: int) -> None:
     model = tiny_model(cell, attention, feature_mode, layers)
@@ -117,6 +126,11 @@ def test_shapes_of_every_variant(cell: str, attention: str, feature_mode: str, l
     assert [tuple(s.shape) for s in state] == [(layers, 3, 10)] * cells + memory[attention]
     if attention == "topdown":
         torch.testing.assert_close(state[-1][0], feats.mean(dim=1))
+    if feature_mode == "zeros":  # the paper's start: nothing of the image in the cells
+        assert all(not s.any() for s in state[:cells])
+        assert not any(
+            n.startswith(("init_", "feature_embed")) for n, _ in model.named_parameters()
+        )
     logits, alpha = model(images, caps, lengths, return_attention=True)
     assert logits.shape == (3, 5, V)
     assert alpha is None if attention == "none" else alpha.shape == (3, 5, 16)
@@ -126,8 +140,7 @@ def test_shapes_of_every_variant(cell: str, attention: str, feature_mode: str, l
         assert not hasattr(model.decoder, "init_c")
 
 
-@pytest.mark.parametrize(("cell", "attention"), list(itertools.product(CELLS, ATTENTION)))
-@pytest.mark.parametrize("feature_mode", ["init_state", "first_input"])
+@pytest.mark.parametrize(("cell", "attention", "feature_mode"), BUILDABLE)
 def test_stepping_equals_teacher_forcing(cell: str, attention: str, feature_mode: str) -> None:
     """Decoding's step function is teacher forcing's, one position at a time."""
     model = tiny_model(cell, attention, feature_mode, num_layers=2)
@@ -154,6 +167,24 @@ def test_bad_cell_and_attention_are_user_errors() -> None:
         EncoderConfig(grid=0)
     with pytest.raises(UserError, match=r"model\.decoder\.attention_penalty must be >= 0"):
         DecoderConfig(attention_penalty=-1.0)
+    with pytest.raises(UserError, match=r"model\.decoder\.feature_mode must be one of"):
+        DecoderConfig(feature_mode="image")
+    with pytest.raises(UserError, match=r"feature_mode=zeros .* needs model\.decoder\.attention"):
+        DecoderConfig(feature_mode="zeros")
+
+
+@pytest.mark.parametrize("attention", ATTENDING)
+def test_a_zero_start_reads_the_image_through_attention(attention: str) -> None:
+    """``feature_mode=zeros``: the same initial state for every image, and yet the first word's
+    logits differ between images: they come from the attended grid alone."""
+    model = tiny_model("lstm", attention, "zeros")
+    feats = model.encode(torch.randn(2, 3, 16, 16))
+    with torch.no_grad():
+        state = model.decoder.init_state(feats)
+        logits, _ = model.decoder.step(torch.tensor([START, START]), state)
+    n = 4 if attention == "topdown" else 2  # the cells' tensors
+    assert all(torch.equal(s[:, 0], s[:, 1]) for s in state[:n])
+    assert (logits[0] - logits[1]).abs().max() > 1e-3
 
 
 def composed(experiment: str, *more: str) -> dict:

@@ -16,6 +16,7 @@ CELLS = ("lstm", "gru", "rnn")
 
 
 ATTENTION = ("none", "soft", "topdown")
+FEATURE_MODES = ("init_state", "first_input", "zeros")
 
 
 @dataclass
@@ -91,9 +92,10 @@ class DecoderConfig:
     hidden_size: int = 512
     num_layers: int = 1
     dropout: float = 0.5
-    feature_mode: str = (
-        "init_state"  # init_state (h0, and an LSTM's c0, from features) | first_input
-    )
+    # init_state (h0, and an LSTM's c0, from the features) | first_input (the features as the
+    # input of a step before <start>) | zeros (a zero start, the image read only through
+    # attention: the paper's top-down decoder; needs attention)
+    feature_mode: str = "init_state"
     # the output layer reuses the word embeddings (Press & Wolf 2017): needs embed_dim == hidden_size
     tie_weights: bool = False
     cell: str = "lstm"  # lstm | gru | rnn (vanilla tanh RNN); GRU and RNN have no c0
@@ -111,10 +113,11 @@ class DecoderConfig:
             raise UserError(
                 f"model.decoder.attention_penalty must be >= 0, got {self.attention_penalty}"
             )
-        if self.feature_mode not in ("init_state", "first_input"):
+        one_of(self, "model.decoder", feature_mode=FEATURE_MODES)
+        if self.feature_mode == "zeros" and self.attention == "none":
             raise UserError(
-                "model.decoder.feature_mode must be 'init_state' or 'first_input', "
-                f"got {self.feature_mode!r}"
+                "model.decoder.feature_mode=zeros starts from a zero state and reads the image "
+                "only through attention: it needs model.decoder.attention=soft or topdown"
             )
         at_least(self, "model.decoder", embed_dim=1, hidden_size=1, num_layers=1)
         if not 0.0 <= self.dropout < 1.0:

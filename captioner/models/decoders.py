@@ -67,7 +67,8 @@ def rename_legacy_keys(state: dict[str, Any], prefix: str = "decoder.") -> dict[
 class Decoder(nn.Module):
     """What every decoder shares: word embedding -> recurrent cell (LSTM, GRU or vanilla RNN) ->
     vocabulary logits, the state initialised from pooled image features [B, F] (through
-    ``init_h`` / ``init_c``, or as the cell's input at t = -1 with ``feature_mode=first_input``).
+    ``init_h`` / ``init_c``, or as the cell's input at t = -1 with ``feature_mode=first_input``),
+    or, for a decoder that attends, zeros (``feature_mode=zeros``).
 
     A subclass sets ``attention_kind`` (the ``model.decoder.attention`` value it implements) and, to
     read more of the image than its initial state, overrides :meth:`_input_size`,
@@ -106,7 +107,7 @@ class Decoder(nn.Module):
             self.init_h = nn.Linear(feature_dim, L * H)
             if cfg.cell == "lstm":
                 self.init_c = nn.Linear(feature_dim, L * H)
-        else:
+        elif cfg.feature_mode == "first_input":
             self.feature_embed = nn.Linear(feature_dim, E)
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
@@ -152,9 +153,11 @@ class Decoder(nn.Module):
         pooled = self.dropout(pooled)
         if self.cfg.feature_mode == "init_state":
             return (*self._initial_cells(pooled), *memory)
-        # first_input: the image is the cells' input at t = -1, from a zero state
         zeros = pooled.new_zeros(L, B, H)
         state = ((zeros,) * (self.cells * self.cell_tensors)) + memory
+        if self.cfg.feature_mode == "zeros":  # the image is read only through attention
+            return state
+        # first_input: the image is the cells' input at t = -1, from a zero state
         _, state, _ = self._advance(self.feature_embed(pooled), state)
         return state
 
@@ -297,10 +300,10 @@ class TopDownDecoder(Decoder):
     (:class:`~captioner.models.attention.SoftAttention`), and the language cell (``self.rnn``)
     reads [the attended context; the attention cell's top h] and predicts the word.
 
-    Unlike the paper's zero start, the grid's mean initialises both cells' state (through
-    ``init_h`` / ``init_c`` and ``init_attention_h`` / ``init_attention_c``), or, with
-    ``feature_mode=first_input``, is the word input of a step at t = -1 from zero states. ``cell`` and ``num_layers`` apply to both
-    cells (the paper's: one-layer LSTMs). The state is (language cell's tensors, attention
+    Unlike the paper's zero start (``feature_mode=zeros``), the grid's mean initialises both
+    cells' state by default (through ``init_h`` / ``init_c`` and ``init_attention_h`` /
+    ``init_attention_c``), or, with ``feature_mode=first_input``, is the word input of a step at
+    t = -1 from zero states. ``cell`` and ``num_layers`` apply to both cells (the paper's: one-layer LSTMs). The state is (language cell's tensors, attention
     cell's tensors, grid [P, B, F], its attention projection [P, B, A], the grid's mean
     [1, B, F])."""
 
