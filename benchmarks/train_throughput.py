@@ -51,7 +51,7 @@ from torch import Tensor, nn
 
 from captioner.configs.hydra import compose
 from captioner.configs.training import TrainConfig, parse_train_config
-from captioner.runtime import setup_runtime
+from captioner.runtime import autocast, setup_runtime
 from captioner.training.trainer import Trainer
 
 log = logging.getLogger("train_throughput")
@@ -320,7 +320,8 @@ class BarePath:
     float32 tensor [N, F] (read from the product's cache), the captions of each batch exactly as
     the product's loader pads them (pre-collated an epoch at a time, untimed), and per step:
     gather the batch's features, forward, ``F.cross_entropy(ignore_index=pad)``, backward,
-    ``optimizer.step()``, ``zero_grad()``. No clipping, no EMA, no autocast, no counters."""
+    ``optimizer.step()``, ``zero_grad()``, under the product's autocast dtype (none on a CPU;
+    bf16 on a GPU that has it; fp16 with a gradient scaler). No clipping, no EMA, no counters."""
 
     def __init__(self, trainer: Trainer, packed: bool, seed: int):
         self.trainer, self.packed = trainer, packed
@@ -335,6 +336,8 @@ class BarePath:
         ).to(self.device)
         self.model.train()
         self.optimizer = optimizer_for(trainer.config, self.model.parameters())
+        self.dtype = trainer.autocast_dtype
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.epoch, self.queue = 0, []
         self.precollate_s = 0.0
 
@@ -357,15 +360,17 @@ class BarePath:
     def step(self) -> int:
         rows, captions, lengths = self.queue.pop()
         captions = captions.to(self.device)
-        logits = self.model(self.features[rows], captions, lengths, self.packed)
+        with autocast(self.device, self.dtype):
+            logits = self.model(self.features[rows], captions, lengths, self.packed)
         loss = F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]),
+            logits.float().reshape(-1, logits.shape[-1]),
             captions[:, 1:].reshape(-1),
             ignore_index=self.pad_id,
             label_smoothing=self.label_smoothing,
         )
-        loss.backward()
-        self.optimizer.step()
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         self.optimizer.zero_grad()
         return captions.shape[0]
 

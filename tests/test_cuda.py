@@ -233,3 +233,28 @@ def test_an_scst_epoch_under_autocast_on_the_device(
     # bf16 has float32's range: no step overflows; fp16's scaler skips the steps that overflow
     # while it finds its scale, never all of them
     assert scst["grad_nonfinite"] == 0.0 if precision == "bf16" else scst["grad_nonfinite"] < 1.0
+
+
+@pytest.mark.slow
+def test_serve_answers_on_the_device(
+    device: torch.device, device_run: Path, tiny_demo: Path
+) -> None:
+    """``captioner serve``'s app with the model on the device: a request's captions are the ones
+    the model gives on the CPU (both fp32; TF32 off)."""
+    pytest.importorskip("fastapi", reason="captioner serve needs the serve extra")
+    from fastapi.testclient import TestClient
+
+    from captioner.inference import Captioner
+    from captioner.serve.app import create_app
+    from captioner.serve.settings import ServeSettings
+
+    on_device = Captioner.from_checkpoint(device_run / "best.pt", device=str(device))
+    assert next(on_device.model.parameters()).device.type == device.type
+    pics = sorted((tiny_demo / "images" / "test").glob("*.png"))[:3]
+    files = [("image", (p.name, p.read_bytes(), "image/png")) for p in pics]
+    with TestClient(create_app(on_device, ServeSettings())) as client:
+        answer = client.post("/caption", files=files)
+    assert answer.status_code == 200, answer.text
+    on_cpu = Captioner.from_checkpoint(device_run / "best.pt", device="cpu")
+    want = [r.caption for r in on_cpu.caption(pics, on_device.default_decoding)]
+    assert [r["caption"] for r in answer.json()["results"]] == want
