@@ -303,9 +303,9 @@ class TopDownDecoder(Decoder):
     Unlike the paper's zero start (``feature_mode=zeros``), the grid's mean initialises both
     cells' state by default (through ``init_h`` / ``init_c`` and ``init_attention_h`` /
     ``init_attention_c``), or, with ``feature_mode=first_input``, is the word input of a step at
-    t = -1 from zero states. ``cell`` and ``num_layers`` apply to both cells (the paper's: one-layer LSTMs). The state is (language cell's tensors, attention
-    cell's tensors, grid [P, B, F], its attention projection [P, B, A], the grid's mean
-    [1, B, F])."""
+    t = -1 from zero states. ``cell`` and ``num_layers`` apply to both cells (the paper's:
+    one-layer LSTMs). The state is (language cell's tensors, attention cell's tensors, grid
+    [P, B, F], its attention projection [P, B, A], the grid's mean [1, B, F])."""
 
     attention_kind = "topdown"
     attends = True

@@ -5,8 +5,8 @@ ruotianluo's ``AttEnsemble``); every decoding strategy drives it like any decode
 beam search, sampling and greedy decoding need nothing of their own. The members read the same
 encoder features: they must share the encoder (its weights, grid and preprocessing), as models
 trained from one frozen encoder (seeds, decoder variants of one grid) do. ``captioner evaluate
-checkpoint=A ensemble=[B,C]`` and ``captioner caption ... ensemble=[...]`` build one with
-:func:`ensemble_model`.
+checkpoint=A 'ensemble=[B,C]'``, ``captioner caption -c A --ensemble B --ensemble C`` and
+``Captioner.ensemble`` build one with :func:`ensemble_model`.
 """
 
 from __future__ import annotations
