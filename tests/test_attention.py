@@ -175,15 +175,21 @@ def test_bad_cell_and_attention_are_user_errors() -> None:
 
 @pytest.mark.parametrize("attention", ATTENDING)
 def test_a_zero_start_reads_the_image_through_attention(attention: str) -> None:
-    """``feature_mode=zeros``: the same initial state for every image, and yet the first word's
-    logits differ between images: they come from the attended grid alone."""
+    """``feature_mode=zeros``: two grids of one mean (what top-down's attention cell also reads)
+    start from the same state, and yet their first words' logits differ: through attention."""
     model = tiny_model("lstm", attention, "zeros")
-    feats = model.encode(torch.randn(2, 3, 16, 16))
+    gen = torch.Generator().manual_seed(3)
+    grid, noise = torch.randn(2, 16, FEAT, generator=gen)
+    noise = 10 * (noise - noise.mean(dim=0))  # large, zero-mean over the positions
+    feats = torch.stack([grid, grid + noise])  # [2, P, F], equal means
+    torch.testing.assert_close(feats[0].mean(dim=0), feats[1].mean(dim=0))
     with torch.no_grad():
         state = model.decoder.init_state(feats)
         logits, _ = model.decoder.step(torch.tensor([START, START]), state)
     n = 4 if attention == "topdown" else 2  # the cells' tensors
     assert all(torch.equal(s[:, 0], s[:, 1]) for s in state[:n])
+    # float32 rounding of these O(1) logits is ~1e-6; the two contexts differ by the weights'
+    # departure from uniform (small at init) times the noise: the logits by 1e-2 or more
     assert (logits[0] - logits[1]).abs().max() > 1e-3
 
 

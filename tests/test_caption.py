@@ -210,11 +210,15 @@ def test_cli_one_tab_separated_line_per_image(
     assert all(len(ln.split("\t")) == 2 and ln.split("\t")[1].strip() for ln in out)
 
 
-def test_cli_ensemble_of_a_model_with_its_copy_captions_as_the_model(
+def test_cli_ensemble_decodes_every_member_as_one(
     capsys, tiny_checkpoint: Path, images: list[Path], tmp_path: Path
 ) -> None:
-    """``--ensemble``: the mean of two equal distributions is that distribution."""
-    copy = tmp_path / "copy.pt"
+    """``--ensemble``: with a member that says one word with probability ~1, every caption is
+    that word; with a copy of the model itself, the model's captions (the mean of two equal
+    distributions is that distribution)."""
+    from test_ensemble import WORD, biased_copy
+
+    copy, biased = tmp_path / "copy.pt", biased_copy(tiny_checkpoint, tmp_path / "biased.pt")
     shutil.copyfile(tiny_checkpoint, copy)
     _, alone, _ = caption_cli(capsys, *images, "--checkpoint", tiny_checkpoint, "--device", "cpu")
     code, out, err = caption_cli(
@@ -222,6 +226,11 @@ def test_cli_ensemble_of_a_model_with_its_copy_captions_as_the_model(
     )
     assert code == 0, err
     assert out == alone
+    code, out, err = caption_cli(
+        capsys, *images, "-c", tiny_checkpoint, "--ensemble", biased, "--max-len", "4"
+    )
+    assert code == 0, err
+    assert [ln.split("\t")[1] for ln in out] == [" ".join([WORD] * 4)] * len(images)
 
 
 def test_cli_ensemble_member_of_another_vocabulary_is_one_error_line(

@@ -131,16 +131,42 @@ def test_members_must_share_vocabulary_encoder_and_kind() -> None:
         EnsembleDecoder([a.decoder, pooled.decoder])
 
 
-# -- captioner evaluate ensemble=[...] ------------------------------------------------------------
+def test_an_ensemble_keeps_the_first_models_mode_and_needs_a_member() -> None:
+    a, b = member("soft", "lstm", 1), member("soft", "gru", 2)  # both in eval mode
+    model = ensemble_model([("a.pt", a, VOCAB, None), ("b.pt", b, VOCAB, None)])
+    assert not any(m.training for m in model.modules())
+    with pytest.raises(UserError, match="ensemble: no member"):
+        ensemble_model([])
+
+
+# -- captioner evaluate ensemble=[...] and caption --ensemble --------------------------------------
+
+# the word the biased member says with probability ~1 (a word of the demo's vocabulary)
+WORD = "triangle"
+
+
+def biased_copy(checkpoint: Path, out: Path) -> Path:
+    """``checkpoint`` with the same encoder, whose decoder says WORD with probability ~1 at every
+    step: in an ensemble of two, WORD's mean probability is >= 1/2 at every step, so greedy
+    decoding says only WORD, to max_len (no member alone does: the proof the second one is read
+    and averaged)."""
+    ckpt = load_checkpoint(checkpoint)
+    bias = ckpt["model"]["decoder.out.bias"]
+    bias[ckpt["vocab"].index(WORD)] += 1e4
+    torch.save(ckpt, out)
+    return out
 
 
 def test_evaluate_decodes_an_ensemble(tiny_checkpoint: Path, tmp_path: Path) -> None:
     from test_evaluate import run_eval
 
+    biased = biased_copy(tiny_checkpoint, tmp_path / "biased.pt")
     single = run_eval(tiny_checkpoint, tmp_path / "single")
+    both = run_eval(tiny_checkpoint, tmp_path / "both", f"ensemble=[{biased}]", "decode.max_len=5")
+    assert both["metrics"]["ensemble"] == [str(biased)] and single["metrics"]["ensemble"] == []
+    assert any(r["caption"] != " ".join([WORD] * 5) for r in single["results"])
+    assert all(r["caption"] == " ".join([WORD] * 5) for r in both["results"])
     twice = run_eval(tiny_checkpoint, tmp_path / "twice", f"ensemble=[{tiny_checkpoint}]")
-    assert twice["metrics"]["ensemble"] == [str(tiny_checkpoint)]
-    assert single["metrics"]["ensemble"] == []
     # a model with itself is that model: the mean of two equal distributions is the distribution
     assert twice["results"] == single["results"]
 

@@ -33,9 +33,10 @@ class EncoderConfig:
     finetune_from_epoch: int | None = None  # 1-based: epochs >= N fine-tune the encoder
     finetune_last_stages: int | None = None  # only the last K stages (None: all)
     lr: float | None = None  # encoder learning rate when fine-tuned (None: optimizer lr)
-    # fine-tuned stages normalise by their BatchNorm running statistics (kept as trained on
-    # ImageNet; the norms' scale and shift still train), not by each batch's: for batches of a
-    # few images, whose statistics are noisy (false: batch statistics, as torchvision trains)
+    # fine-tuned stages normalise by their BatchNorm running statistics (kept as loaded: the
+    # pretrained weights', or init_from's; the norms' scale and shift still train), not by each
+    # batch's: for batches of a few images, whose statistics are noisy (false: batch statistics,
+    # as torchvision trains)
     frozen_batchnorm: bool = False
     # preprocessing overrides; null takes the value from the weights' metadata
     resize: int | None = None
@@ -93,8 +94,9 @@ class DecoderConfig:
     num_layers: int = 1
     dropout: float = 0.5
     # init_state (h0, and an LSTM's c0, from the features) | first_input (the features as the
-    # input of a step before <start>) | zeros (a zero start, the image read only through
-    # attention: the paper's top-down decoder; needs attention)
+    # input of a step before <start>) | zeros (a zero start: the paper's top-down decoder; the
+    # image is read through attention, and top-down's attention cell also reads the grid's
+    # mean at every step; needs attention)
     feature_mode: str = "init_state"
     # the output layer reuses the word embeddings (Press & Wolf 2017): needs embed_dim == hidden_size
     tie_weights: bool = False
@@ -117,7 +119,7 @@ class DecoderConfig:
         if self.feature_mode == "zeros" and self.attention == "none":
             raise UserError(
                 "model.decoder.feature_mode=zeros starts from a zero state and reads the image "
-                "only through attention: it needs model.decoder.attention=soft or topdown"
+                "through attention: it needs model.decoder.attention=soft or topdown"
             )
         at_least(self, "model.decoder", embed_dim=1, hidden_size=1, num_layers=1)
         if not 0.0 <= self.dropout < 1.0:

@@ -77,18 +77,18 @@ def evaluate(cfg: DictConfig | EvaluateConfig, out_dir: str | Path) -> dict[str,
     out_dir = Path(out_dir)
     device = resolve_device(cfg.device)
     ckpt_path, model, vocab, pre, trained = load_model(cfg.checkpoint, device)
+    members = [(str(ckpt_path), model, vocab, pre)]
+    for source in cfg.ensemble:
+        path, member, member_vocab, member_pre, _ = load_model(source, device)
+        members.append((str(path), member, member_vocab, member_pre))
     if cfg.ensemble:
-        members = [(str(ckpt_path), model, vocab, pre)]
-        for source in cfg.ensemble:
-            path, member, member_vocab, member_pre, _ = load_model(source, device)
-            members.append((str(path), member, member_vocab, member_pre))
         model = ensemble_model(members).eval()
     decode_cfg = cfg.decode
     records = load_split(resolve_data_config(trained, cfg.data or {}), cfg.split)
     records = records[: cfg.max_images]
     log.info(
         "evaluating %s on %d %s images (%s decoding)",
-        " + ".join([str(ckpt_path), *cfg.ensemble]),
+        " + ".join(m[0] for m in members),
         len(records),
         cfg.split,
         decode_cfg.strategy,
@@ -110,7 +110,7 @@ def evaluate(cfg: DictConfig | EvaluateConfig, out_dir: str | Path) -> dict[str,
         "num_images": len(captions),
         "skipped_images": skipped,
         "checkpoint": str(ckpt_path),
-        "ensemble": list(cfg.ensemble),
+        "ensemble": [m[0] for m in members[1:]],  # the files read, as "checkpoint"
         "decode": asdict(decode_cfg),
         "seconds": round(seconds, 2),
     }

@@ -155,7 +155,7 @@ class Decoder(nn.Module):
             return (*self._initial_cells(pooled), *memory)
         zeros = pooled.new_zeros(L, B, H)
         state = ((zeros,) * (self.cells * self.cell_tensors)) + memory
-        if self.cfg.feature_mode == "zeros":  # the image is read only through attention
+        if self.cfg.feature_mode == "zeros":  # the image is read at each step, not in h0/c0
             return state
         # first_input: the image is the cells' input at t = -1, from a zero state
         _, state, _ = self._advance(self.feature_embed(pooled), state)

@@ -24,6 +24,11 @@ from captioner.models.captioning import CaptionModel
 from captioner.vocab import Vocab
 
 
+def at_least_float32(logits: Tensor) -> Tensor:
+    """Half-precision logits (autocast) as float32; float32 and float64 as they are."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
 def mean_probability(log_probs: Sequence[Tensor]) -> Tensor:
     """Members' log-probabilities [..., V] each -> the log of their mean probability [..., V]."""
     return torch.logsumexp(torch.stack(list(log_probs)), dim=0) - math.log(len(log_probs))
@@ -38,6 +43,8 @@ class EnsembleDecoder(nn.Module):
 
     def __init__(self, decoders: Sequence[nn.Module]):
         super().__init__()
+        if not decoders:
+            raise UserError("ensemble: no member to decode")
         if len({bool(d.attends) for d in decoders}) != 1:
             raise UserError("ensemble: its members all attend over the grid, or none does")
         self.members = nn.ModuleList(decoders)
@@ -61,7 +68,7 @@ class EnsembleDecoder(nn.Module):
         log_probs, states = [], []
         for member, s in zip(self.members, self._split(state), strict=True):
             logits, s = member.step(tokens, s)
-            log_probs.append(torch.log_softmax(logits.float(), dim=-1))
+            log_probs.append(torch.log_softmax(at_least_float32(logits), dim=-1))
             states.append(s)
         return mean_probability(log_probs), self._join(states)
 
@@ -81,7 +88,9 @@ class EnsembleDecoder(nn.Module):
             m(features, captions, lengths, return_attention=True, state=p, return_state=True)
             for m, p in zip(self.members, parts, strict=True)
         ]
-        log_probs = mean_probability([torch.log_softmax(o[0].float(), dim=-1) for o in outs])
+        log_probs = mean_probability(
+            [torch.log_softmax(at_least_float32(o[0]), dim=-1) for o in outs]
+        )
         returned: tuple[Tensor | None, ...] = (log_probs,)
         if return_attention:
             alpha = torch.stack([o[1] for o in outs]).mean(0) if self.attends else None
@@ -95,8 +104,11 @@ Member = tuple[str, CaptionModel, Vocab, Preprocessing]  # (where it was read, m
 
 
 def ensemble_model(members: Sequence[Member]) -> CaptionModel:
-    """One model from ``members`` (the first's encoder; every decoder): one-line errors naming
-    the member whose vocabulary, preprocessing or encoder differs from the first's."""
+    """One model from ``members`` (the first's encoder; every decoder), in the first model's
+    mode (train or eval): one-line errors naming the member whose vocabulary, preprocessing or
+    encoder differs from the first's."""
+    if not members:
+        raise UserError("ensemble: no member to decode")
     first, model, vocab, pre = members[0]
     for name, other, other_vocab, other_pre in members[1:]:
         if other_vocab != vocab:
@@ -112,8 +124,10 @@ def ensemble_model(members: Sequence[Member]) -> CaptionModel:
                 "flip_average): its members read one encoder's features, so they must share "
                 "one frozen encoder"
             )
+    mode = model.training
     decoder = EnsembleDecoder([m.decoder for _, m, _, _ in members])
-    return CaptionModel(model.encoder, decoder, model.config)  # type: ignore[arg-type]
+    # CaptionModel's constructor puts the (shared) modules in train mode: back to the first's
+    return CaptionModel(model.encoder, decoder, model.config).train(mode)  # type: ignore[arg-type]
 
 
 def same_encoder(a: CaptionModel, b: CaptionModel) -> bool:
@@ -133,4 +147,10 @@ def same_encoder(a: CaptionModel, b: CaptionModel) -> bool:
     )
 
 
-__all__ = ["EnsembleDecoder", "ensemble_model", "mean_probability", "same_encoder"]
+__all__ = [
+    "EnsembleDecoder",
+    "at_least_float32",
+    "ensemble_model",
+    "mean_probability",
+    "same_encoder",
+]
