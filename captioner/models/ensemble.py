@@ -29,9 +29,11 @@ def at_least_float32(logits: Tensor) -> Tensor:
     return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
-def mean_probability(log_probs: Sequence[Tensor]) -> Tensor:
-    """Members' log-probabilities [..., V] each -> the log of their mean probability [..., V]."""
-    return torch.logsumexp(torch.stack(list(log_probs)), dim=0) - math.log(len(log_probs))
+def mean_probability(logits: Sequence[Tensor]) -> Tensor:
+    """Members' logits (or log-probabilities) [..., V] each -> the log of the mean of their
+    probabilities [..., V]; half-precision logits are read as float32."""
+    log_probs = [torch.log_softmax(at_least_float32(x), dim=-1) for x in logits]
+    return torch.logsumexp(torch.stack(log_probs), dim=0) - math.log(len(log_probs))
 
 
 class EnsembleDecoder(nn.Module):
@@ -65,12 +67,12 @@ class EnsembleDecoder(nn.Module):
         return self._join([m.init_state(features) for m in self.members])
 
     def step(self, tokens: Tensor, state: State) -> tuple[Tensor, State]:
-        log_probs, states = [], []
+        logits, states = [], []
         for member, s in zip(self.members, self._split(state), strict=True):
-            logits, s = member.step(tokens, s)
-            log_probs.append(torch.log_softmax(at_least_float32(logits), dim=-1))
+            out, s = member.step(tokens, s)
+            logits.append(out)
             states.append(s)
-        return mean_probability(log_probs), self._join(states)
+        return mean_probability(logits), self._join(states)
 
     def forward(
         self,
@@ -88,9 +90,7 @@ class EnsembleDecoder(nn.Module):
             m(features, captions, lengths, return_attention=True, state=p, return_state=True)
             for m, p in zip(self.members, parts, strict=True)
         ]
-        log_probs = mean_probability(
-            [torch.log_softmax(at_least_float32(o[0]), dim=-1) for o in outs]
-        )
+        log_probs = mean_probability([o[0] for o in outs])
         returned: tuple[Tensor | None, ...] = (log_probs,)
         if return_attention:
             alpha = torch.stack([o[1] for o in outs]).mean(0) if self.attends else None
