@@ -278,8 +278,9 @@ def rebuild_model(
 def model_from_checkpoint(
     ckpt: dict[str, Any], device: str | torch.device = "cpu"
 ) -> tuple[CaptionModel, Vocab, Preprocessing]:
-    """Rebuild the model (:func:`rebuild_model`: no download), its vocabulary and
-    preprocessing; the model is returned in eval mode."""
+    """Rebuild the model (:func:`rebuild_model`: no download) with the weights its val scores
+    were measured with (:func:`validated_weights`: a ``last.pt``'s weight average, as
+    ``export`` writes it), its vocabulary and preprocessing; the model is returned in eval mode."""
     vocab = Vocab(ckpt["vocab"])
-    model, _ = rebuild_model(ckpt["model_config"], len(vocab), ckpt["model"])
+    model, _ = rebuild_model(ckpt["model_config"], len(vocab), validated_weights(ckpt))
     return model.to(device).eval(), vocab, Preprocessing.from_dict(ckpt["preprocessing"])

@@ -17,7 +17,12 @@ import pytest
 import torch
 from PIL import Image
 
-from captioner.checkpoint import load_checkpoint, model_payload, save_checkpoint
+from captioner.checkpoint import (
+    load_checkpoint,
+    model_from_checkpoint,
+    model_payload,
+    save_checkpoint,
+)
 from captioner.cli import main
 from captioner.configs.decode import DecodeConfig
 from captioner.configs.model import DecoderConfig, EncoderConfig, ModelConfig
@@ -33,6 +38,7 @@ from captioner.pretrained import (
     load_pretrained,
     vocab_digest,
 )
+from captioner.training.setup import init_weights
 from captioner.vocab import Vocab
 
 CELLS, ATTENTION = ["lstm", "gru", "rnn"], ["none", "soft", "topdown"]
@@ -449,6 +455,9 @@ def test_export_refuses_a_folder_of_other_files_and_replaces_an_earlier_export(
 
 
 def test_a_last_pt_exports_its_weight_average_with_its_epochs_scores(tmp_path: Path) -> None:
+    """A ``last.pt`` of a run with ``trainer.ema_decay`` was validated with its weight average:
+    ``export``, ``evaluate`` / ``caption`` (model_from_checkpoint) and ``init_from`` all read
+    that average, not the raw weights beside it, so one file scores the same everywhere."""
     best = load_checkpoint(variant_checkpoint(tmp_path))
     averages = {k: v + 1 if v.is_floating_point() else v for k, v in best["model"].items()}
     last = {
@@ -469,9 +478,13 @@ def test_a_last_pt_exports_its_weight_average_with_its_epochs_scores(tmp_path: P
     out = export_pretrained(run / "last.pt", tmp_path / "out")
     manifest = json.loads((out / CONFIG).read_text())
     assert manifest["trained_on"]["epoch"] == 2 and manifest["scores"] == {"val_bleu4": 0.2}
-    model, _, _, _ = load_pretrained(out)
-    for name, value in model.state_dict().items():
-        assert torch.equal(value, averages[name]), name
+    exported, _, _, _ = load_pretrained(out)
+    evaluated, vocab, _ = model_from_checkpoint(load_checkpoint(run / "last.pt"))
+    started, _ = build_model(ModelConfig.from_dict(best["model_config"]), len(vocab), False)
+    init_weights(started, vocab, str(run / "last.pt"))
+    for model in (exported, evaluated, started):
+        for name, value in model.state_dict().items():
+            assert torch.equal(value, averages[name]), name
 
 
 def test_half_export_refuses_values_beyond_float16(tmp_path: Path) -> None:

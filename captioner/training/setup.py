@@ -22,6 +22,7 @@ from captioner.checkpoint import (
     resolve_checkpoint,
     saved_metrics,
     train_config,
+    validated_weights,
 )
 from captioner.configs.model import ARCHITECTURE_FIELDS, ModelConfig
 from captioner.configs.preprocessing import Preprocessing
@@ -148,7 +149,8 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 def init_weights(model: CaptionModel, vocab: Vocab, path: str) -> None:
     """``init_from=``: load a checkpoint's model weights (not its optimizer or counters) into
-    this run's model; another vocabulary or architecture is one clear error."""
+    this run's model: those its val scores were measured with (a ``last.pt``'s weight average,
+    :func:`validated_weights`); another vocabulary or architecture is one clear error."""
     try:
         ckpt = load_checkpoint(path, map_location="cpu")
     except UserError as exc:
@@ -163,7 +165,7 @@ def init_weights(model: CaptionModel, vocab: Vocab, path: str) -> None:
         ModelConfig.from_dict(ckpt["model_config"]), model.config, f"init_from: {path}"
     )
     try:
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(validated_weights(ckpt))
     except RuntimeError as exc:
         raise UserError(f"init_from: {path} does not fit this model ({first_line(exc)})") from exc
     scores = saved_metrics(ckpt)
