@@ -227,6 +227,29 @@ def test_topdown_scst_preset_trains_the_topdown_model_the_scst_way() -> None:
     assert both == scst
 
 
+def test_topdown_finetune_preset_fine_tunes_the_topdown_model_batched_by_image() -> None:
+    """``experiment=flickr8k_topdown_finetune`` is ``flickr8k_topdown``'s architecture (its
+    best.pt is accepted by ``init_from``, and ``flickr8k_topdown_scst`` accepts this one's), with
+    the encoder's last stages trained from the first epoch, by image, and no feature cache."""
+    from captioner.configs.hydra import compose
+    from captioner.configs.training import parse_train_config
+    from captioner.training.setup import check_architecture
+
+    finetune = composed("flickr8k_topdown_finetune")
+    topdown = composed("flickr8k_topdown")
+    check_architecture(
+        ModelConfig.from_dict(topdown["model"]), ModelConfig.from_dict(finetune["model"]), "x"
+    )
+    encoder = finetune["model"]["encoder"]
+    assert (encoder["finetune_from_epoch"], encoder["finetune_last_stages"]) == (1, 4)
+    assert encoder["lr"] < finetune["optim"]["lr"]
+    data = finetune["data"]
+    assert data["captions_per_image"] * data["batch_size"] >= topdown["data"]["batch_size"]
+    overrides = ["experiment=flickr8k_topdown_finetune", "model.encoder.weights_file=/w.pth"]
+    with pytest.raises(UserError, match=r"^trainer\.cache_features=true needs a frozen encoder"):
+        parse_train_config(compose("train", [*overrides, "trainer.cache_features=true"]))
+
+
 def test_encoder_without_a_spatial_map_is_a_user_error() -> None:
     encoder = Encoder(nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, FEAT)), FEAT, spatial=True)
     with pytest.raises(UserError, match="no spatial feature map known for Sequential"):

@@ -36,6 +36,7 @@ GROUPS = {
         "flickr8k_attention",
         "flickr8k_scst",
         "flickr8k_topdown",
+        "flickr8k_topdown_finetune",
         "flickr8k_topdown_scst",
     ],
     "model": ["demo", "resnet50", "timm"],
