@@ -228,25 +228,30 @@ def test_topdown_scst_preset_trains_the_topdown_model_the_scst_way() -> None:
     assert both == scst
 
 
-def test_topdown_finetune_preset_fine_tunes_the_topdown_model_batched_by_image() -> None:
+@pytest.mark.parametrize(
+    ("preset", "base"),
+    [("flickr8k_topdown_finetune", "flickr8k_topdown"), ("flickr8k_finetune", "flickr8k")],
+)
+def test_finetune_preset_fine_tunes_its_base_model_batched_by_image(preset: str, base: str) -> None:
     """``experiment=flickr8k_topdown_finetune`` is ``flickr8k_topdown``'s architecture (its
-    best.pt is accepted by ``init_from``, and ``flickr8k_topdown_scst`` accepts this one's), with
-    the encoder's last stages trained from the first epoch, by image, and no feature cache."""
+    best.pt is accepted by ``init_from``, and ``flickr8k_topdown_scst`` accepts this one's), and
+    ``flickr8k_finetune`` is the pooled ``flickr8k``'s: each with the encoder's last stages
+    trained from the first epoch, by image, and no feature cache."""
     from captioner.configs.hydra import compose
     from captioner.configs.training import parse_train_config
     from captioner.training.setup import check_architecture
 
-    finetune = composed("flickr8k_topdown_finetune")
-    topdown = composed("flickr8k_topdown")
+    finetune = composed(preset)
+    start = composed(base)
     check_architecture(
-        ModelConfig.from_dict(topdown["model"]), ModelConfig.from_dict(finetune["model"]), "x"
+        ModelConfig.from_dict(start["model"]), ModelConfig.from_dict(finetune["model"]), "x"
     )
     encoder = finetune["model"]["encoder"]
     assert (encoder["finetune_from_epoch"], encoder["finetune_last_stages"]) == (1, 4)
     assert encoder["lr"] < finetune["optim"]["lr"]
     data = finetune["data"]
-    assert data["captions_per_image"] * data["batch_size"] >= topdown["data"]["batch_size"]
-    overrides = ["experiment=flickr8k_topdown_finetune", "model.encoder.weights_file=/w.pth"]
+    assert data["captions_per_image"] * data["batch_size"] >= start["data"]["batch_size"]
+    overrides = [f"experiment={preset}", "model.encoder.weights_file=/w.pth"]
     with pytest.raises(UserError, match=r"^trainer\.cache_features=true needs a frozen encoder"):
         parse_train_config(compose("train", [*overrides, "trainer.cache_features=true"]))
 

@@ -34,6 +34,7 @@ GROUPS = {
         "coco_resnet50",
         "flickr8k",
         "flickr8k_attention",
+        "flickr8k_finetune",
         "flickr8k_scst",
         "flickr8k_topdown",
         "flickr8k_topdown_finetune",
