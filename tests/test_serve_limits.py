@@ -5,10 +5,12 @@ nothing, holds no connection longer), and connections over ``--max-connections``
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import select
 import socket
 import time
+from unittest import mock
 from urllib.parse import urlparse
 
 import pytest
@@ -18,6 +20,7 @@ from test_pretrained import variant_checkpoint  # noqa: E402
 from test_serve import _response, start_server, stop  # noqa: E402
 
 from captioner.pretrained import export_pretrained  # noqa: E402
+from captioner.serve import limits  # noqa: E402
 
 HEADER_TIMEOUT, MAX_CONNECTIONS = 1.0, 16
 SLACK = 3.0  # the machine may be busy: how late past a deadline an answer may come
@@ -93,6 +96,31 @@ def test_a_request_sent_in_time_is_not_cut_off_while_it_is_served(server) -> Non
     conn.close()
 
 
+def test_a_client_refused_over_the_cap_reads_its_503_then_an_orderly_close(server) -> None:
+    """A client refused at the cap has sent its request by then: the server closes in stages
+    (its answer, a FIN, then it reads and drops what comes), so the client reads the 503 and
+    then an end of stream. A plain close with the request unread answers with a reset (7 in 10
+    here before the staged close), on which a client may lose the 503 it had not read yet."""
+    held = [socket.create_connection(server, timeout=10) for _ in range(MAX_CONNECTIONS)]
+    try:
+        time.sleep(0.2)  # all of them accepted: the server is at its cap
+        ends = []
+        for _ in range(20):
+            with socket.create_connection(server, timeout=10) as sock:
+                sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                status, headers, _ = _response(sock)
+                assert status == 503 and headers["connection"] == "close"
+                try:
+                    ends.append(sock.recv(1))
+                except ConnectionResetError as exc:
+                    ends.append(exc)
+        assert ends == [b""] * 20, ends
+    finally:
+        for sock in held:
+            sock.close()
+    time.sleep(0.2)  # the held connections' places are free again for the next test
+
+
 def answers(socks: list[socket.socket], within_s: float) -> dict[socket.socket, tuple[int, float]]:
     """Each socket's response status (0: closed without one) and when it came (seconds from
     now), for those answered within ``within_s``."""
@@ -132,3 +160,45 @@ def test_a_connection_flood_is_refused_at_the_cap_and_connected_clients_keep_wor
         for sock in flood:
             sock.close()
         good.close()
+
+
+@pytest.mark.parametrize("half_close", [True, False])
+def test_a_staged_close_sends_a_fin_drains_and_closes_at_the_deadline(monkeypatch, half_close):
+    """The close's stages on a transport, without a network: one that can half-close (TCP)
+    writes its FIN, keeps reading, and closes at the deadline (or never twice, once the socket
+    is gone); one that cannot (TLS) closes at once. The connection's own callback runs once."""
+    monkeypatch.setattr(limits, "LINGER_S", 0.05)
+    loop = asyncio.new_event_loop()
+
+    def transport() -> mock.Mock:
+        raw = mock.Mock(spec=asyncio.Transport)
+        raw.can_write_eof.return_value = half_close
+        raw.is_closing.side_effect = lambda: raw.close.called
+        return raw
+
+    try:
+        raw, on_close = transport(), mock.Mock()
+        staged = limits.StagedClose(raw, loop, on_close)
+        staged.write(b"answer")  # everything but closing is the transport's own
+        raw.write.assert_called_once_with(b"answer")
+        staged.close()
+        staged.close()
+        on_close.assert_called_once_with()
+        assert staged.is_closing()
+        if not half_close:
+            raw.close.assert_called_once_with()
+            raw.write_eof.assert_not_called()
+            return
+        raw.write_eof.assert_called_once_with()
+        raw.resume_reading.assert_called_once_with()
+        raw.close.assert_not_called()  # still reading what the client sends
+        loop.run_until_complete(asyncio.sleep(0.2))
+        raw.close.assert_called_once_with()  # the deadline
+        raw = transport()
+        staged = limits.StagedClose(raw, loop, on_close)
+        staged.close()
+        staged.connection_lost()  # the client's FIN closed it first: the deadline is dropped
+        loop.run_until_complete(asyncio.sleep(0.2))
+        raw.close.assert_not_called()
+    finally:
+        loop.close()

@@ -10,6 +10,11 @@ counted, and one over the limit is a 413; the whole body must arrive within ``--
 seconds of the app first asking for it, else a 408. Either answer closes the connection (the rest
 of the body is never read). A client that disconnects before its body is read is one log line,
 not an ASGI traceback.
+
+Every connection the server closes, it closes in stages (:class:`StagedClose`): a client may
+still be sending (the rest of a body answered 413, a request on a connection refused 503) when
+the answer goes out, and a socket closed with bytes arriving answers them with a reset, which
+can make the client lose the answer it has not read yet.
 """
 
 import asyncio
@@ -107,6 +112,52 @@ class _Throttled:
             self.count, self.last = 0, now
 
 
+LINGER_S = 2.0  # how long a connection the server closed keeps reading what its client sends
+
+
+class StagedClose:
+    """A connection's transport whose ``close`` is HTTP's staged close (RFC 9112, section 9.6):
+    what was written goes out, then a FIN (the client reads the answer, then an orderly end),
+    and the connection keeps reading, and dropping, what the client still sends until the
+    client closes its side or ``LINGER_S`` seconds have passed. A plain ``close`` with bytes
+    arriving, or unread, sends an RST instead, and a client that gets one may lose the answer
+    that came before it (uvicorn closes at once after any ``connection: close`` answer).
+    ``on_close`` runs when the staged close starts (the connection serves nothing more).
+    Everything else is the wrapped transport's; a transport that cannot half-close (TLS) closes
+    at once."""
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop, on_close):
+        self._transport, self._loop, self._on_close = transport, loop, on_close
+        self.lingering = False
+        self._deadline: asyncio.TimerHandle | None = None
+
+    def __getattr__(self, name: str):
+        return getattr(self._transport, name)
+
+    def is_closing(self) -> bool:
+        return self.lingering or self._transport.is_closing()
+
+    def close(self) -> None:
+        transport = self._transport
+        if self.lingering or transport.is_closing():
+            return
+        self._on_close()
+        if not transport.can_write_eof():
+            transport.close()
+            return
+        self.lingering = True
+        transport.write_eof()  # a FIN once the buffered answer is sent
+        transport.resume_reading()  # drain: unread bytes at close would also send an RST
+        # the client's own FIN closes it before this (asyncio closes a transport at EOF)
+        self._deadline = self._loop.call_later(LINGER_S, transport.close)
+
+    def connection_lost(self) -> None:
+        """The socket is closed: the deadline has nothing left to close."""
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+
 def _raw_response(status: int, reason: str, message: str) -> bytes:
     """A whole HTTP/1.1 response ``{"error": message}`` that closes the connection, written
     where no request is in progress (so no response either)."""
@@ -144,7 +195,10 @@ def bounded_protocol(settings: ServeSettings) -> type[asyncio.Protocol]:
       connections, and any byte resets that; a new connection that sent nothing was never
       timed);
     - at most ``settings.max_connections`` connections are open at once: one more is answered
-      503 and closed as it opens, before it costs a parser, a timer or a request task.
+      503 and closed as it opens, before it costs a header timer or a request task.
+
+    Every close is staged (:class:`StagedClose`); a connection counts towards the cap until its
+    close starts, so clients refused in a flood, while they linger, take no place from the next.
     """
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -156,15 +210,18 @@ def bounded_protocol(settings: ServeSettings) -> type[asyncio.Protocol]:
         _head_bytes = 0  # bytes of the next request's head received since the timer was armed
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
+            staged = StagedClose(transport, self.loop, lambda: self.connections.discard(self))
+            super().connection_made(staged)  # type: ignore[arg-type]
             if len(self.connections) > settings.max_connections:
                 refused(self.loop.time())
-                transport.write(too_many)
-                transport.close()
+                staged.write(too_many)
+                staged.close()
                 return
             self._arm()
 
         def data_received(self, data: bytes) -> None:
+            if self.transport.lingering:  # closed: what the client still sends is dropped
+                return
             self._head_bytes += len(data)
             super().data_received(data)
             self._head_arrived()
@@ -176,6 +233,7 @@ def bounded_protocol(settings: ServeSettings) -> type[asyncio.Protocol]:
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
+            self.transport.connection_lost()
             super().connection_lost(exc)
 
         def _head_arrived(self) -> bool:
