@@ -8,6 +8,7 @@ from __future__ import annotations
 import html
 import itertools
 import json
+import math
 import re
 from collections import Counter
 from pathlib import Path
@@ -33,6 +34,7 @@ from captioner.errors import UserError
 from captioner.evaluation.attention_maps import (
     attention_figure,
     heat_overlay,
+    map_sharpness,
     save_attention_figure,
 )
 from captioner.features import build_feature_cache
@@ -482,6 +484,22 @@ def test_weight_averages_from_before_the_cell_option_still_load() -> None:
     fresh.load_state_dict(state)
     for k, v in fresh.averages.items():
         assert torch.equal(v, ema.averages[k] + 1.0), k
+
+
+def test_map_sharpness_is_one_for_a_uniform_map_and_zero_for_one_cell() -> None:
+    """Entropy as a share of a uniform map's and the peak as a multiple of a uniform weight, per
+    word, on maps whose values are known in closed form: uniform, one cell, two cells evenly
+    (entropy log 2 / log 12, peak 6), and a padded word (NaN) read as all zeros."""
+    h, w = 3, 4
+    one = torch.zeros(h, w)
+    one[1, 2] = 1.0
+    two = torch.zeros(h, w)
+    two[0, 0] = two[2, 3] = 0.5
+    maps = torch.stack([torch.full((h, w), 1 / (h * w)), one, two, torch.full((h, w), math.nan)])
+    entropy, peak = map_sharpness(maps)
+    # the maps are float32 (1/12 to ~6e-8 relative), summed in float64: 1e-6 bounds both
+    assert entropy.tolist() == pytest.approx([1.0, 0.0, math.log(2) / math.log(12), 0.0], abs=1e-6)
+    assert peak.tolist() == pytest.approx([1.0, 12.0, 6.0, 0.0], abs=1e-6)
 
 
 def test_a_swin_style_channels_last_map_gives_a_channels_first_grid() -> None:

@@ -105,6 +105,19 @@ def quantized_maps(maps: torch.Tensor | np.ndarray) -> np.ndarray:
     return (weights / top).clamp(0, 1).mul(255).round().to(torch.uint8).numpy()
 
 
+def map_sharpness(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """How concentrated each word's weights in ``maps`` [words, h, w] are -> (entropy, peak),
+    one value per word: the entropy of the word's weights over the grid as a share of a uniform
+    map's (1: spread evenly over all h * w positions, 0: all on one), and its largest weight as
+    a multiple of a uniform map's 1 / (h * w) (1 to h * w). Each word's weights are taken as they
+    are (they sum to 1: a softmax over the grid); NaN, a padded word's, is read as 0."""
+    weights = torch.as_tensor(maps).detach().double().nan_to_num(0.0).flatten(1)
+    cells = weights.shape[1]
+    plogp = torch.where(weights > 0, weights * weights.clamp_min(1e-300).log(), 0.0)
+    entropy = -plogp.sum(1) / math.log(cells) if cells > 1 else torch.zeros(len(weights))
+    return entropy, weights.amax(1) * cells
+
+
 def view_box(width: int, height: int, resize: int, crop: int) -> tuple[float, float, float, float]:
     """The model's view of a ``width`` x ``height`` image (``model_view``: shorter side
     resized to ``resize``, center crop ``crop``) as (left, top, right, bottom) fractions of the
@@ -130,6 +143,7 @@ __all__ = [
     "attention_png",
     "heat_overlay",
     "jet_lut",
+    "map_sharpness",
     "quantized_maps",
     "save_attention_figure",
     "view_box",
