@@ -195,10 +195,8 @@ def bounded_protocol(settings: ServeSettings) -> type[asyncio.Protocol]:
       connections, and any byte resets that; a new connection that sent nothing was never
       timed);
     - at most ``settings.max_connections`` connections are open at once: one more is answered
-      503 and closed as it opens, before it costs a header timer or a request task.
-
-    Every close is staged (:class:`StagedClose`); a connection counts towards the cap until its
-    close starts, so clients refused in a flood, while they linger, take no place from the next.
+      503 and closed as it opens, before it costs a header timer or a request task. Every close
+      is staged (:class:`StagedClose`): a closing connection no longer counts towards the cap.
     """
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
