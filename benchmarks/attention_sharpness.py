@@ -59,10 +59,11 @@ def measure(source: str, split: str, images: int, data_root: str | None, device)
     paths = [r.path for r in load_split(data, split)[:images]]
     captioner = Captioner(model, vocab, pre, device)
     results = captioner.caption(paths, DecodeConfig(strategy="greedy"), attention=True)
-    entropy, peak, first_entropy, first_peak = [], [], [], []
+    entropy, peak, first_entropy, first_peak, grid = [], [], [], [], None
     for res in results:
         if res.error is not None or res.attention is None or not len(res.attention):
             continue
+        grid = [int(n) for n in res.attention.shape[-2:]]
         e, m = map_sharpness(res.attention)
         entropy.append(e)
         peak.append(m)
@@ -71,11 +72,10 @@ def measure(source: str, split: str, images: int, data_root: str | None, device)
     if not entropy:
         raise UserError(f"{source}: no image of the first {images} of {split} was captioned")
     words = torch.cat(entropy)
-    h, w = results[0].attention.shape[-2:]
     return {
         "images": len(entropy),
         "words": len(words),
-        "grid": [int(h), int(w)],
+        "grid": grid,
         "entropy": float(words.mean()),
         "entropy_first_word": float(torch.stack(first_entropy).mean()),
         "peak": float(torch.cat(peak).mean()),
